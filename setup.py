@@ -1,0 +1,41 @@
+"""topk-transformers: Top-k T5 and Top-k ViT (Li et al., 2022) in JAX / Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="topk-transformers",
+    version="0.1.0",
+    description="Top-k T5 and ViT: activation sparsity in trained Transformers (JAX/Flax, T5X-compatible).",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["topk_transformers", "topk_transformers.*"]),
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "seqio>=0.0.19",
+        # seqio requires `tensorflow`; naming it here keeps pip from also pulling tensorflow-cpu.
+        "tensorflow>=2.16",
+        "tensorflow-datasets>=4.9.6",
+        "gin-config>=0.5.0",
+        "clu>=0.0.12",
+        "sentencepiece>=0.2.0",
+        "numpy",
+        "matplotlib",
+    ],
+    extras_require={
+        # The embedded defaults read data that these wheels ship (no download at run time).
+        "demo": ["gensim>=4.3", "scikit-learn>=1.3"],
+        "test": ["pytest>=8", "gensim>=4.3", "scikit-learn>=1.3"],
+    },
+    entry_points={
+        "console_scripts": [
+            "topk-train=topk_transformers.cli:train_main",
+            "topk-eval=topk_transformers.cli:eval_main",
+            "topk-model-info=topk_transformers.cli:model_info_main",
+        ],
+    },
+)

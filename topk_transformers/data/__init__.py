@@ -1,0 +1,1 @@
+"""Input pipelines: seqio Tasks, span corruption, tfds image pipelines."""
