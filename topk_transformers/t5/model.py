@@ -41,3 +41,91 @@ class EncoderDecoderModel:
     self.z_loss = z_loss
     self.label_smoothing = label_smoothing
     self.loss_normalizing_factor = loss_normalizing_factor
+
+  def get_initial_variables(self, rng: jax.Array, input_shapes: Mapping[str, Any]) -> Any:
+    """Variables (params boxed with logical axes) for batches of these shapes."""
+    enc_shape = tuple(input_shapes["encoder_input_tokens"])
+    dec_shape = tuple(input_shapes["decoder_input_tokens"])
+    return self.module.init(
+        {"params": rng, "dropout": rng},
+        jnp.ones(enc_shape, jnp.int32),
+        jnp.ones(dec_shape, jnp.int32),
+        jnp.ones(dec_shape, jnp.int32),
+        enable_dropout=False,
+    )
+
+  def _forward(self, params, batch, dropout_rng=None):
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    logits, state = self.module.apply(
+        {"params": params},
+        batch["encoder_input_tokens"],
+        batch["decoder_input_tokens"],
+        batch["decoder_target_tokens"],
+        encoder_segment_ids=batch.get("encoder_segment_ids"),
+        decoder_segment_ids=batch.get("decoder_segment_ids"),
+        encoder_positions=batch.get("encoder_positions"),
+        decoder_positions=batch.get("decoder_positions"),
+        enable_dropout=dropout_rng is not None,
+        rngs=rngs,
+        mutable=["intermediates"],
+    )
+    return logits, state.get("intermediates", {})
+
+  def _loss_and_aux(self, params, batch, dropout_rng):
+    logits, intermediates = self._forward(params, batch, dropout_rng)
+    targets = batch["decoder_target_tokens"]
+    weights = batch.get("decoder_loss_weights")
+    if weights is None:
+      weights = (targets > 0).astype(jnp.float32)
+    weights = weights.astype(jnp.float32)
+    loss_sum, z_loss_sum = cross_entropy_with_z_loss(
+        logits, targets, weights, z_loss=self.z_loss, label_smoothing=self.label_smoothing)
+    num_tokens = jnp.sum(weights)
+    normalizer = self.loss_normalizing_factor or jnp.maximum(num_tokens, 1.0)
+    loss = loss_sum / normalizer
+    correct = jnp.sum((jnp.argmax(logits, -1) == targets) * weights)
+    metrics = {
+        "loss": loss,
+        "z_loss": z_loss_sum / normalizer,
+        "cross_ent_loss": (loss_sum - z_loss_sum) / jnp.maximum(num_tokens, 1.0),
+        "accuracy": correct / jnp.maximum(num_tokens, 1.0),
+        "num_tokens": num_tokens,
+    }
+    return loss, {"metrics": metrics, "intermediates": intermediates}
+
+  def loss_fn(self, params, batch, dropout_rng):
+    """Mean per-token cross-entropy plus z-loss (``loss_normalizing_factor`` overrides the token count)."""
+    return self._loss_and_aux(params, batch, dropout_rng)
+
+  def eval_fn(self, params, batch):
+    """The same metrics without dropout."""
+    return self._loss_and_aux(params, batch, None)[1]
+
+  def score_batch(self, params, batch) -> jax.Array:
+    """Sum of target log-likelihoods per example (padding excluded)."""
+    logits, _ = self._forward(params, batch)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    tgt = batch["decoder_target_tokens"]
+    ll = jnp.take_along_axis(logp, tgt[..., None], -1)[..., 0]
+    return jnp.sum(ll * (tgt > 0), -1)
+
+
+def cross_entropy_with_z_loss(logits, targets, weights, z_loss: float = 0.0, label_smoothing: float = 0.0):
+  """Summed weighted cross-entropy and z-loss (``z_loss * log(Z)^2``, Mesh TF / T5X style).
+
+  Returns ``(total_loss_sum, z_loss_sum)``; the total includes the z-loss.
+  """
+  logits = logits.astype(jnp.float32)
+  vocab = logits.shape[-1]
+  confidence = 1.0 - label_smoothing
+  low = label_smoothing / (vocab - 1)
+  soft = jax.nn.one_hot(targets, vocab, on_value=confidence, off_value=low)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  log_probs = logits - log_z[..., None]
+  ce = -jnp.sum(soft * log_probs, axis=-1)
+  if label_smoothing:
+    # Subtract the entropy of the smoothed target so a perfect model has loss 0.
+    normalizing = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
+    ce = ce - normalizing
+  zl = z_loss * jnp.square(log_z)
+  return jnp.sum((ce + zl) * weights), jnp.sum(zl * weights)

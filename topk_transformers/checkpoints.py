@@ -1,0 +1,153 @@
+"""Checkpoints: orbax for the train state, tf.data iterator state for the data position.
+
+Layout under ``MODEL_DIR``::
+
+    checkpoints/<step>/state/...            orbax (params, optimizer state, step), sharded arrays
+    checkpoints_data/<step>/process_<i>*    the host's tf.data iterator (where its data stream stands)
+
+The data position is saved per host next to the orbax step, so a restarted run
+reads exactly the batches it has not seen. Pipelines whose iterator cannot be
+checkpointed (e.g. ones built on Python generators) fall back to skipping the
+consumed batches on restore, which gives the same stream, only slower.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorflow as tf
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used for this model (wrong shapes, unreadable files)."""
+
+
+def _key_str(path) -> str:
+  parts = []
+  for p in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(p, attr):
+        parts.append(str(getattr(p, attr)))
+        break
+    else:
+      parts.append(str(p))
+  return "/".join(parts)
+
+
+class CheckpointManager:
+  """Periodic, keep-N checkpoints of a train state and the data iterator."""
+
+  def __init__(self, model_dir: str, keep: Optional[int] = 3, async_save: bool = True):
+    self.directory = os.path.join(model_dir, "checkpoints")
+    self._data_dir = os.path.join(model_dir, "checkpoints_data")
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state",))
+
+  def latest_step(self) -> Optional[int]:
+    return self._mngr.latest_step()
+
+  def all_steps(self):
+    return list(self._mngr.all_steps())
+
+  # ---- save
+  def save(self, step: int, state: Any, data_iterator: Any = None) -> None:
+    self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+    if data_iterator is not None:
+      self._save_iterator(step, data_iterator)
+    self._prune_data()
+
+  def _iterator_prefix(self, step: int) -> str:
+    return os.path.join(self._data_dir, str(step), f"process_{jax.process_index()}")
+
+  def _save_iterator(self, step: int, iterator) -> None:
+    prefix = self._iterator_prefix(step)
+    tf.io.gfile.makedirs(os.path.dirname(prefix))
+    try:
+      tf.train.Checkpoint(iterator=iterator).write(prefix)
+    except (tf.errors.OpError, TypeError, ValueError) as e:
+      # Not checkpointable (e.g. a py_function in the pipeline): record the step; restore skips.
+      logging.warning("data iterator is not checkpointable (%s); a restart will skip %d batches", e, step)
+      with tf.io.gfile.GFile(prefix + ".skip.json", "w") as f:
+        json.dump({"batches_consumed": step}, f)
+
+  def _prune_data(self) -> None:
+    if not tf.io.gfile.exists(self._data_dir):
+      return
+    self._mngr.wait_until_finished()
+    kept = {str(s) for s in self._mngr.all_steps()}
+    for name in tf.io.gfile.listdir(self._data_dir):
+      name = name.rstrip("/")
+      if name not in kept:
+        tf.io.gfile.rmtree(os.path.join(self._data_dir, name))
+
+  # ---- restore
+  def restore_latest(self, abstract_state: Any, shardings: Any, data_iterator: Any = None) -> Optional[Any]:
+    """The newest checkpoint, restored with the given shardings; ``None`` if there is none."""
+    step = self._mngr.latest_step()
+    if step is None:
+      return None
+    self._check_compatible(step, abstract_state)
+    target = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    try:
+      restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    except Exception as e:  # orbax raises many types; the user needs one line
+      raise CheckpointError(
+          f"checkpoint step {step} in {self.directory} cannot be read ({type(e).__name__}: "
+          f"{str(e).splitlines()[0] if str(e) else ''}); move it away to resume from an earlier one") from None
+    if data_iterator is not None:
+      self._restore_iterator(step, data_iterator)
+    return restored["state"]
+
+  def _check_compatible(self, step: int, abstract_state: Any) -> None:
+    try:
+      meta = self._mngr.item_metadata(step)["state"]
+    except Exception as e:
+      raise CheckpointError(
+          f"checkpoint step {step} in {self.directory} has unreadable metadata ({type(e).__name__}); "
+          "move it away to resume from an earlier one") from None
+    meta = getattr(meta, "tree", meta)
+    want = {_key_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    have = {}
+    for p, x in jax.tree_util.tree_flatten_with_path(meta)[0]:
+      shape = getattr(x, "shape", None)
+      if shape is not None:
+        have[_key_str(p)] = tuple(shape)
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    if missing or extra:
+      name = (missing or extra)[0]
+      raise CheckpointError(
+          f"checkpoint step {step} in {self.directory} is of a different model: "
+          f"{'missing' if missing else 'unexpected'} parameter {name!r} "
+          f"({len(missing)} missing, {len(extra)} unexpected); use another MODEL_DIR")
+    for name, shape in want.items():
+      if have[name] != shape:
+        raise CheckpointError(
+            f"checkpoint step {step} in {self.directory} is of a different model: {name!r} has shape "
+            f"{have[name]} there but {shape} in this model; use another MODEL_DIR")
+
+  def _restore_iterator(self, step: int, iterator) -> None:
+    prefix = self._iterator_prefix(step)
+    if tf.io.gfile.exists(prefix + ".index"):
+      tf.train.Checkpoint(iterator=iterator).read(prefix).assert_consumed()
+      return
+    skip_file = prefix + ".skip.json"
+    consumed = step
+    if tf.io.gfile.exists(skip_file):
+      with tf.io.gfile.GFile(skip_file) as f:
+        consumed = int(json.load(f)["batches_consumed"])
+    else:
+      logging.warning("no data position saved for step %d: skipping %d batches", step, consumed)
+    for _ in range(consumed):
+      next(iterator)
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()

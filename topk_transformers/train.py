@@ -1,0 +1,324 @@
+"""The gin-configured training loop, shared by T5 and ViT.
+
+One function, :func:`train`, configured from gin like T5X's ``train_script.train``:
+a MODEL (``t5.model.EncoderDecoderModel`` or ``vit.model.ClassificationModel``),
+a dataset (``data.seqio_input.SeqioDataset`` or ``data.vision.ImageDataset``), an
+optax optimizer, a ``Partitioner`` (``('data', 'model')`` mesh, logical-axis rules).
+
+What it does, in order: (multi-host set-up) -> mesh -> abstract init (shapes only) ->
+shardings from the logical axes -> restore the latest checkpoint in ``model_dir`` or
+initialise -> the jitted, sharded step in a loop with periodic metrics, evaluation and
+checkpoints. A run that stops (SIGTERM, crash, end of a job) and is restarted on the
+same ``model_dir`` continues where it was, data position included, and reaches the
+same parameters as a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tensorflow as tf
+
+from topk_transformers import checkpoints as ckpt_lib
+from topk_transformers import partitioning
+from topk_transformers import sparsity
+from topk_transformers.metrics import MetricLogger
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  # -1 while every step was finite; else the first step whose loss or gradients were not.
+  nonfinite_step: jax.Array
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000) -> Callable:
+  """T5's schedule: ``base / sqrt(max(step, warmup_steps))`` (constant during warm-up)."""
+
+  def schedule(step):
+    return base_learning_rate / jnp.sqrt(jnp.maximum(jnp.asarray(step, jnp.float32), warmup_steps))
+
+  return schedule
+
+
+def warmup_cosine_schedule(peak_learning_rate: float = 1e-3, warmup_steps: int = 1000,
+                           total_steps: int = 10_000, end_learning_rate: float = 0.0) -> Callable:
+  """Linear warm-up then cosine decay (the ViT recipe)."""
+  return optax.warmup_cosine_decay_schedule(0.0, peak_learning_rate, warmup_steps, max(total_steps, warmup_steps + 1),
+                                            end_learning_rate)
+
+
+def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, weight_decay: float = 1e-4,
+          grad_clip_norm: Optional[float] = 1.0) -> optax.GradientTransformation:
+  """AdamW with optional global-norm clipping (the ViT recipe)."""
+  tx = optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay)
+  return optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx) if grad_clip_norm else tx
+
+
+def _global_input_shapes(element_spec: Mapping[str, tf.TensorSpec], global_batch: int) -> Dict[str, tuple]:
+  return {k: (global_batch,) + tuple(v.shape[1:]) for k, v in element_spec.items()}
+
+
+def _mean_metrics(history):
+  """Averages a list of per-step metric dicts (host numpy)."""
+  keys = history[0].keys()
+  return {k: float(np.mean([h[k] for h in history])) for k in keys}
+
+
+class _Preemption:
+  """SIGTERM (TPU preemption, job kill) sets a flag; the loop checkpoints and exits."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: writing a checkpoint before exit.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step)) or self.requested
+      except RuntimeError:  # preemption service not running
+        return self.requested
+    return self.requested
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: TrainState
+  train_metrics: Dict[str, float]
+  eval_metrics: Dict[str, float]
+  sparsity: Dict[str, float]
+  preempted: bool = False
+
+
+def train(
+    *,
+    model: Any,
+    dataset: Any,
+    model_dir: str,
+    train_steps: int,
+    batch_size: int,
+    optimizer: Callable[..., optax.GradientTransformation] = optax.adafactor,
+    learning_rate: Callable = rsqrt_schedule(),
+    partitioner: Optional[partitioning.Partitioner] = None,
+    eval_period: int = 1000,
+    eval_steps: Optional[int] = 20,
+    log_period: int = 100,
+    checkpoint_period: int = 1000,
+    keep_checkpoints: Optional[int] = 3,
+    seed: int = 0,
+    multi_host: Optional[bool] = None,
+    end_of_training: Optional[Callable[..., None]] = None,
+) -> TrainResult:
+  """Trains ``model`` on ``dataset`` for ``train_steps`` steps of global batch ``batch_size``.
+
+  Args:
+    model: the MODEL (``loss_fn``, ``eval_fn``, ``get_initial_variables``).
+    dataset: ``get_dataset(split, batch_size, shard_id, num_shards, seed, shuffle, repeat)``
+      with ``train_split``/``eval_split``.
+    model_dir: checkpoints, TensorBoard events and ``config.gin`` go here; a run restarted
+      on the same directory resumes.
+    optimizer: called as ``optimizer(learning_rate=schedule)`` (gin: ``@optax.adafactor``).
+    learning_rate: a schedule ``step -> lr``.
+    partitioner: the mesh and axis rules (default: every device data-parallel).
+    eval_period, eval_steps: evaluate on ``dataset.eval_split`` every ``eval_period`` steps
+      for ``eval_steps`` batches (``None``: the whole split).
+    log_period: metrics (TensorBoard + console) every ``log_period`` steps.
+    checkpoint_period, keep_checkpoints: orbax checkpoints every ``checkpoint_period`` steps,
+      keeping the newest ``keep_checkpoints``; one is always written at the end.
+    end_of_training: called as ``end_of_training(model=, params=, dataset=, partitioner=)``
+      (e.g. decode a held-out example), on process 0's console.
+  """
+  if train_steps < 0 or batch_size <= 0:
+    raise ValueError(f"train_steps must be >= 0 and batch_size > 0, got {train_steps} and {batch_size}")
+  partitioning.maybe_initialize_distributed(multi_host)
+  partitioner = partitioner or partitioning.Partitioner()
+  shard_id, num_shards = partitioner.host_shard_info()
+  if batch_size % num_shards or batch_size % partitioner.data_parallel_size:
+    raise ValueError(f"batch_size={batch_size} must divide over {num_shards} hosts and "
+                     f"{partitioner.data_parallel_size} data-parallel devices")
+  host_batch = batch_size // num_shards
+  tf.io.gfile.makedirs(model_dir)
+
+  # ---- data
+  train_ds = dataset.get_dataset(dataset.train_split, host_batch, shard_id, num_shards, seed=seed, shuffle=True,
+                                 repeat=True)
+  input_shapes = _global_input_shapes(train_ds.element_spec, batch_size)
+  train_iter = iter(train_ds)
+
+  # ---- abstract state and its shardings
+  rng = jax.random.PRNGKey(seed)
+  init_rng, dropout_base = jax.random.split(rng)
+  abstract_vars = jax.eval_shape(model.get_initial_variables, init_rng, input_shapes)
+  params_shardings = partitioner.logical_shardings(abstract_vars["params"])
+  abstract_params = nn.meta.unbox(abstract_vars["params"])
+  tx = optimizer(learning_rate=learning_rate)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_shardings = partitioning.opt_state_shardings(abstract_opt, abstract_params, params_shardings,
+                                                   partitioner.replicated())
+  state_shardings = TrainState(step=partitioner.replicated(), params=params_shardings, opt_state=opt_shardings,
+                               nonfinite_step=partitioner.replicated())
+
+  def init_state(init_rng):
+    params = nn.meta.unbox(model.get_initial_variables(init_rng, input_shapes)["params"])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      nonfinite_step=jnp.full((), -1, jnp.int32))
+
+  manager = ckpt_lib.CheckpointManager(model_dir, keep=keep_checkpoints)
+  abstract_state = jax.eval_shape(init_state, init_rng)
+  restored = manager.restore_latest(abstract_state, state_shardings, train_iter)
+  if restored is not None:
+    state = restored
+    logging.info("Restored step %d from %s", int(state.step), manager.directory)
+  else:
+    with jax.sharding.use_mesh(partitioner.mesh) if hasattr(jax.sharding, "use_mesh") else _nullcontext():
+      state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+  start_step = int(state.step)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract_params))
+  logging.info("Model: %s parameters; mesh %s", f"{n_params:,}", dict(partitioner.mesh.shape))
+
+  # ---- the step
+  batch_shardings = {k: partitioner.data_sharding(len(s)) for k, s in input_shapes.items()}
+
+  def train_step(state: TrainState, batch):
+    dropout_rng = jax.random.fold_in(dropout_base, state.step)
+    (loss, aux), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(state.params, batch, dropout_rng)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    # A non-finite step changes nothing: the last good parameters stay for the checkpoint.
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+    nonfinite_step = jnp.where((state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step)
+    new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
+                           opt_state=keep(new_opt, state.opt_state), nonfinite_step=nonfinite_step)
+    metrics = dict(aux["metrics"])
+    metrics["learning_rate"] = jnp.asarray(learning_rate(state.step), jnp.float32)
+    for name, pct in sparsity.percent_nonzero(aux["intermediates"]).items():
+      metrics[f"sparsity/{name}"] = pct
+    return new_state, metrics
+
+  p_train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+  def eval_step(params, batch):
+    aux = model.eval_fn(params, batch)
+    return aux["metrics"], aux["intermediates"]
+
+  p_eval_step = jax.jit(eval_step, in_shardings=(params_shardings, batch_shardings))
+
+  def evaluate(params) -> tuple:
+    ds = dataset.get_dataset(dataset.eval_split, host_batch, shard_id, num_shards, seed=seed, shuffle=False,
+                             repeat=False)
+    acc = sparsity.SparsityAccumulator()
+    sums: Dict[str, float] = {}
+    total_w = 0.0
+    for i, batch in enumerate(ds.as_numpy_iterator()):
+      if eval_steps is not None and i >= eval_steps:
+        break
+      m, inter = p_eval_step(params, partitioner.shard_batch(batch))
+      m = jax.device_get(m)
+      w = float(m.get("num_tokens", m.get("num_examples", 1.0)))
+      for k, v in m.items():
+        if k not in ("num_tokens", "num_examples"):
+          sums[k] = sums.get(k, 0.0) + float(v) * w
+      total_w += w
+      acc.add(inter)
+    result = {k: v / max(total_w, 1e-9) for k, v in sums.items()}
+    return result, (acc.percent_nonzero() if acc else {})
+
+  # ---- the loop
+  logger = MetricLogger(model_dir, total_steps=train_steps, start_step=start_step)
+  history = []
+  train_metrics: Dict[str, float] = {}
+  eval_metrics: Dict[str, float] = {}
+  eval_sparsity: Dict[str, float] = {}
+  preempted = False
+  last_saved = start_step if restored is not None else -1
+
+  def check_finite(step: int):
+    bad = int(jax.device_get(state.nonfinite_step))
+    if bad >= 0:
+      good = manager.latest_step()
+      raise NonFiniteLossError(
+          f"loss or gradients became NaN/inf at step {bad}; training stopped, parameters kept from step {bad} "
+          f"and the last good checkpoint is step {good} in {manager.directory}")
+
+  with _Preemption() as preemption:
+    step = start_step
+    while step < train_steps:
+      batch = next(train_iter)
+      state, metrics = p_train_step(state, partitioner.shard_batch(batch))
+      step += 1
+      history.append(metrics)
+      is_last = step == train_steps
+      if step % log_period == 0 or is_last:
+        check_finite(step)
+        train_metrics = _mean_metrics(jax.device_get(history))
+        history = []
+        logger.log_train(step, train_metrics)
+      if eval_period and (step % eval_period == 0 or is_last):
+        eval_metrics, eval_sparsity = evaluate(state.params)
+        logger.log_eval(step, eval_metrics, eval_sparsity)
+      stop = preemption.should_stop(step)
+      if (checkpoint_period and step % checkpoint_period == 0) or is_last or stop:
+        check_finite(step)
+        manager.save(step, state, train_iter)
+        last_saved = step
+      if stop:
+        preempted = True
+        logging.warning("Stopped at step %d after SIGTERM; checkpoint written.", step)
+        break
+    if last_saved != int(state.step):
+      check_finite(int(state.step))
+      manager.save(int(state.step), state, train_iter)
+  manager.close()
+  logger.close()
+
+  if end_of_training is not None and not preempted and jax.process_index() == 0:
+    end_of_training(model=model, params=state.params, dataset=dataset, partitioner=partitioner,
+                    sparsity=eval_sparsity or {k[len("sparsity/"):]: v for k, v in train_metrics.items()
+                                               if k.startswith("sparsity/")})
+  return TrainResult(state=state, train_metrics=train_metrics, eval_metrics=eval_metrics,
+                     sparsity=eval_sparsity, preempted=preempted)
+
+
+class _nullcontext:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
