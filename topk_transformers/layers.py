@@ -154,3 +154,313 @@ class MlpBlock(nn.Module):
     self.sow("intermediates", "nonzero_count", jnp.sum(per_neuron))
     self.sow("intermediates", "token_count", jnp.sum(weights))
     self.sow("intermediates", "neuron_fire_count", per_neuron)
+
+
+# ---------------------------------------------------------------------------
+# Embedding, T5 layer norm, attention with a KV cache, relative position biases.
+# ---------------------------------------------------------------------------
+
+default_embed_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+
+
+class Embed(nn.Module):
+  """Token embedding ``[vocab, embed]`` (param ``embedding``); ``attend`` gives tied logits.
+
+  ``one_hot=True`` does the lookup as a one-hot matmul (T5X's choice for old
+  SPMD partitioners); the default gather gives the same values.
+  """
+
+  num_embeddings: int
+  features: int
+  dtype: DType = jnp.float32
+  attend_dtype: Optional[DType] = None
+  embedding_init: Initializer = default_embed_init
+  one_hot: bool = False
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
+        (self.num_embeddings, self.features), jnp.float32,
+    )
+
+  def __call__(self, inputs: Array) -> Array:
+    if not jnp.issubdtype(inputs.dtype, jnp.integer):
+      raise ValueError(f"Embed needs integer token ids, got dtype {inputs.dtype}")
+    table = jnp.asarray(self.embedding, self.dtype)
+    if self.one_hot:
+      one_hot = jax.nn.one_hot(inputs, self.num_embeddings, dtype=self.dtype)
+      return jnp.dot(one_hot, table)
+    return jnp.take(table, inputs, axis=0)
+
+  def attend(self, query: Array) -> Array:
+    """``query @ embedding.T``: logits over the vocabulary from ``[..., embed]``."""
+    dtype = self.attend_dtype if self.attend_dtype is not None else self.dtype
+    return jnp.dot(jnp.asarray(query, dtype), jnp.asarray(self.embedding, dtype).T)
+
+
+class LayerNorm(nn.Module):
+  """T5's layer norm: RMS scaling only (no mean subtraction, no bias), computed in float32."""
+
+  epsilon: float = 1e-6
+  dtype: DType = jnp.float32
+  scale_init: Initializer = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = jnp.asarray(x, jnp.float32)
+    mean2 = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    y = jnp.asarray(x * jax.lax.rsqrt(mean2 + self.epsilon), self.dtype)
+    scale = self.param("scale", nn.with_logical_partitioning(self.scale_init, ("embed",)), (x.shape[-1],), jnp.float32)
+    return y * jnp.asarray(scale, self.dtype)
+
+
+def dot_product_attention(query: Array, key: Array, value: Array, bias: Optional[Array] = None,
+                          dropout_rng=None, dropout_rate: float = 0.0, deterministic: bool = False,
+                          dtype: DType = jnp.float32, float32_logits: bool = False) -> Array:
+  """``softmax(q . k + bias) v`` over ``[batch, length, heads, head_dim]`` inputs.
+
+  No ``1/sqrt(head_dim)`` factor: T5 folds it into the query initialisation
+  (see ``MultiHeadDotProductAttention``), so pretrained T5 weights expect none.
+  Dropout on the attention weights is broadcast over the query axis, as T5.
+  """
+  if float32_logits:
+    query = query.astype(jnp.float32)
+    key = key.astype(jnp.float32)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)
+  if bias is not None:
+    logits = logits + bias.astype(logits.dtype)
+  weights = jax.nn.softmax(logits).astype(dtype)
+  if not deterministic and dropout_rate > 0.0:
+    keep_prob = 1.0 - dropout_rate
+    shape = list(weights.shape)
+    shape[-2] = 1
+    keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
+    weights = weights * (jnp.broadcast_to(keep, weights.shape).astype(dtype) / jnp.asarray(keep_prob, dtype))
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, value.astype(dtype))
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """T5 multi-head attention with an optional autoregressive KV cache.
+
+  Kernels are stored like T5X's example network: ``query``/``key``/``value``
+  ``[embed, heads * head_dim]`` with axes ``('embed', 'joined_kv')`` and ``out``
+  ``[heads * head_dim, embed]`` with ``('joined_kv', 'embed')``, so T5X checkpoints
+  load as they are. The query kernel is initialised ``1/sqrt(head_dim)`` smaller
+  instead of scaling the logits.
+
+  ``decode=True``: the first call (no ``cache`` variables yet, e.g. ``init`` or
+  ``apply(..., mutable=['cache'])``) creates ``cached_key``/``cached_value``
+  ``[batch, length, heads, head_dim]`` for the full input length and a scalar
+  ``cache_index``, and computes ordinary attention. Each later call takes one
+  position ``[batch, 1, embed]``, writes its key and value at ``cache_index``,
+  attends to positions ``<= cache_index`` and advances the index. ``bias`` in a
+  decoding step is the ``[..., 1, length]`` row of the current position.
+  """
+
+  num_heads: int
+  head_dim: int
+  dtype: DType = jnp.float32
+  dropout_rate: float = 0.0
+  kernel_init: Initializer = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+  float32_logits: bool = False
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array] = None,
+               bias: Optional[Array] = None, *, decode: bool = False, deterministic: bool = False) -> Array:
+    joined = self.num_heads * self.head_dim
+    depth_scaling = jnp.sqrt(self.head_dim).astype(jnp.float32)
+
+    def query_init(*args):
+      return self.kernel_init(*args) / depth_scaling
+
+    def project(x, name, init):
+      y = DenseGeneral(joined, dtype=self.dtype, kernel_init=init, kernel_axes=("embed", "joined_kv"), name=name)(x)
+      y = y.reshape(y.shape[:-1] + (self.num_heads, self.head_dim))
+      return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
+
+    query = project(inputs_q, "query", query_init)
+    key = project(inputs_kv, "key", self.kernel_init)
+    value = project(inputs_kv, "value", self.kernel_init)
+
+    if decode:
+      initialized = self.has_variable("cache", "cached_key")
+      cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+      cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+      cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+      if initialized:
+        batch, length, heads, depth = cached_key.value.shape
+        if query.shape != (batch, 1, heads, depth):
+          raise ValueError(f"decoding step expects one position of shape {(batch, 1, heads, depth)}, "
+                           f"got query shape {query.shape}")
+        cur = cache_index.value
+        zero = jnp.array(0, dtype=jnp.int32)
+        key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), (zero, cur, zero, zero))
+        value = jax.lax.dynamic_update_slice(
+            cached_value.value, value.astype(cached_value.value.dtype), (zero, cur, zero, zero))
+        cached_key.value = key
+        cached_value.value = value
+        cache_index.value = cur + 1
+        # The single query sees the positions written so far, not the zeros after them.
+        step_mask = jnp.broadcast_to(jnp.arange(length) <= cur, (batch, 1, 1, length))
+        mask = combine_masks(mask, step_mask)
+
+    attention_bias = None
+    if mask is not None:
+      attention_bias = jnp.where(mask > 0, 0.0, -1e10).astype(self.dtype)
+    attention_bias = combine_biases(attention_bias, bias)
+
+    dropout_rng = None
+    if not deterministic and self.dropout_rate > 0.0:
+      dropout_rng = self.make_rng("dropout")
+    x = dot_product_attention(query, key, value, bias=attention_bias, dropout_rng=dropout_rng,
+                              dropout_rate=self.dropout_rate, deterministic=deterministic, dtype=self.dtype,
+                              float32_logits=self.float32_logits)
+    x = x.reshape(x.shape[:-2] + (joined,))
+    return DenseGeneral(inputs_q.shape[-1], dtype=self.dtype, kernel_init=self.kernel_init,
+                        kernel_axes=("joined_kv", "embed"), name="out")(x)
+
+
+def relative_position_bucket(relative_position, bidirectional: bool = True, num_buckets: int = 32,
+                             max_distance: int = 128) -> np.ndarray:
+  """T5's bucket of ``memory_position - query_position`` (NumPy, int32).
+
+  Half the buckets (per direction when bidirectional) are exact distances, the
+  rest grow logarithmically up to ``max_distance``; farther is the last bucket.
+  Unidirectional (decoder) maps every key after the query to bucket 0.
+  """
+  n = -np.asarray(relative_position, dtype=np.int32)
+  ret = np.zeros_like(n)
+  if bidirectional:
+    num_buckets //= 2
+    ret += (n < 0).astype(np.int32) * num_buckets
+    n = np.abs(n)
+  else:
+    n = np.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  with np.errstate(divide="ignore"):
+    val_if_large = max_exact + (
+        np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps)
+        / np.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(np.int32)
+  val_if_large = np.minimum(val_if_large, num_buckets - 1)
+  return ret + np.where(is_small, n, val_if_large)
+
+
+class RelativePositionBiases(nn.Module):
+  """T5's relative position biases ``[batch|1, heads, q_len, k_len]`` (param ``rel_embedding``).
+
+  Called once per stack (the table is shared by all layers of the encoder, and
+  of the decoder). Buckets come from :func:`relative_position_bucket` evaluated
+  in NumPy, so they match T5 bit for bit; for traced positions (packed
+  examples, decoding) the bucket of every distance in ``[-max_distance,
+  max_distance]`` is tabulated once and looked up, since farther distances all
+  share the last bucket.
+  """
+
+  num_heads: int
+  num_buckets: int = 32
+  max_distance: int = 128
+  dtype: DType = jnp.float32
+  embedding_init: Initializer = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+
+  def _table(self):
+    table = self.param("rel_embedding", nn.with_logical_partitioning(self.embedding_init, ("heads", "relpos_buckets")),
+                       (self.num_heads, self.num_buckets), jnp.float32)
+    return jnp.asarray(table, self.dtype)
+
+  def _bucket_traced(self, relative_position: Array, bidirectional: bool) -> Array:
+    distances = np.arange(-self.max_distance, self.max_distance + 1)
+    lookup = jnp.asarray(relative_position_bucket(distances, bidirectional, self.num_buckets, self.max_distance))
+    clipped = jnp.clip(relative_position, -self.max_distance, self.max_distance) + self.max_distance
+    return lookup[clipped]
+
+  @nn.compact
+  def __call__(self, qlen: int, klen: int, bidirectional: bool = True, query_positions: Optional[Array] = None,
+               key_positions: Optional[Array] = None, decode: bool = False) -> Array:
+    """Biases for query positions ``0..qlen-1`` and keys ``0..klen-1``.
+
+    Args:
+      qlen, klen: lengths, used when positions are not given.
+      bidirectional: False for the decoder's causal self-attention.
+      query_positions, key_positions: ``[batch, len]`` positions within each
+        packed example; the bias then has a batch axis.
+      decode: decoding steps: the first call (cache not created yet) returns the
+        full ``[1, heads, qlen, klen]`` bias and creates ``cache/cache_index``;
+        later calls return the row ``[1, heads, 1, klen]`` of the current
+        position and advance the index.
+    """
+    table = self._table()
+    if decode:
+      initialized = self.has_variable("cache", "cache_index")
+      index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+      if initialized:
+        cur = index.value
+        index.value = cur + 1
+        buckets = self._bucket_traced(jnp.arange(klen, dtype=jnp.int32)[None, :] - cur, bidirectional)
+        return jnp.take(table, buckets, axis=1)[None]
+    if query_positions is None and key_positions is None:
+      rel = np.arange(klen, dtype=np.int32)[None, :] - np.arange(qlen, dtype=np.int32)[:, None]
+      buckets = relative_position_bucket(rel, bidirectional, self.num_buckets, self.max_distance)
+      return jnp.take(table, jnp.asarray(buckets), axis=1)[None]
+    if query_positions is None or key_positions is None:
+      raise ValueError("RelativePositionBiases needs both query_positions and key_positions, or neither")
+    rel = key_positions[:, None, :].astype(jnp.int32) - query_positions[:, :, None].astype(jnp.int32)
+    buckets = self._bucket_traced(rel, bidirectional)  # [batch, q, k]
+    return jnp.moveaxis(jnp.take(table, buckets, axis=1), 1, 0)  # [batch, heads, q, k]
+
+
+# ---------------------------------------------------------------------------
+# Masks: 1 (or True) where attention is allowed, shaped [batch, 1, q_len, k_len].
+# ---------------------------------------------------------------------------
+
+def make_attention_mask(query_input: Array, key_input: Array, pairwise_fn: Callable = jnp.multiply,
+                        extra_batch_dims: int = 0, dtype: DType = jnp.float32) -> Array:
+  """``pairwise_fn(query_input[..., :, None], key_input[..., None, :])`` with a head axis added."""
+  mask = pairwise_fn(jnp.expand_dims(query_input, -1), jnp.expand_dims(key_input, -2))
+  mask = jnp.expand_dims(mask, -3)
+  mask = jnp.expand_dims(mask, tuple(range(extra_batch_dims)))
+  return mask.astype(dtype)
+
+
+def make_causal_mask(x: Array, extra_batch_dims: int = 0, dtype: DType = jnp.float32) -> Array:
+  """Mask letting position ``i`` see positions ``<= i`` (depends on ``x``'s shape only)."""
+  idxs = jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
+  return make_attention_mask(idxs, idxs, jnp.greater_equal, extra_batch_dims=extra_batch_dims, dtype=dtype)
+
+
+def combine_masks(*masks: Optional[Array], dtype: DType = jnp.float32) -> Optional[Array]:
+  """Logical and of the masks that are not ``None`` (``None`` if all are)."""
+  masks = [m for m in masks if m is not None]
+  if not masks:
+    return None
+  if any(m.ndim != masks[0].ndim for m in masks):
+    raise ValueError(f"masks must have the same rank, got {[m.ndim for m in masks]}")
+  mask = masks[0]
+  for other in masks[1:]:
+    mask = jnp.logical_and(mask, other)
+  return mask.astype(dtype)
+
+
+def combine_biases(*biases: Optional[Array]) -> Optional[Array]:
+  """Sum of the biases that are not ``None`` (``None`` if all are)."""
+  biases = [b for b in biases if b is not None]
+  if not biases:
+    return None
+  if any(b.ndim != biases[0].ndim for b in biases):
+    raise ValueError(f"biases must have the same rank, got {[b.ndim for b in biases]}")
+  out = biases[0]
+  for other in biases[1:]:
+    out = out + other
+  return out
+
+
+def make_decoder_mask(decoder_target_tokens: Array, dtype: DType = jnp.float32,
+                      decoder_segment_ids: Optional[Array] = None) -> Array:
+  """Causal mask and padding mask (targets > 0), plus same-segment mask for packed examples."""
+  masks = [
+      make_causal_mask(decoder_target_tokens, dtype=dtype),
+      make_attention_mask(decoder_target_tokens > 0, decoder_target_tokens > 0, dtype=dtype),
+  ]
+  if decoder_segment_ids is not None:
+    masks.append(make_attention_mask(decoder_segment_ids, decoder_segment_ids, jnp.equal, dtype=dtype))
+  return combine_masks(*masks, dtype=dtype)

@@ -1,0 +1,293 @@
+"""T5 encoder-decoder (v1.0 and v1.1) with Top-k MLPs, laid out like T5X's example network.
+
+Parameter names and logical axes are T5X's (``token_embedder``,
+``encoder/layers_{i}/attention/{query,key,value,out}``, ``mlp/{wi,wo}`` or
+``mlp/{wi_0,wi_1,wo}``, ``relpos_bias``, ``encoder_norm``, ``decoder_norm``,
+``logits_dense``), so T5X checkpoints map one to one. The paper's change is only
+``T5Config.top_k``, passed to every ``MlpBlock``.
+
+Decoding with the KV cache (see ``Transformer.decode``)::
+
+  # 1. create the cache for max length L (the token values are ignored):
+  _, v = model.apply({'params': params}, enc_tokens, jnp.ones((B, L), jnp.int32), jnp.ones((B, L), jnp.int32),
+                     enable_dropout=False, decode=True, mutable=['cache'])
+  cache = v['cache']
+  encoded = model.apply({'params': params}, enc_tokens, enable_dropout=False, method=Transformer.encode)
+  # 2. one step: tokens [B, 1] -> logits [B, 1, vocab]
+  logits, v = model.apply({'params': params, 'cache': cache}, encoded, enc_tokens, tokens, tokens,
+                          enable_dropout=False, decode=True, max_decode_length=L, mutable=['cache'],
+                          method=Transformer.decode)
+  cache = v['cache']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from topk_transformers import layers
+from topk_transformers import topk as topk_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Hyperparameters of a T5 network (T5X's ``T5Config`` plus the Top-k settings)."""
+
+  vocab_size: int
+  """Rows of the token embedding (32128 for T5's 32000-piece vocabulary plus 100 sentinels, padded to 128)."""
+  dtype: Any = jnp.float32
+  """Activation dtype (``'bfloat16'`` on TPU); parameters are always stored in float32."""
+  emb_dim: int = 512
+  """Width of the residual stream (``d_model``)."""
+  num_heads: int = 8
+  """Attention heads per attention layer."""
+  num_encoder_layers: int = 6
+  """Encoder blocks."""
+  num_decoder_layers: int = 6
+  """Decoder blocks."""
+  head_dim: int = 64
+  """Width of each attention head (``d_kv``); ``num_heads * head_dim`` need not equal ``emb_dim``."""
+  mlp_dim: int = 2048
+  """Hidden width of every MLP (``d_ff``), the axis Top-k selects over."""
+  mlp_activations: Sequence[str] = ("relu",)
+  """``('relu',)`` for T5 v1.0; ``('gelu', 'linear')`` for v1.1's gated GELU (wi_0, wi_1)."""
+  dropout_rate: float = 0.1
+  """Dropout after embeddings, sublayers, on attention weights and MLP hidden units."""
+  logits_via_embedding: bool = False
+  """Tie the output layer to ``token_embedder`` (v1.0; logits scaled by ``1/sqrt(emb_dim)``); else ``logits_dense``."""
+  float32_attention_logits: bool = False
+  """Compute attention logits and softmax in float32 whatever ``dtype`` is."""
+  top_k: Optional[int] = None
+  """Keep the k largest MLP hidden activations per token; ``None`` (or ``k >= mlp_dim``) is the dense MLP."""
+  top_k_method: str = "exact"
+  """``'exact'`` (``lax.top_k``) or ``'approx'`` (``lax.approx_max_k``)."""
+  top_k_recall_target: float = topk_lib.DEFAULT_RECALL_TARGET
+  """Recall target of the approximate method."""
+  relpos_num_buckets: int = 32
+  """Relative-position buckets (T5: 32)."""
+  relpos_max_distance: int = 128
+  """Distance beyond which relative positions share the last bucket (T5: 128)."""
+
+  def __post_init__(self):
+    topk_lib.validate_top_k(self.top_k, self.top_k_method, self.top_k_recall_target)
+    for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"T5Config.{name} must be a positive integer, got {value!r}")
+    for name in ("num_encoder_layers", "num_decoder_layers"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"T5Config.{name} must be a non-negative integer, got {value!r}")
+    if not 0.0 <= float(self.dropout_rate) < 1.0:
+      raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
+    activations = (self.mlp_activations,) if isinstance(self.mlp_activations, str) else tuple(self.mlp_activations)
+    if not activations:
+      raise ValueError("T5Config.mlp_activations must name at least one activation")
+    for act in activations:
+      layers._resolve_activation(act)  # pylint: disable=protected-access  # unknown name -> ValueError
+    # Hashable, canonical values (gin may hand over lists or dtype names).
+    object.__setattr__(self, "mlp_activations", activations)
+    object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+
+
+def _mlp(cfg: T5Config) -> layers.MlpBlock:
+  return layers.MlpBlock(
+      intermediate_dim=cfg.mlp_dim, activations=cfg.mlp_activations, intermediate_dropout_rate=cfg.dropout_rate,
+      dtype=cfg.dtype, top_k=cfg.top_k, top_k_method=cfg.top_k_method, top_k_recall_target=cfg.top_k_recall_target,
+      name="mlp",
+  )
+
+
+def _attention(cfg: T5Config, name: str) -> layers.MultiHeadDotProductAttention:
+  return layers.MultiHeadDotProductAttention(
+      num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=cfg.dtype, dropout_rate=cfg.dropout_rate,
+      float32_logits=cfg.float32_attention_logits, name=name,
+  )
+
+
+def _relpos(cfg: T5Config) -> layers.RelativePositionBiases:
+  return layers.RelativePositionBiases(
+      num_heads=cfg.num_heads, num_buckets=cfg.relpos_num_buckets, max_distance=cfg.relpos_max_distance,
+      dtype=cfg.dtype, name="relpos_bias",
+  )
+
+
+def _dropout(cfg: T5Config, x, deterministic: bool):
+  # Broadcast over length, as T5.
+  return nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+
+
+class EncoderLayer(nn.Module):
+  """Pre-norm self-attention block and MLP block, each with a residual."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, inputs, encoder_mask=None, encoder_bias=None, deterministic=False, token_mask=None):
+    cfg = self.config
+    x = layers.LayerNorm(dtype=cfg.dtype, name="pre_attention_layer_norm")(inputs)
+    x = _attention(cfg, "attention")(x, x, encoder_mask, encoder_bias, deterministic=deterministic)
+    x = _dropout(cfg, x, deterministic) + inputs
+    y = layers.LayerNorm(dtype=cfg.dtype, name="pre_mlp_layer_norm")(x)
+    y = _mlp(cfg)(y, deterministic=deterministic, mask=token_mask)
+    return _dropout(cfg, y, deterministic) + x
+
+
+class DecoderLayer(nn.Module):
+  """Causal self-attention, attention to the encoder, MLP; pre-norm with residuals."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, inputs, encoded, decoder_mask=None, encoder_decoder_mask=None, decoder_bias=None,
+               deterministic=False, decode=False, token_mask=None):
+    cfg = self.config
+    x = layers.LayerNorm(dtype=cfg.dtype, name="pre_self_attention_layer_norm")(inputs)
+    x = _attention(cfg, "self_attention")(x, x, decoder_mask, decoder_bias, deterministic=deterministic, decode=decode)
+    x = _dropout(cfg, x, deterministic) + inputs
+    y = layers.LayerNorm(dtype=cfg.dtype, name="pre_cross_attention_layer_norm")(x)
+    y = _attention(cfg, "encoder_decoder_attention")(y, encoded, encoder_decoder_mask, deterministic=deterministic)
+    y = _dropout(cfg, y, deterministic) + x
+    z = layers.LayerNorm(dtype=cfg.dtype, name="pre_mlp_layer_norm")(y)
+    z = _mlp(cfg)(z, decode=decode, deterministic=deterministic, mask=token_mask)
+    return _dropout(cfg, z, deterministic) + y
+
+
+class Encoder(nn.Module):
+  """Embedding, ``num_encoder_layers`` blocks sharing one ``relpos_bias`` table, ``encoder_norm``."""
+
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens, encoder_mask=None, encoder_positions=None, deterministic=False):
+    cfg = self.config
+    length = encoder_input_tokens.shape[-1]
+    positions = encoder_positions
+    bias = _relpos(cfg)(length, length, True, query_positions=positions, key_positions=positions)
+    x = self.shared_embedding(encoder_input_tokens.astype(jnp.int32))
+    x = _dropout(cfg, x, deterministic).astype(cfg.dtype)
+    token_mask = encoder_input_tokens > 0  # sparsity statistics skip padding
+    for i in range(cfg.num_encoder_layers):
+      x = EncoderLayer(config=cfg, name=f"layers_{i}")(x, encoder_mask, bias, deterministic, token_mask)
+    x = layers.LayerNorm(dtype=cfg.dtype, name="encoder_norm")(x)
+    return nn.Dropout(rate=cfg.dropout_rate)(x, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+  """Embedding, ``num_decoder_layers`` blocks, ``decoder_norm``, logits (tied or ``logits_dense``)."""
+
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, encoded, decoder_input_tokens, decoder_positions=None, decoder_mask=None,
+               encoder_decoder_mask=None, deterministic=False, decode=False, max_decode_length=None,
+               token_mask=None):
+    cfg = self.config
+    length = decoder_input_tokens.shape[-1]
+    relpos = _relpos(cfg)
+    if decode:
+      stepping = "relpos_bias" in self.variables.get("cache", {})
+      if stepping and max_decode_length is None:
+        max_decode_length = self._cache_length()
+      klen = max_decode_length if stepping else length
+      bias = relpos(length, klen, False, decode=True)
+    else:
+      bias = relpos(length, length, False, query_positions=decoder_positions, key_positions=decoder_positions)
+    y = self.shared_embedding(decoder_input_tokens.astype(jnp.int32))
+    y = _dropout(cfg, y, deterministic).astype(cfg.dtype)
+    for i in range(cfg.num_decoder_layers):
+      y = DecoderLayer(config=cfg, name=f"layers_{i}")(
+          y, encoded, decoder_mask=decoder_mask, encoder_decoder_mask=encoder_decoder_mask, decoder_bias=bias,
+          deterministic=deterministic, decode=decode, token_mask=token_mask)
+    y = layers.LayerNorm(dtype=cfg.dtype, name="decoder_norm")(y)
+    y = _dropout(cfg, y, deterministic)
+    if cfg.logits_via_embedding:
+      # T5 rescales tied logits so they do not grow with the embedding width.
+      return self.shared_embedding.attend(y) / jnp.sqrt(y.shape[-1]).astype(jnp.float32)
+    return layers.DenseGeneral(cfg.vocab_size, dtype=jnp.float32, kernel_axes=("embed", "vocab"),
+                               name="logits_dense")(y)
+
+  def _cache_length(self) -> int:
+    """The length the KV cache was created with, when a step omits ``max_decode_length``."""
+    cache = self.variables.get("cache", {})
+    if "layers_0" in cache:
+      return cache["layers_0"]["self_attention"]["cached_key"].shape[1]
+    raise ValueError("decoding steps need max_decode_length (no decoder layer cache to infer it from)")
+
+
+class Transformer(nn.Module):
+  """T5 encoder-decoder sharing one ``token_embedder``."""
+
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.shared_embedding = layers.Embed(
+        num_embeddings=cfg.vocab_size, features=cfg.emb_dim, dtype=cfg.dtype, attend_dtype=jnp.float32,
+        embedding_init=nn.initializers.normal(stddev=1.0), name="token_embedder",
+    )
+    self.encoder = Encoder(config=cfg, shared_embedding=self.shared_embedding)
+    self.decoder = Decoder(config=cfg, shared_embedding=self.shared_embedding)
+
+  def encode(self, encoder_input_tokens, encoder_segment_ids=None, encoder_positions=None, enable_dropout=True):
+    """``[batch, length]`` tokens (0 = padding) -> ``[batch, length, emb_dim]``."""
+    cfg = self.config
+    mask = layers.make_attention_mask(encoder_input_tokens > 0, encoder_input_tokens > 0, dtype=cfg.dtype)
+    if encoder_segment_ids is not None:
+      mask = layers.combine_masks(
+          mask, layers.make_attention_mask(encoder_segment_ids, encoder_segment_ids, jnp.equal, dtype=cfg.dtype),
+          dtype=cfg.dtype)
+    return self.encoder(encoder_input_tokens, mask, encoder_positions, deterministic=not enable_dropout)
+
+  def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+             encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None, enable_dropout=True,
+             decode=False, max_decode_length=None):
+    """Logits ``[batch, length, vocab]`` (float32) for the decoder inputs, attending to ``encoded``.
+
+    ``encoder_input_tokens`` only gives the padding mask. With ``decode=True`` and
+    no cache yet, this creates the cache for ``decoder_input_tokens.shape[1]``
+    positions; with a cache, ``decoder_input_tokens`` is the one next token
+    ``[batch, 1]`` (``decoder_target_tokens`` is then only used for its shape).
+    """
+    cfg = self.config
+    if decode:
+      if encoder_segment_ids is not None or decoder_segment_ids is not None:
+        raise ValueError("packed inputs (segment ids) cannot be decoded incrementally")
+      decoder_mask = None  # the cache applies causality itself
+      token_mask = jnp.ones_like(decoder_target_tokens)
+    else:
+      decoder_mask = layers.make_decoder_mask(decoder_target_tokens, cfg.dtype, decoder_segment_ids)
+      token_mask = decoder_target_tokens > 0
+    encoder_decoder_mask = layers.make_attention_mask(token_mask, encoder_input_tokens > 0, dtype=cfg.dtype)
+    if encoder_segment_ids is not None:
+      encoder_decoder_mask = layers.combine_masks(
+          encoder_decoder_mask,
+          layers.make_attention_mask(decoder_segment_ids, encoder_segment_ids, jnp.equal, dtype=cfg.dtype),
+          dtype=cfg.dtype)
+    return self.decoder(
+        encoded, decoder_input_tokens, decoder_positions=decoder_positions, decoder_mask=decoder_mask,
+        encoder_decoder_mask=encoder_decoder_mask, deterministic=not enable_dropout, decode=decode,
+        max_decode_length=max_decode_length, token_mask=token_mask)
+
+  def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, encoder_segment_ids=None,
+               decoder_segment_ids=None, encoder_positions=None, decoder_positions=None, *,
+               enable_dropout: bool = True, decode: bool = False, max_decode_length: Optional[int] = None):
+    """Teacher-forced logits ``[batch, target_length, vocab]``.
+
+    ``decoder_input_tokens`` are the targets shifted right (0 first);
+    ``decoder_target_tokens > 0`` marks real target tokens. For packed examples
+    pass segment ids (attention never crosses segments) and positions (restart
+    at 0 in each segment; relative positions are taken from them).
+    """
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids=encoder_segment_ids,
+                          encoder_positions=encoder_positions, enable_dropout=enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+                       encoder_segment_ids=encoder_segment_ids, decoder_segment_ids=decoder_segment_ids,
+                       decoder_positions=decoder_positions, enable_dropout=enable_dropout, decode=decode,
+                       max_decode_length=max_decode_length)
