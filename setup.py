@@ -22,6 +22,7 @@ setup(
         "tensorflow-datasets>=4.9.6",
         "gin-config>=0.5.0",
         "clu>=0.0.12",
+        "tensorboard",  # clu's metric writers import it
         "sentencepiece>=0.2.0",
         "numpy",
         "matplotlib",

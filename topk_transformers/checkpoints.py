@@ -47,7 +47,8 @@ class CheckpointManager:
     self.directory = os.path.join(model_dir, "checkpoints")
     self._data_dir = os.path.join(model_dir, "checkpoints_data")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-    self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state",))
+    self._mngr = ocp.CheckpointManager(self.directory, options=options,
+                                       item_handlers={"state": ocp.StandardCheckpointHandler()})
 
   def latest_step(self) -> Optional[int]:
     return self._mngr.latest_step()
@@ -110,7 +111,7 @@ class CheckpointManager:
       meta = self._mngr.item_metadata(step)["state"]
     except Exception as e:
       raise CheckpointError(
-          f"checkpoint step {step} in {self.directory} has unreadable metadata ({type(e).__name__}); "
+          f"checkpoint step {step} in {self.directory} cannot be read (metadata: {type(e).__name__}); "
           "move it away to resume from an earlier one") from None
     meta = getattr(meta, "tree", meta)
     want = {_key_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}

@@ -163,8 +163,10 @@ def train(
     end_of_training: called as ``end_of_training(model=, params=, dataset=, partitioner=)``
       (e.g. decode a held-out example), on process 0's console.
   """
-  if train_steps < 0 or batch_size <= 0:
-    raise ValueError(f"train_steps must be >= 0 and batch_size > 0, got {train_steps} and {batch_size}")
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got batch_size={batch_size}")
+  if train_steps < 0:
+    raise ValueError(f"train_steps must be >= 0, got train_steps={train_steps}")
   partitioning.maybe_initialize_distributed(multi_host)
   partitioner = partitioner or partitioning.Partitioner()
   shard_id, num_shards = partitioner.host_shard_info()
@@ -183,7 +185,7 @@ def train(
   # ---- abstract state and its shardings
   rng = jax.random.PRNGKey(seed)
   init_rng, dropout_base = jax.random.split(rng)
-  abstract_vars = jax.eval_shape(model.get_initial_variables, init_rng, input_shapes)
+  abstract_vars = jax.eval_shape(lambda r: model.get_initial_variables(r, input_shapes), init_rng)
   params_shardings = partitioner.logical_shardings(abstract_vars["params"])
   abstract_params = nn.meta.unbox(abstract_vars["params"])
   tx = optimizer(learning_rate=learning_rate)
@@ -219,7 +221,7 @@ def train(
     (loss, aux), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(state.params, batch, dropout_rng)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     # A non-finite step changes nothing: the last good parameters stay for the checkpoint.
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
     nonfinite_step = jnp.where((state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step)

@@ -1,0 +1,103 @@
+"""The trainer on a toy model: resume, preemption, non-finite loss, incompatible checkpoints."""
+
+import os
+import shutil
+import signal
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from topk_transformers import checkpoints, partitioning, train
+from toy import ToyDataset, ToyModel, ToyNet
+
+
+def _run(model_dir, steps, model=None, checkpoint_period=5, **kw):
+  return train.train(model=model or ToyModel(), dataset=ToyDataset(), model_dir=str(model_dir), train_steps=steps,
+                     batch_size=32, optimizer=optax.adam, learning_rate=lambda s: 1e-2, eval_period=0,
+                     log_period=5, checkpoint_period=checkpoint_period, **kw)
+
+
+def _params(result):
+  return jax.tree_util.tree_map(np.asarray, jax.device_get(result.state.params))
+
+
+def _assert_trees_equal(a, b):
+  leaves_a, tree_a = jax.tree_util.tree_flatten(a)
+  leaves_b, tree_b = jax.tree_util.tree_flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """An uninterrupted 16-step run (its 5-step checkpoint is reused by the error tests)."""
+  model_dir = tmp_path_factory.mktemp("straight")
+  return model_dir, _run(model_dir, 16)
+
+
+def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path, straight):
+  _run(tmp_path / "resumed", 7)  # stops at 7 (not a multiple of the checkpoint period)
+  resumed = _run(tmp_path / "resumed", 16)
+  assert int(resumed.state.step) == 16
+  _assert_trees_equal(_params(straight[1]), _params(resumed))
+  # The run learns: the toy classes are separable.
+  assert straight[1].train_metrics["accuracy"] > 0.8
+
+
+def test_sigterm_writes_checkpoint_and_restart_continues(tmp_path, monkeypatch, straight):
+  calls = {"n": 0}
+  original = partitioning.Partitioner.shard_batch
+
+  def shard_and_maybe_preempt(self, batch):
+    calls["n"] += 1
+    if calls["n"] == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return original(self, batch)
+
+  monkeypatch.setattr(partitioning.Partitioner, "shard_batch", shard_and_maybe_preempt)
+  result = _run(tmp_path / "run", 16, checkpoint_period=100)
+  assert result.preempted and int(result.state.step) == 4
+  assert checkpoints.CheckpointManager(str(tmp_path / "run")).latest_step() == 4
+  monkeypatch.setattr(partitioning.Partitioner, "shard_batch", original)
+  resumed = _run(tmp_path / "run", 16)
+  _assert_trees_equal(_params(straight[1]), _params(resumed))
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
+  with pytest.raises(train.NonFiniteLossError, match=r"at step 7\b.*last good checkpoint is step 5"):
+    _run(tmp_path / "run", 20, model=ToyModel(nan_at_step=7))
+  manager = checkpoints.CheckpointManager(str(tmp_path / "run"))
+  assert manager.latest_step() == 5
+
+
+def _copy_of(straight, tmp_path):
+  """A copy of the straight run's directory (latest checkpoint: step 16)."""
+  run = tmp_path / "run"
+  shutil.copytree(straight[0], run)
+  return run
+
+
+def test_checkpoint_of_another_model_shape_is_a_clear_error(tmp_path, straight):
+  _copy_of(straight, tmp_path)
+  with pytest.raises(checkpoints.CheckpointError, match=r"different model: '.*mlp/wi/kernel' has shape"):
+    _run(tmp_path / "run", 20, model=ToyModel(ToyNet(hidden=32)))
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_deletes_nothing(tmp_path, straight):
+  _copy_of(straight, tmp_path)
+  step_dir = tmp_path / "run" / "checkpoints" / "16" / "state"
+  victims = [p for p in step_dir.rglob("*") if p.is_file() and p.stat().st_size > 0 and "metadata" not in p.name]
+  assert victims
+  for p in victims:
+    p.write_bytes(b"\0garbage")
+  with pytest.raises(checkpoints.CheckpointError, match="cannot be read"):
+    _run(tmp_path / "run", 20)
+  assert (tmp_path / "run" / "checkpoints" / "16").exists()
+
+
+def test_bad_batch_size_is_one_line_error(tmp_path):
+  with pytest.raises(ValueError, match="batch_size=0"):
+    train.train(model=ToyModel(), dataset=ToyDataset(), model_dir=str(tmp_path), train_steps=1, batch_size=0)
