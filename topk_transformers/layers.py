@@ -101,6 +101,15 @@ class MlpBlock(nn.Module):
   many counted tokens each hidden unit was nonzero). ``mask`` (``[batch, length]``,
   nonzero for real tokens) excludes padding from these counts. The forward result
   does not depend on whether anything is sown.
+
+  Sparse decoding: with ``decode=True`` and an active Top-k, the block can skip
+  the scatter and the full ``wo`` matmul and compute ``sum_j v_j * wo[i_j, :]``
+  over the ``k`` selected ``(v_j, i_j)`` (``topk.sparse_matmul``), reading ``k``
+  rows of ``wo`` instead of ``d_ff``. Same parameters, same output up to float
+  rounding, same sown statistics. ``sparse_decode``: ``None`` chooses it when
+  ``tokens * k <= d_ff / 4`` (tokens = all positions of the call, e.g. batch x
+  beams in a decoding step), ``True`` / ``False`` force it on / off. It is never
+  taken while dropout is active, nor by ``init``.
   """
 
   intermediate_dim: int = 2048
@@ -113,6 +122,7 @@ class MlpBlock(nn.Module):
   top_k: Optional[int] = None
   top_k_method: str = "exact"
   top_k_recall_target: float = topk_lib.DEFAULT_RECALL_TARGET
+  sparse_decode: Optional[bool] = None
 
   def __post_init__(self):
     # Bad k is an error when the model is built, not deep inside a jitted step.
@@ -122,7 +132,6 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, inputs: Array, decode: bool = False, deterministic: bool = False,
                mask: Optional[Array] = None) -> Array:
-    del decode  # the sparse decoding path hooks in here (decoding.py)
     gated = len(self.activations) > 1
     branches = []
     for i, act in enumerate(self.activations):
@@ -133,6 +142,8 @@ class MlpBlock(nn.Module):
       )(inputs)
       branches.append(_resolve_activation(act)(h))
     x = functools.reduce(lambda a, b: a * b, branches)
+    if decode and self._use_sparse(x, deterministic):
+      return self._sparse_output(x, inputs.shape[-1], mask, by_magnitude=gated)
     x = topk_lib.topk(x, self.top_k, self.top_k_method, self.top_k_recall_target, by_magnitude=gated)
     self._sow_stats(x, mask)
     x = nn.with_logical_constraint(x, ("batch", "length", "mlp")) if x.ndim == 3 else x
@@ -151,6 +162,53 @@ class MlpBlock(nn.Module):
     else:
       weights = (jnp.broadcast_to(mask, x.shape[:-1]).reshape(-1) != 0).astype(jnp.float32)
     per_neuron = weights @ fired
+    self.sow("intermediates", "nonzero_count", jnp.sum(per_neuron))
+    self.sow("intermediates", "token_count", jnp.sum(weights))
+    self.sow("intermediates", "neuron_fire_count", per_neuron)
+
+  def _use_sparse(self, x: Array, deterministic: bool) -> bool:
+    """Whether this decoding call takes the sparse path (static: shapes and settings only)."""
+    if not topk_lib.is_active(self.top_k, x.shape[-1]) or self.sparse_decode is False:
+      return False
+    if self.is_initializing():
+      return False  # init creates the parameters through the dense path
+    dropout_on = not deterministic and self.intermediate_dropout_rate > 0.0
+    if self.sparse_decode is None:
+      # The k rows per token must stay well below the whole of wo: the gather
+      # reads each row at lower throughput than a streaming matmul does.
+      tokens = int(np.prod(x.shape[:-1]))
+      return not dropout_on and 4 * tokens * self.top_k <= x.shape[-1]
+    if dropout_on:
+      raise ValueError(f"sparse_decode=True needs deterministic=True (intermediate dropout "
+                       f"{self.intermediate_dropout_rate} is active)")
+    return True
+
+  def _sparse_output(self, x: Array, features: int, mask: Optional[Array], by_magnitude: bool) -> Array:
+    """``wo(TopK(x))`` from the k selected units: the rows of ``wo`` they index, nothing else."""
+    params = self.variables.get("params", {})
+    if "wo" not in params:
+      raise ValueError("sparse decoding needs the MLP's 'wo' parameters (initialise the model first)")
+    vals, idx = topk_lib.select_f32(x, self.top_k, self.top_k_method, self.top_k_recall_target, by_magnitude)
+    self._sow_sparse_stats(vals, idx, x.shape[-1], mask)
+    kernel = nn.meta.unbox(params["wo"]["kernel"])
+    if kernel.shape != (x.shape[-1], features):
+      raise ValueError(f"'wo' kernel has shape {kernel.shape}, expected {(x.shape[-1], features)}")
+    y = topk_lib.sparse_matmul(vals, idx, kernel, dtype=self.dtype)
+    if self.use_bias:
+      y = y + jnp.asarray(nn.meta.unbox(params["wo"]["bias"]), self.dtype)
+    return y
+
+  def _sow_sparse_stats(self, vals: Array, idx: Array, hidden_dim: int, mask: Optional[Array]) -> None:
+    """The statistics of :meth:`_sow_stats`, from the selected ``(vals, idx)`` alone."""
+    if not self.is_mutable_collection("intermediates"):
+      return
+    k = vals.shape[-1]
+    fired = (vals != 0).reshape(-1, k).astype(jnp.float32)
+    if mask is None:
+      weights = jnp.ones(fired.shape[:1], jnp.float32)
+    else:
+      weights = (jnp.broadcast_to(mask, vals.shape[:-1]).reshape(-1) != 0).astype(jnp.float32)
+    per_neuron = jnp.zeros((hidden_dim,), jnp.float32).at[idx.reshape(-1)].add((fired * weights[:, None]).reshape(-1))
     self.sow("intermediates", "nonzero_count", jnp.sum(per_neuron))
     self.sow("intermediates", "token_count", jnp.sum(weights))
     self.sow("intermediates", "neuron_fire_count", per_neuron)

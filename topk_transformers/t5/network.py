@@ -67,6 +67,9 @@ class T5Config:
   """``'exact'`` (``lax.top_k``) or ``'approx'`` (``lax.approx_max_k``)."""
   top_k_recall_target: float = topk_lib.DEFAULT_RECALL_TARGET
   """Recall target of the approximate method."""
+  sparse_decode: Optional[bool] = None
+  """Decoding steps compute each Top-k MLP from the k selected rows of ``wo`` (``MlpBlock.sparse_decode``):
+  ``None`` = when ``tokens * top_k <= mlp_dim / 4``, ``True`` / ``False`` = always / never."""
   relpos_num_buckets: int = 32
   """Relative-position buckets (T5: 32)."""
   relpos_max_distance: int = 128
@@ -98,7 +101,7 @@ def _mlp(cfg: T5Config) -> layers.MlpBlock:
   return layers.MlpBlock(
       intermediate_dim=cfg.mlp_dim, activations=cfg.mlp_activations, intermediate_dropout_rate=cfg.dropout_rate,
       dtype=cfg.dtype, top_k=cfg.top_k, top_k_method=cfg.top_k_method, top_k_recall_target=cfg.top_k_recall_target,
-      name="mlp",
+      sparse_decode=cfg.sparse_decode, name="mlp",
   )
 
 
