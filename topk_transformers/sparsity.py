@@ -50,9 +50,12 @@ def layer_stats(intermediates: Any) -> Dict[str, Dict[str, Any]]:
   return dict(sorted(out.items(), key=lambda kv: _sort_key(kv[0])))
 
 
+_STACK_ORDER = {"encoder": 0, "decoder": 1}
+
+
 def _sort_key(name: str):
   # encoder before decoder, then numeric layer order (layers_10 after layers_9).
-  parts = []
+  parts = [(_STACK_ORDER.get(name.split("/")[0], 2), 0)]
   for p in name.split("/"):
     head, _, tail = p.rpartition("_")
     parts.append((head, int(tail)) if tail.isdigit() else (p, -1))

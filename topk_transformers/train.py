@@ -255,7 +255,7 @@ def train(
       m = jax.device_get(m)
       w = float(m.get("num_tokens", m.get("num_examples", 1.0)))
       for k, v in m.items():
-        if k not in ("num_tokens", "num_examples"):
+        if not k.startswith("num_"):  # counts weight the averages, they are not averaged
           sums[k] = sums.get(k, 0.0) + float(v) * w
       total_w += w
       acc.add(inter)

@@ -90,6 +90,7 @@ class EncoderDecoderModel:
         "cross_ent_loss": (loss_sum - z_loss_sum) / jnp.maximum(num_tokens, 1.0),
         "accuracy": correct / jnp.maximum(num_tokens, 1.0),
         "num_tokens": num_tokens,
+        "num_input_tokens": jnp.sum(batch["encoder_input_tokens"] > 0).astype(jnp.float32),
     }
     return loss, {"metrics": metrics, "intermediates": intermediates}
 
@@ -117,15 +118,16 @@ def cross_entropy_with_z_loss(logits, targets, weights, z_loss: float = 0.0, lab
   """
   logits = logits.astype(jnp.float32)
   vocab = logits.shape[-1]
-  confidence = 1.0 - label_smoothing
-  low = label_smoothing / (vocab - 1)
-  soft = jax.nn.one_hot(targets, vocab, on_value=confidence, off_value=low)
   log_z = jax.nn.logsumexp(logits, axis=-1)
-  log_probs = logits - log_z[..., None]
-  ce = -jnp.sum(soft * log_probs, axis=-1)
+  # Gather the target logit instead of a [batch, length, vocab] one-hot.
+  target_logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
+  ce = -target_logp
   if label_smoothing:
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab - 1)
+    sum_logp = jnp.sum(logits, axis=-1) - vocab * log_z
+    ce = -(confidence * target_logp + low * (sum_logp - target_logp))
     # Subtract the entropy of the smoothed target so a perfect model has loss 0.
-    normalizing = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
-    ce = ce - normalizing
+    ce = ce + (confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
   zl = z_loss * jnp.square(log_z)
   return jnp.sum((ce + zl) * weights), jnp.sum(zl * weights)
