@@ -76,3 +76,27 @@ class ToyDataset:
     # 'step' = running batch index, so a model can misbehave from a given step on.
     ds = ds.enumerate().map(lambda i, b: {**b, "step": tf.fill([batch_size], tf.cast(i, tf.int32))})
     return ds
+
+
+class ReverseCopyDataset:
+  """Seq2seq toy task for T5: targets are the first half of the inputs, reversed, then EOS."""
+
+  train_split = "train"
+  eval_split = "validation"
+
+  def __init__(self, vocab_size=128, inputs_length=32, n=512):
+    self.vocab_size, self.inputs_length, self.n = vocab_size, inputs_length, n
+
+  def get_dataset(self, split, batch_size, shard_id=0, num_shards=1, seed=0, shuffle=True, repeat=True):
+    rng = np.random.RandomState(0 if split == "train" else 1)
+    enc = rng.randint(2, self.vocab_size, size=(self.n, self.inputs_length)).astype(np.int32)
+    half = self.inputs_length // 2
+    tgt = np.concatenate([enc[:, :half - 1][:, ::-1], np.ones((self.n, 1), np.int32)], 1)
+    dec_in = np.concatenate([np.zeros((self.n, 1), np.int32), tgt[:, :-1]], 1)
+    ds = tf.data.Dataset.from_tensor_slices(dict(
+        encoder_input_tokens=enc, decoder_target_tokens=tgt, decoder_input_tokens=dec_in,
+        decoder_loss_weights=np.ones_like(tgt, np.float32)))
+    ds = ds.shard(num_shards, shard_id)
+    if repeat:
+      ds = ds.repeat()
+    return ds.batch(batch_size, drop_remainder=repeat)
