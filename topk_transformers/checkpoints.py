@@ -152,3 +152,39 @@ class CheckpointManager:
   def close(self) -> None:
     self._mngr.wait_until_finished()
     self._mngr.close()
+
+
+def locate(path: str) -> tuple:
+  """``(checkpoints_dir, step)`` for a run directory (its latest step) or one step's directory."""
+  path = path.rstrip("/")
+  base = os.path.basename(path)
+  if base.isdigit() and tf.io.gfile.isdir(path):
+    return os.path.dirname(path), int(base)
+  ckpt_dir = os.path.join(path, "checkpoints") if tf.io.gfile.isdir(os.path.join(path, "checkpoints")) else path
+  if not tf.io.gfile.isdir(ckpt_dir):
+    raise CheckpointError(f"no checkpoint at {path!r} (expected a run directory or .../checkpoints/<step>)")
+  steps = sorted(int(n.rstrip("/")) for n in tf.io.gfile.listdir(ckpt_dir) if n.rstrip("/").isdigit())
+  if not steps:
+    raise CheckpointError(f"no checkpoint steps in {ckpt_dir!r}")
+  return ckpt_dir, steps[-1]
+
+
+def restore_params(path: str, abstract_params: Any, shardings: Any) -> tuple:
+  """Only the parameters of a training checkpoint (no optimizer state), placed with ``shardings``.
+
+  ``path`` is a run directory (latest step) or ``.../checkpoints/<step>``. Returns ``(params, step)``.
+  """
+  ckpt_dir, step = locate(path)
+  target = {"params": jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)}
+  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+  except Exception as e:  # one line for the user, whatever orbax raised
+    raise CheckpointError(f"cannot restore parameters from step {step} in {ckpt_dir} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+  finally:
+    mngr.close()
+  return restored["state"]["params"], step

@@ -16,12 +16,11 @@ same parameters as a run that never stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
+
 import signal
 import time
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import flax
 import flax.linen as nn
@@ -114,6 +113,45 @@ class _Preemption:
       except RuntimeError:  # preemption service not running
         return self.requested
     return self.requested
+
+
+def make_eval_step(model, partitioner, params_shardings, batch_shardings):
+  """The jitted, sharded ``model.eval_fn``: ``(params, batch) -> (metrics, intermediates)``."""
+
+  def eval_step(params, batch):
+    aux = model.eval_fn(params, batch)
+    return aux["metrics"], aux["intermediates"]
+
+  return jax.jit(eval_step, in_shardings=(params_shardings, batch_shardings))
+
+
+def evaluate_split(p_eval_step, params, dataset, split: str, host_batch: int, partitioner, eval_steps=None,
+                   seed: int = 0, on_batch: Optional[Callable[[dict, dict], None]] = None):
+  """Runs ``p_eval_step`` over (the first ``eval_steps`` batches of) a split.
+
+  Returns ``(metrics, sparsity_accumulator)``: metrics are averaged weighted by the
+  batch's ``num_tokens`` (T5) or ``num_examples`` (ViT), so padding does not count.
+  ``on_batch(batch, metrics)`` sees every host batch (e.g. to collect predictions).
+  """
+  shard_id, num_shards = partitioner.host_shard_info()
+  ds = dataset.get_dataset(split, host_batch, shard_id, num_shards, seed=seed, shuffle=False, repeat=False)
+  acc = sparsity.SparsityAccumulator()
+  sums: Dict[str, float] = {}
+  total_w = 0.0
+  for i, batch in enumerate(ds.as_numpy_iterator()):
+    if eval_steps is not None and i >= eval_steps:
+      break
+    m, inter = p_eval_step(params, partitioner.shard_batch(batch))
+    m = jax.device_get(m)
+    if on_batch is not None:
+      on_batch(batch, m)
+    w = float(m.get("num_tokens", m.get("num_examples", 1.0)))
+    for k, v in m.items():
+      if np.ndim(v) == 0 and not k.startswith("num_"):  # counts weight the averages, they are not averaged
+        sums[k] = sums.get(k, 0.0) + float(v) * w
+    total_w += w
+    acc.add(inter)
+  return {k: v / max(total_w, 1e-9) for k, v in sums.items()}, acc
 
 
 @dataclasses.dataclass
@@ -236,31 +274,12 @@ def train(
   p_train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
 
-  def eval_step(params, batch):
-    aux = model.eval_fn(params, batch)
-    return aux["metrics"], aux["intermediates"]
-
-  p_eval_step = jax.jit(eval_step, in_shardings=(params_shardings, batch_shardings))
+  p_eval_step = make_eval_step(model, partitioner, params_shardings, batch_shardings)
 
   def evaluate(params) -> tuple:
-    ds = dataset.get_dataset(dataset.eval_split, host_batch, shard_id, num_shards, seed=seed, shuffle=False,
-                             repeat=False)
-    acc = sparsity.SparsityAccumulator()
-    sums: Dict[str, float] = {}
-    total_w = 0.0
-    for i, batch in enumerate(ds.as_numpy_iterator()):
-      if eval_steps is not None and i >= eval_steps:
-        break
-      m, inter = p_eval_step(params, partitioner.shard_batch(batch))
-      m = jax.device_get(m)
-      w = float(m.get("num_tokens", m.get("num_examples", 1.0)))
-      for k, v in m.items():
-        if not k.startswith("num_"):  # counts weight the averages, they are not averaged
-          sums[k] = sums.get(k, 0.0) + float(v) * w
-      total_w += w
-      acc.add(inter)
-    result = {k: v / max(total_w, 1e-9) for k, v in sums.items()}
-    return result, (acc.percent_nonzero() if acc else {})
+    metrics, acc = evaluate_split(p_eval_step, params, dataset, dataset.eval_split, host_batch, partitioner,
+                                  eval_steps, seed=seed)
+    return metrics, (acc.percent_nonzero() if acc else {})
 
   # ---- the loop
   logger = MetricLogger(model_dir, total_steps=train_steps, start_step=start_step)
