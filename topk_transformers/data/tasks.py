@@ -1,0 +1,275 @@
+"""seqio Tasks for T5 span-corruption pretraining: C4, and local text files.
+
+Two Tasks are registered when this module is imported (cheaply: nothing is read
+until a dataset is asked for):
+
+* ``c4_span_corruption``: tfds ``c4/en:3.1.0``, T5's vocabulary
+  (``gs://t5-data/vocabs/cc_all.32000.100extra``, 100 extra ids), T5's
+  preprocessing: ``text`` -> ``targets``, tokenize, span corruption (noise
+  density 0.15, mean span 3), EOS. Feature lengths inputs 512 / targets 114.
+* ``local_text_span_corruption``: the same preprocessing over one-document-per-
+  line text files. By default the files are the Wikipedia extract shipped by
+  gensim (see ``corpus.py``) and the vocabulary a SentencePiece model trained on
+  its train split at first use and cached (``vocab.py``).
+
+Both come from gin-configurable functions; a run binds their arguments and asks
+for the Task with :func:`get_task`, which re-registers the built-in names with
+the current bindings::
+
+  tasks.register_c4_span_corruption.vocabulary_path = %VOCABULARY_PATH
+  tasks.register_c4_span_corruption.tfds_data_dir = 'gs://my-bucket/tfds'
+  tasks.register_local_text_task.train_files = ['/data/my_corpus/train-*.txt']
+  tasks.register_local_text_task.validation_files = ['/data/my_corpus/valid.txt']
+
+A missing dataset raises :class:`MissingDataError`, whose one-line message
+says what is missing and how to get it; :func:`check_task_data` raises it
+before any training starts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Dict, Mapping, Optional, Sequence, Union
+
+import gin
+import seqio
+import tensorflow as tf
+
+from topk_transformers.data import corpus as corpus_lib
+from topk_transformers.data import vocab as vocab_lib
+from topk_transformers.data.span_corruption import span_corruption
+
+C4_TASK = "c4_span_corruption"
+LOCAL_TEXT_TASK = "local_text_span_corruption"
+DEFAULT_C4_TFDS_NAME = "c4/en:3.1.0"
+# 3996 pieces + 100 extra ids = 4096 ids.
+DEFAULT_LOCAL_VOCAB_SIZE = 3996
+
+Files = Union[str, Sequence[str]]
+
+
+class MissingDataError(FileNotFoundError):
+  """A Task's data or vocabulary is not there; the message says how to get it."""
+
+
+def output_features(vocabulary: seqio.Vocabulary) -> Dict[str, seqio.Feature]:
+  """T5's features: inputs and targets share the vocabulary, both end with EOS."""
+  return {
+      "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True, required=False),
+      "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True),
+  }
+
+
+def span_corruption_preprocessors(noise_density: float, mean_noise_span_length: float) -> list:
+  """tokenize -> (cache point) -> span corruption -> EOS, on ``{'targets': text}``."""
+  return [
+      seqio.preprocessors.tokenize,
+      seqio.CacheDatasetPlaceholder(),
+      functools.partial(span_corruption, noise_density=noise_density,
+                        mean_noise_span_length=mean_noise_span_length),
+      seqio.preprocessors.append_eos_after_trim,
+  ]
+
+
+def _add_task(name: str, source, vocabulary, preprocessors) -> seqio.Task:
+  # Idempotent: re-registering replaces, so tests and re-bound gin configs can call it again.
+  seqio.TaskRegistry.remove(name)
+  return seqio.TaskRegistry.add(name, source=source, output_features=output_features(vocabulary),
+                                preprocessors=preprocessors, metric_fns=[])
+
+
+class C4Source(seqio.TfdsDataSource):
+  """A read-only ``TfdsDataSource`` whose missing data gives a :class:`MissingDataError`.
+
+  Read-only, so a missing C4 is never "downloaded" by ``tfds.load`` (C4 is
+  built from Common Crawl with Apache Beam, not downloaded).
+  """
+
+  def _missing(self) -> MissingDataError:
+    try:
+      where = self.tfds_dataset.builder.data_dir
+    except Exception:  # pylint: disable=broad-except
+      where = self.tfds_dataset.data_dir or "the default tfds data_dir (~/tensorflow_datasets)"
+    return MissingDataError(
+        f"tfds dataset {self.tfds_dataset.name!r} is not prepared in {where}: build it with "
+        f"`tfds build c4/en --data_dir=DIR` (Apache Beam) or copy a prepared copy to DIR, then "
+        f"bind tasks.register_c4_span_corruption.tfds_data_dir = 'DIR'")
+
+  def get_dataset(self, split=None, shuffle=True, seed=None, shard_info=None, **kwargs):
+    try:
+      return super().get_dataset(split=split, shuffle=shuffle, seed=seed, shard_info=shard_info, **kwargs)
+    except AssertionError as e:  # tfds: "Dataset c4: could not find data in ..."
+      if "could not find data" in str(e):
+        raise self._missing() from None
+      raise
+
+  def num_input_examples(self, split):
+    # Unknown without split info: an unprepared C4 already failed in get_dataset,
+    # this is tfds.testing.mock_data.
+    if not self.tfds_dataset.info.splits:
+      return None
+    return super().num_input_examples(split)
+
+  def list_shards(self, split):
+    try:
+      return super().list_shards(split)
+    except KeyError:  # an unprepared builder has no split info
+      if not self.tfds_dataset.info.splits:
+        raise self._missing() from None
+      raise
+
+
+@gin.configurable
+def register_c4_span_corruption(name: str = C4_TASK,
+                                tfds_name: str = DEFAULT_C4_TFDS_NAME,
+                                tfds_data_dir: Optional[str] = None,
+                                vocabulary_path: str = vocab_lib.DEFAULT_T5_VOCABULARY_PATH,
+                                extra_ids: int = vocab_lib.DEFAULT_EXTRA_IDS,
+                                vocabulary: Optional[seqio.Vocabulary] = None,
+                                noise_density: float = 0.15,
+                                mean_noise_span_length: float = 3.0) -> seqio.Task:
+  """Registers (or replaces) T5's C4 span-corruption Task and returns it.
+
+  Args:
+    name: the Task name.
+    tfds_name: tfds name and version; 3.1.0 is the c4/en that tfds 4.9 builds.
+    tfds_data_dir: where the prepared C4 lives (None: tfds' default).
+    vocabulary_path: SentencePiece model, read at first use.
+    extra_ids: sentinel ids appended to the SentencePiece vocabulary.
+    vocabulary: a ready vocabulary, used instead of ``vocabulary_path``.
+    noise_density, mean_noise_span_length: span corruption (T5: 0.15, 3).
+  """
+  vocabulary = vocabulary or vocab_lib.get_vocabulary(vocabulary_path, extra_ids=extra_ids)
+  source = C4Source(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, read_only=True,
+                    splits={"train": "train", "validation": "validation"})
+  preprocessors = [functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"})]
+  preprocessors += span_corruption_preprocessors(noise_density, mean_noise_span_length)
+  return _add_task(name, source, vocabulary, preprocessors)
+
+
+class LocalTextSource(seqio.TextLineDataSource):
+  """One-document-per-line text files, split -> file patterns.
+
+  The mapping may be a callable (e.g. one that writes the embedded corpus):
+  it is called the first time files are listed, not at construction.
+  """
+
+  def __init__(self, split_to_files: Union[Mapping[str, Files], Callable[[], Mapping[str, Files]]],
+               splits: Sequence[str] = ("train", "validation"), task_name: str = LOCAL_TEXT_TASK):
+    self._files_fn = split_to_files if callable(split_to_files) else None
+    self._task_name = task_name
+    patterns = {s: () for s in splits} if self._files_fn else dict(split_to_files)
+    super().__init__(patterns)
+
+  def list_shards(self, split: str) -> Sequence[str]:
+    if self._files_fn is not None:
+      self._split_to_filepattern = dict(self._files_fn())
+      self._files_fn = None
+    patterns = self._split_to_filepattern.get(split)
+    files = seqio.utils.list_files(patterns) if patterns else []
+    # list_files returns a pattern without wildcards as is, existing or not.
+    files = [f for f in files if tf.io.gfile.exists(f)]
+    if not files:
+      raise MissingDataError(
+          f"task {self._task_name!r}: no text file for split {split!r} (patterns: {patterns!r}); bind "
+          f"tasks.register_local_text_task.{split}_files = ['/path/to/{split}.txt'] (one document per line)")
+    return files
+
+
+@seqio.map_over_dataset
+@tf.autograph.experimental.do_not_convert
+def _line_to_text(line):
+  return {"text": line}
+
+
+def _embedded_splits() -> Dict[str, str]:
+  return corpus_lib.embedded_corpus()
+
+
+def _embedded_train_files():
+  return [corpus_lib.embedded_corpus()["train"]]
+
+
+def _as_list(files: Files):
+  return [files] if isinstance(files, str) else list(files)
+
+
+@gin.configurable
+def register_local_text_task(name: str = LOCAL_TEXT_TASK,
+                             train_files: Optional[Files] = None,
+                             validation_files: Optional[Files] = None,
+                             vocabulary_path: Optional[str] = None,
+                             vocab_size: int = DEFAULT_LOCAL_VOCAB_SIZE,
+                             extra_ids: int = vocab_lib.DEFAULT_EXTRA_IDS,
+                             noise_density: float = 0.15,
+                             mean_noise_span_length: float = 3.0) -> seqio.Task:
+  """Registers (or replaces) a span-corruption Task over local text files and returns it.
+
+  Args:
+    name: the Task name.
+    train_files: file paths or glob patterns, one document per line. None:
+      the embedded gensim Wikipedia extract (and its validation split).
+    validation_files: the same for the "validation" split (None with your own
+      train files: the Task has a train split only).
+    vocabulary_path: a SentencePiece model to use. None: train one with
+      ``vocab_size`` pieces on the train files at first use (cached).
+    vocab_size: SentencePiece pieces when training (the vocabulary has
+      ``vocab_size + extra_ids`` ids; 3996 + 100 = 4096 by default).
+    extra_ids: sentinel ids.
+    noise_density, mean_noise_span_length: span corruption.
+  """
+  if train_files is None:
+    if validation_files is not None:
+      raise ValueError(f"validation_files={validation_files!r} needs train_files too")
+    source = LocalTextSource(_embedded_splits, task_name=name)
+    train_for_vocab = _embedded_train_files
+  else:
+    split_to_files = {"train": _as_list(train_files)}
+    if validation_files is not None:
+      split_to_files["validation"] = _as_list(validation_files)
+    source = LocalTextSource(split_to_files, task_name=name)
+    patterns = split_to_files["train"]
+    train_for_vocab = functools.partial(seqio.utils.list_files, patterns)
+  if vocabulary_path:
+    vocabulary = vocab_lib.get_vocabulary(vocabulary_path, extra_ids=extra_ids)
+  else:
+    vocabulary = vocab_lib.TrainedSentencePieceVocabulary(train_for_vocab, vocab_size=vocab_size,
+                                                          name=name, extra_ids=extra_ids)
+  preprocessors = [_line_to_text, functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"})]
+  preprocessors += span_corruption_preprocessors(noise_density, mean_noise_span_length)
+  return _add_task(name, source, vocabulary, preprocessors)
+
+
+_BUILTIN_TASKS = {C4_TASK: register_c4_span_corruption, LOCAL_TEXT_TASK: register_local_text_task}
+
+
+def get_task(name: str) -> seqio.Task:
+  """The Task (or Mixture) ``name``; the built-in ones are re-registered with the gin bindings."""
+  if name in _BUILTIN_TASKS:
+    return _BUILTIN_TASKS[name]()
+  return seqio.get_mixture_or_task(name)
+
+
+def check_task_data(task: Union[str, seqio.Task], splits: Sequence[str] = ("train",)) -> None:
+  """Raises :class:`MissingDataError` (one line) if a split or the vocabulary file is missing.
+
+  Builds the source datasets without reading them, so it costs little. Remote
+  vocabulary paths (``gs://``) are not checked.
+  """
+  task = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
+  for split in splits:
+    if split not in task.source.splits:
+      raise MissingDataError(f"task {task.name!r} has no split {split!r} (it has {sorted(task.source.splits)})")
+    task.source.get_dataset(split=split, shuffle=False)
+  for feature in task.output_features.values():
+    vocabulary = feature.vocabulary
+    if isinstance(vocabulary, vocab_lib.TrainedSentencePieceVocabulary):
+      continue
+    path = getattr(vocabulary, "sentencepiece_model_file", "")
+    if path and "://" not in path and not tf.io.gfile.exists(path):
+      raise MissingDataError(f"task {task.name!r}: SentencePiece model {path!r} not found")
+
+
+# Registered at import with the default arguments (reads nothing); get_task() re-registers with gin's.
+register_c4_span_corruption()
+register_local_text_task()
