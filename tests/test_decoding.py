@@ -1,0 +1,219 @@
+"""Decoding algorithms: beam search against brute force, EOS, greedy vs teacher forcing, sampling."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from topk_transformers import decoding
+from topk_transformers.t5 import network
+
+EOS = 1
+
+
+class ToyRNN:
+  """A tiny prefix-dependent language model whose cache holds a batch state and a scalar step counter.
+
+  ``tokens_to_logits(w)`` takes the weights as (traced) arguments, so one compiled
+  search serves every seed.
+  """
+
+  def __init__(self, vocab=4, hidden=8, length=3, seed=0, eos_bias=0.0):
+    r = np.random.RandomState(seed)
+    self.w = {
+        "emb": r.randn(vocab, hidden).astype(np.float32),
+        "rec": (r.randn(hidden, hidden) / np.sqrt(hidden)).astype(np.float32),
+        "pos": r.randn(length, hidden).astype(np.float32),
+        "out": (2.0 * r.randn(hidden, vocab)).astype(np.float32),
+        "bias": np.where(np.arange(vocab) == EOS, eos_bias, 0.0).astype(np.float32),
+    }
+    # Each batch row starts from its own state, so rows decode differently.
+    self.h0 = r.randn(16, hidden).astype(np.float32)
+    self.h0[0] = 0.0
+
+  def init_cache(self, batch):
+    return {"h": jnp.asarray(self.h0[:batch]), "step": jnp.array(0, jnp.int32)}
+
+  @staticmethod
+  def tokens_to_logits(w):
+    w = jax.tree.map(jnp.asarray, w)
+
+    def step(state):
+      h = jnp.tanh(state.cache["h"] @ w["rec"] + w["emb"][state.cur_token[:, 0]] + w["pos"][state.cur_index])
+      return h @ w["out"] + w["bias"], {"h": h, "step": state.cache["step"] + 1}
+    return step
+
+  def log_prob(self, seq, row=0):
+    """log p of the tokens of ``seq`` (NumPy, one sequence of batch row ``row``), token by token."""
+    w, h = self.w, self.h0[row]
+    prev, total = 0, 0.0
+    for i, tok in enumerate(seq):
+      h = np.tanh(h @ w["rec"] + w["emb"][prev] + w["pos"][i])
+      logits = h @ w["out"] + w["bias"]
+      total += logits[tok] - np.log(np.sum(np.exp(logits - logits.max()))) - logits.max()
+      prev = tok
+    return total
+
+
+def complete_sequences(vocab, length):
+  """Every complete output: tokens up to and including the first EOS, or ``length`` tokens without EOS."""
+  other = [t for t in range(vocab) if t != EOS]
+  for n in range(1, length + 1):
+    for prefix in itertools.product(other, repeat=n - 1):
+      yield prefix + (EOS,)
+      if n == length:
+        for last in other:
+          yield prefix + (last,)
+
+
+def strip(seq):
+  seq = list(seq)
+  return tuple(seq[:seq.index(EOS) + 1]) if EOS in seq else tuple(seq)
+
+
+@jax.jit
+def toy_beam9(w, cache, alpha):
+  return decoding.beam_search(ToyRNN.tokens_to_logits(w), cache, 1, 9, 3, alpha=alpha, eos_id=EOS)
+
+
+def test_beam_search_matches_brute_force():
+  # vocab 4, length 3, beam 9 = 3^2: no hypothesis is ever pruned, so the K best returned must be
+  # exactly the K best complete sequences by log p / ((5 + len) / 6)^alpha.
+  k = 9
+  for alpha, seed in itertools.product([0.0, 0.6, 3.0], range(2)):
+    lm = ToyRNN(seed=seed)
+    seqs, scores = toy_beam9(lm.w, lm.init_cache(1), alpha)
+    brute = sorted(((lm.log_prob(s) / ((5 + len(s)) / 6) ** alpha, s) for s in complete_sequences(4, 3)), reverse=True)
+    got = [strip(s) for s in np.asarray(seqs[0])]
+    np.testing.assert_allclose(np.asarray(scores[0]), [b[0] for b in brute[:k]], rtol=1e-5, atol=1e-5)
+    assert got[0] == brute[0][1]
+    assert sorted(got) == sorted(b[1] for b in brute[:k])
+    if alpha == 3.0:  # a strong length bonus: the winner runs to the maximum length
+      assert len(got[0]) == 3
+
+
+def test_beam_search_eos_padding_and_scores():
+  # A larger vocabulary and a narrow beam: every returned beam is scored as the model scores its tokens,
+  # beams come best first, and nothing follows an EOS.
+  lm = ToyRNN(vocab=6, length=5, seed=3, eos_bias=1.0)
+  alpha = 0.6
+  seqs, scores = decoding.beam_search(lm.tokens_to_logits(lm.w), lm.init_cache(2), 2, 3, 5, alpha=alpha, eos_id=EOS)
+  seqs, scores = np.asarray(seqs), np.asarray(scores)
+  assert seqs.shape == (2, 3, 5)
+  saw_eos = False
+  for b in range(2):
+    assert np.all(np.diff(scores[b]) <= 0)
+    for j in range(3):
+      s = strip(seqs[b, j])
+      assert np.all(seqs[b, j, len(s):] == 0)
+      saw_eos |= s[-1] == EOS
+      np.testing.assert_allclose(scores[b, j], lm.log_prob(s, b) / ((5 + len(s)) / 6) ** alpha, rtol=1e-5)
+  assert not np.array_equal(seqs[0], seqs[1])
+  assert saw_eos, "the toy model should end some beams with EOS; pick another seed"
+
+
+def test_greedy_and_sampling_on_toy_model():
+  lm = ToyRNN(vocab=6, length=5, seed=1)
+  step = lm.tokens_to_logits(lm.w)
+  seqs, logp = decoding.greedy_decode(step, lm.init_cache(1), 1, 5, eos_id=EOS)
+  # Greedy is the argmax at every step of its own prefix.
+  s = strip(np.asarray(seqs[0]))
+  for i in range(len(s)):
+    cand = [lm.log_prob(s[:i] + (t,)) for t in range(6)]
+    assert int(np.argmax(cand)) == s[i]
+  np.testing.assert_allclose(float(logp[0]), lm.log_prob(s), rtol=1e-5)
+  # Sampling with a tiny nucleus keeps only the argmax: it is greedy.
+  sampled, _ = decoding.temperature_sample(step, lm.init_cache(1), 1, 5, jax.random.PRNGKey(7), temperature=1.5,
+                                           topp=1e-6, eos_id=EOS)
+  np.testing.assert_array_equal(sampled, seqs)
+
+
+def test_filter_logits():
+  logits = jnp.log(jnp.array([[0.5, 0.1, 0.25, 0.15]]))
+  kept = lambda out: np.asarray(out[0] > decoding.NEG_INF / 2)
+  np.testing.assert_array_equal(kept(decoding.filter_logits(logits, topk=2)), [True, False, True, False])
+  # Nucleus 0.7: 0.5 alone is short of it, 0.5 + 0.25 reaches it.
+  np.testing.assert_array_equal(kept(decoding.filter_logits(logits, topp=0.7)), [True, False, True, False])
+  np.testing.assert_array_equal(kept(decoding.filter_logits(logits, topp=0.8)), [True, False, True, True])
+  np.testing.assert_array_equal(kept(decoding.filter_logits(logits, topp=0.5)), [True, False, False, False])
+  np.testing.assert_array_equal(kept(decoding.filter_logits(logits)), [True] * 4)
+
+
+def random_params(module, enc, dec, seed=0):
+  """Random parameters of the right shapes, without compiling ``module.init`` (slow on a busy CPU)."""
+  shapes = nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), enc, dec, dec,
+                                                            enable_dropout=False)))["params"]
+  r = np.random.RandomState(seed)
+
+  def init(path, s):
+    # Kernels scaled by 1/sqrt(fan_in) keep activations O(1); embeddings and the rest N(0, 1).
+    scale = 1.0 / np.sqrt(s.shape[0]) if path[-1].key == "kernel" else 1.0
+    return jnp.asarray(r.randn(*s.shape) * scale, jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(init, shapes)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forced_log_probs(module, params, enc, tokens):
+  """Teacher-forced log-probabilities ``[batch, length, vocab]`` of the decoder inputs ``0, tokens[:-1]``."""
+  dec_in = jnp.concatenate([jnp.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
+  logits = module.apply({"params": params}, enc, dec_in, jnp.ones_like(tokens), enable_dropout=False)
+  return jax.nn.log_softmax(logits)
+
+
+@pytest.fixture(scope="module")
+def t5():
+  module = network.Transformer(network.T5Config(
+      vocab_size=32, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1, num_decoder_layers=2,
+      dropout_rate=0.0, top_k=16))
+  enc = jnp.array([[5, 6, 7, 8, 9, 0], [10, 11, 12, 0, 0, 0], [3, 3, 4, 4, 0, 0]], jnp.int32)
+  params = random_params(module, enc, jnp.ones((3, 6), jnp.int32))
+  return module, params, enc
+
+
+def test_greedy_equals_argmax_of_teacher_forced_logits(t5):
+  module, params, enc = t5
+  # eos_id=None: all rows decode the full length, which makes every step checkable.
+  tokens, logp = decoding.predict_batch(module, params, {"encoder_input_tokens": enc}, max_decode_length=6,
+                                        eos_id=None, return_scores=True)
+  tokens = np.asarray(tokens)
+  assert len(np.unique(tokens)) > 2, "degenerate decodes would make this test weak"
+  lp = np.asarray(forced_log_probs(module, params, enc, tokens))
+  np.testing.assert_array_equal(np.argmax(lp, -1), tokens)
+  np.testing.assert_allclose(np.asarray(logp), np.take_along_axis(lp, tokens[..., None], -1).sum((1, 2)), rtol=1e-4)
+
+
+def test_predict_batch_eos_sampling_and_beam(t5):
+  module, params, enc = t5
+  batch = {"encoder_input_tokens": enc, "decoder_input_tokens": np.zeros((3, 6), np.int32)}
+  greedy = np.asarray(decoding.predict_batch(module, params, batch, eos_id=None))
+  assert greedy.shape == (3, 6)
+  # Make the greedy token at step 2 of row 0 the EOS: the row must stop there and pad with 0.
+  eos = int(greedy[0, 2])
+  stopped = np.asarray(decoding.predict_batch(module, params, batch, eos_id=eos))
+  first = list(stopped[0]).index(eos)
+  assert first <= 2 and np.all(stopped[0, first + 1:] == 0)
+  np.testing.assert_array_equal(stopped[0, :first + 1], greedy[0, :first + 1])
+
+  def sample(seed):
+    return np.asarray(decoding.predict_batch(module, params, batch, decode_method="sample", num_decodes=2,
+                                             temperature=1.0, rng=jax.random.PRNGKey(seed), eos_id=None,
+                                             return_all_decodes=True))
+  a, b, c = sample(0), sample(0), sample(1)
+  assert a.shape == (3, 2, 6)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+
+  beams, scores = decoding.predict_batch(module, params, batch, decode_method="beam", num_decodes=3, alpha=0.6,
+                                         eos_id=None, return_all_decodes=True, return_scores=True)
+  assert beams.shape == (3, 3, 6) and np.all(np.diff(np.asarray(scores), axis=1) <= 0)
+  # Beam scores are the model's log p of the beam (alpha applies with length 6 for all).
+  best = np.asarray(beams[:, 0])
+  lp = np.take_along_axis(np.asarray(forced_log_probs(module, params, enc, best)), best[..., None], -1).sum((1, 2))
+  np.testing.assert_allclose(np.asarray(scores[:, 0]), lp / ((5 + 6) / 6) ** 0.6, rtol=1e-4)
+  with pytest.raises(ValueError, match="decode_method"):
+    decoding.predict_batch(module, params, batch, decode_method="nucleus")
