@@ -160,7 +160,9 @@ def test_missing_c4_is_a_one_line_error(tiny_model, tmp_path):
   task = tasks.register_c4_span_corruption(name="test_c4_missing", vocabulary=vocab.get_vocabulary(tiny_model),
                                            tfds_data_dir=str(tmp_path / "empty"))
   for call in (lambda: tasks.check_task_data(task),
-               lambda: task.get_dataset({"inputs": 64, "targets": 14}, split="train")):
+               lambda: task.get_dataset({"inputs": 64, "targets": 14}, split="train"),
+               lambda: task.get_dataset({"inputs": 64, "targets": 14}, split="train",
+                                        shard_info=seqio.ShardInfo(index=0, num_shards=1))):
     with pytest.raises(tasks.MissingDataError) as err:
       call()
     message = str(err.value)
