@@ -196,7 +196,8 @@ def test_eval_fn_metrics_logits_and_calibration(params):
   np.testing.assert_allclose(float(aux["metrics"]["accuracy"]), expected_acc, rtol=1e-6)
   assert float(aux["calibration"]["count"].sum()) == WEIGHT.sum()
   expected_ece = model_lib.expected_calibration_error(jax.nn.softmax(logits), batch["label"], weights=WEIGHT)
-  np.testing.assert_allclose(float(aux["metrics"]["ece"]), float(expected_ece), rtol=1e-6)
+  np.testing.assert_allclose(float(model_lib.ece_from_bins(aux["calibration"])), float(expected_ece), rtol=1e-6)
+  assert set(aux["metrics"]) == {"loss", "accuracy", "num_examples"}
   assert set(aux["intermediates"]["Transformer"]) == {"encoderblock_0", "encoderblock_1"}
 
 

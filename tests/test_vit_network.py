@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from topk_transformers import gin_utils
 from topk_transformers import layers
 from topk_transformers.vit import network
 
@@ -219,11 +220,10 @@ MODEL_FILES = {"ti16": "Ti/16", "s16": "S/16", "b16": "B/16", "l16": "L/16", "h1
 
 
 def _build_from_gin(files, bindings=()):
-  gin.clear_config()
-  gin.add_config_file_search_path(REPO_ROOT)
+  """Builds MODEL the way the scripts do (gin_utils), from files under configs/vit/."""
   try:
-    gin.parse_config_files_and_bindings([os.path.join(REPO_ROOT, "configs", "vit", f) for f in files], list(bindings))
-    return gin.query_parameter("%MODEL").scoped_configurable_fn()
+    gin_utils.configure([os.path.join(REPO_ROOT, "configs", "vit", f) for f in files], list(bindings))
+    return gin_utils.get_macro("MODEL")
   finally:
     gin.clear_config()
 
@@ -256,8 +256,13 @@ def test_gin_macros_override():
   assert params["head"]["kernel"].shape == (384, 10)
 
 
-def test_gin_bad_k_names_the_value():
+@pytest.mark.parametrize("binding, fragment", [
+    ("TOP_K = 0", "top_k must be a positive integer or None, got 0"),
+    ("POOL = 'cls'", "pool_type must be one of ('token', 'gap'), got 'cls'"),
+    ("MLP_ACTIVATION = 'tanh'", "mlp_activation must be one of ('gelu', 'relu'), got 'tanh'"),
+])
+def test_gin_bad_binding_is_a_one_line_error(binding, fragment):
   with pytest.raises(ValueError) as info:
-    _build_from_gin(["ti16.gin", "topk.gin"], ["TOP_K = 0"])
-  # gin appends the configurable's name on later lines; our message is the first line.
-  assert "top_k must be a positive integer or None, got 0" in str(info.value).splitlines()[0]
+    _build_from_gin(["ti16.gin", "topk.gin"], [binding])
+  message = str(info.value)
+  assert "\n" not in message and fragment in message

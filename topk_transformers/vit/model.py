@@ -171,11 +171,12 @@ class ClassificationModel:
   def eval_fn(self, params: Any, batch: Batch, num_bins: int = DEFAULT_NUM_BINS) -> dict:
     """Deterministic forward pass: ``loss_fn``'s aux plus ``"logits"`` ``[B, C]`` and ``"calibration"``.
 
-    ``metrics`` gains ``ece`` of this batch; ``calibration`` holds the additive
-    :func:`calibration_bins` sums, which a dataset-level ECE should accumulate.
+    ``calibration`` holds this batch's additive :func:`calibration_bins` sums; a
+    dataset's ECE is :func:`ece_from_bins` of their sum over batches. No ECE is
+    put in ``metrics``: the trainer averages scalar metrics over batches, and a
+    mean of per-batch ECEs is not the ECE.
     """
     logits, intermediates = self._apply(params, batch["image"], None)
     _, metrics = self._metrics(logits, batch)
     bins = calibration_bins(jax.nn.softmax(logits), batch["label"], _weights(batch), num_bins)
-    metrics["ece"] = ece_from_bins(bins)
     return {"metrics": metrics, "intermediates": intermediates, "logits": logits, "calibration": bins}
