@@ -1,0 +1,155 @@
+"""The sparse decoding path gives the dense Top-k results while reading only k rows of ``wo``."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from topk_transformers import decoding
+from topk_transformers import layers
+from topk_transformers import topk
+from topk_transformers.t5 import network
+
+V10 = ("relu",)
+V11 = ("gelu", "linear")
+
+
+def all_eqns(jaxpr):
+  """Every equation of a jaxpr, including those of nested (jit, while, ...) sub-jaxprs."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(sub, "eqns"):  # Jaxpr
+          yield from all_eqns(sub)
+        elif hasattr(getattr(sub, "jaxpr", None), "eqns"):  # ClosedJaxpr
+          yield from all_eqns(sub.jaxpr)
+
+
+def dots_with_operand(fn, shape, *args):
+  """How many ``dot_general`` in ``fn(*args)`` take an operand of ``shape`` (e.g. the ``wo`` kernel)."""
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  return sum(1 for e in all_eqns(jaxpr) if e.primitive.name == "dot_general"
+             and any(tuple(v.aval.shape) == tuple(shape) for v in e.invars))
+
+
+def test_sparse_matmul_equals_scatter_then_matmul():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 64))
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (64, 16))
+  vals, idx = topk.select(x, 8)
+  sparse, dense = jax.jit(lambda v, i, w: (topk.sparse_matmul(v, i, w), topk.scatter(v, i, 64) @ w))(vals, idx, kernel)
+  np.testing.assert_allclose(sparse, dense, rtol=1e-5, atol=1e-5)
+  # The computation dtype: bfloat16 rows, gathered from a float32 kernel.
+  assert jax.eval_shape(lambda: topk.sparse_matmul(vals, idx, kernel, dtype=jnp.bfloat16)).dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="2-D"):
+    topk.sparse_matmul(vals, idx, kernel[None])
+  with pytest.raises(ValueError, match="same shape"):
+    topk.sparse_matmul(vals, idx[..., :4], kernel)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("by_magnitude", [False, True])
+def test_select_f32_selects_like_select(dtype, by_magnitude):
+  # Small integers: many ties, which both must break by position the same way.
+  x = jnp.asarray(np.random.RandomState(0).randint(-4, 5, size=(6, 200)), dtype)
+  v1, i1 = topk.select(x, 20, by_magnitude=by_magnitude)
+  v2, i2 = topk.select_f32(x, 20, by_magnitude=by_magnitude)
+  np.testing.assert_array_equal(i1, i2)
+  np.testing.assert_array_equal(v1, v2)
+  assert v2.dtype == dtype
+
+
+def mlp(acts, method, sparse, dropout=0.0):
+  return layers.MlpBlock(intermediate_dim=64, activations=acts, top_k=8, top_k_method=method,
+                         intermediate_dropout_rate=dropout, sparse_decode=sparse)
+
+
+@pytest.mark.parametrize("acts", [V10, V11], ids=["v1.0", "v1.1"])
+@pytest.mark.parametrize("method", ["exact", "approx"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mlp_block_sparse_equals_dense(acts, method, batch):
+  x = jnp.asarray(np.random.RandomState(batch).randn(batch, 1, 16), jnp.float32)
+  params = mlp(acts, method, False).init(jax.random.PRNGKey(0), x)["params"]
+  mask = jnp.array([[1], [0], [1]][:batch])  # a padded row must not count in the statistics
+  outs = {}
+  for sparse in (False, True):
+    block = mlp(acts, method, sparse)
+    outs[sparse] = jax.jit(lambda p, x, m: block.apply({"params": p}, x, decode=True, deterministic=True, mask=m,
+                                                       mutable=["intermediates"]))(params, x, mask)
+    n_dots = dots_with_operand(lambda p, x: block.apply({"params": p}, x, decode=True, deterministic=True),
+                               (64, 16), params, x)
+    assert n_dots == (0 if sparse else 1)
+  (y_dense, s_dense), (y_sparse, s_sparse) = outs[False], outs[True]
+  np.testing.assert_allclose(y_sparse, y_dense, rtol=1e-5, atol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, s_sparse, s_dense)
+  assert float(s_dense["intermediates"]["nonzero_count"][0]) > 0
+
+
+def test_sparse_decode_rule_and_errors():
+  d_ff, k = 64, 8  # automatic: sparse while 4 * tokens * k <= d_ff, i.e. up to 2 tokens
+  block = mlp(V10, "exact", None)
+  params = block.init(jax.random.PRNGKey(0), jnp.ones((1, 1, 16)))["params"]
+
+  def dense_dots(x, decode=True):
+    return dots_with_operand(lambda p, x: block.apply({"params": p}, x, decode=decode, deterministic=True),
+                             (d_ff, 16), params, x)
+  assert dense_dots(jnp.ones((2, 1, 16))) == 0
+  assert dense_dots(jnp.ones((3, 1, 16))) == 1
+  assert dense_dots(jnp.ones((1, 1, 16)), decode=False) == 1  # training / scoring stay dense
+  # Active dropout keeps the automatic choice dense, and makes a forced sparse path an error.
+  dropping = mlp(V10, "exact", None, dropout=0.5)
+  fn = lambda p, x: dropping.apply({"params": p}, x, decode=True, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+  assert dots_with_operand(fn, (d_ff, 16), params, jnp.ones((1, 1, 16))) == 1
+  with pytest.raises(ValueError, match="deterministic"):
+    mlp(V10, "exact", True, dropout=0.5).apply({"params": params}, jnp.ones((1, 1, 16)), decode=True,
+                                               deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+  # Same parameters whichever path init would take.
+  sparse_params = mlp(V11, "exact", True).init(jax.random.PRNGKey(0), jnp.ones((1, 1, 16)), decode=True)
+  dense_params = mlp(V11, "exact", False).init(jax.random.PRNGKey(0), jnp.ones((1, 1, 16)), decode=True)
+  jax.tree.map(np.testing.assert_array_equal, sparse_params, dense_params)
+  assert k * 4 * 2 == d_ff
+
+
+def greedy_with_steps(module, params, enc, length):
+  """Greedy decoding one jitted step at a time: tokens ``[batch, length]`` and logits ``[batch, length, vocab]``."""
+  encoded = jax.jit(lambda p, e: module.apply({"params": p}, e, enable_dropout=False, method=module.encode))(params, enc)
+  cache = decoding.init_cache(module, params, encoded, enc, length)
+
+  @jax.jit
+  def step(params, cache, token, i):
+    fn = decoding.make_tokens_to_logits(module, params, encoded, enc, length)
+    return fn(decoding.DecodingState(i, token, None, cache))
+
+  token = jnp.zeros((enc.shape[0], 1), jnp.int32)
+  tokens, logits = [], []
+  for i in range(length):
+    step_logits, cache = step(params, cache, token, jnp.int32(i))
+    token = jnp.argmax(step_logits, -1)[:, None].astype(jnp.int32)
+    tokens.append(token)
+    logits.append(step_logits)
+  return np.concatenate(tokens, 1), np.stack(logits, 1), step, (params, cache, token, jnp.int32(length - 1))
+
+
+@pytest.mark.parametrize("acts,method,batch", [(V10, "exact", 1), (V11, "approx", 2)], ids=["v1.0", "v1.1"])
+def test_t5_greedy_sparse_equals_dense(acts, method, batch):
+  cfg = dict(vocab_size=40, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1,
+             num_decoder_layers=2, mlp_activations=acts, dropout_rate=0.0, top_k=8, top_k_method=method)
+  enc = jnp.array([[5, 6, 7, 8, 9, 0], [10, 11, 12, 0, 0, 0]][:batch], jnp.int32)
+  dense = network.Transformer(network.T5Config(**cfg, sparse_decode=False))
+  sparse = network.Transformer(network.T5Config(**cfg, sparse_decode=True))
+  shapes = nn.meta.unbox(jax.eval_shape(lambda: dense.init(jax.random.PRNGKey(0), enc, enc, enc,
+                                                           enable_dropout=False)))["params"]
+  r = np.random.RandomState(0)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, s: jnp.asarray(r.randn(*s.shape) / (np.sqrt(s.shape[0]) if path[-1].key == "kernel" else 1.0),
+                                  jnp.float32), shapes)
+  length = 6
+  t_dense, l_dense, step_dense, args = greedy_with_steps(dense, params, enc, length)
+  t_sparse, l_sparse, step_sparse, _ = greedy_with_steps(sparse, params, enc, length)
+  np.testing.assert_array_equal(t_sparse, t_dense)
+  np.testing.assert_allclose(l_sparse, l_dense, rtol=1e-5, atol=1e-5)
+  assert len(np.unique(t_dense)) > 1, "degenerate decodes would make this test weak"
+  # The dense step multiplies by every layer's wo; the sparse step by none.
+  assert dots_with_operand(step_dense, (64, 32), *args) == 2
+  assert dots_with_operand(step_sparse, (64, 32), *args) == 0
