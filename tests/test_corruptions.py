@@ -99,19 +99,6 @@ def test_deterministic_by_seed_and_key():
   assert not np.array_equal(a, C.corrupt_uint8(image, "gaussian_noise", 3, seed=1, key="digits_0001"))
 
 
-def test_corrupt_tf_matches_numpy():
-  import tensorflow as tf
-
-  images = np.random.default_rng(1).integers(0, 256, size=(3, 8, 8, 1), dtype=np.uint8)
-  keys = [b"k0", b"k1", b"k2"]
-  ds = tf.data.Dataset.from_tensor_slices((images, keys)).map(
-      lambda x, k: C.corrupt_tf(x, k, "impulse_noise", 5, seed=7, constants="cifar10"))
-  got = list(ds.as_numpy_iterator())
-  assert got[0].shape == (8, 8, 1) and got[0].dtype == np.uint8
-  for image, key, out in zip(images, keys, got):
-    np.testing.assert_array_equal(out, C.corrupt_uint8(image, "impulse_noise", 5, 7, key, "cifar10"))
-
-
 @pytest.mark.parametrize("args", [("gaussian_noise", 0), ("gaussian_noise", 6), ("gaussian_noise", True),
                                   ("motion_blur", 1)])
 def test_bad_corruption_or_severity(args):

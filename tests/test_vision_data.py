@@ -222,7 +222,7 @@ def test_mock_corrupted_datasets(name):
 def test_digits_corrupted(digits_dir):
   ds = _digits(digits_dir)
   clean = _all(ds.get_dataset("test", 128, shuffle=False, repeat=False))
-  noisy = _all(ds.get_corrupted_dataset("impulse_noise", 5, 128, seed=0))
+  noisy = _all(ds.get_corrupted_dataset("impulse_noise", 5, 128, seed=3))
   np.testing.assert_array_equal(_real(noisy, "label"), _real(clean, "label"))
   changed = np.mean(_real(noisy, "image") != _real(clean, "image"))
   c = corruptions.severity_constant("impulse_noise", 5, ds.corruption_constants)  # 0.27 of the values hit...
@@ -231,6 +231,11 @@ def test_digits_corrupted(digits_dir):
   expected = c * (1 - hit_value / 2)
   n = _real(clean, "image").size
   assert abs(changed - expected) < 4 * math.sqrt(expected * (1 - expected) / n)
+  # Each image is corrupted with its own generator, seeded by (seed, example id).
+  (raw,) = tfds.as_numpy(tfds.load("digits", split="test", data_dir=digits_dir, shuffle_files=False).batch(360))
+  want = [corruptions.corrupt_uint8(x, "impulse_noise", 5, 3, k, ds.corruption_constants)
+          for x, k in zip(raw["image"], raw["id"])]
+  np.testing.assert_allclose(_real(noisy, "image"), np.stack(want) / 255.0 * 2 - 1, atol=1e-6)  # float32 rounding
   with pytest.raises(ValueError, match="corruption"):
     ds.get_corrupted_dataset("fog", 1, 128)
 

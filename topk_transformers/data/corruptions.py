@@ -110,13 +110,3 @@ def corrupt_uint8(image: np.ndarray, corruption: str, severity: int, seed: int, 
   rng = np.random.default_rng([int(seed), key_seed(key)])
   out = corrupt(np.asarray(image, np.float64) / 255.0, corruption, severity, rng, constants)
   return np.round(out * 255.0).astype(np.uint8)
-
-
-def corrupt_tf(image, key, corruption: str, severity: int, seed: int = 0, constants: str = "imagenet2012"):
-  """:func:`corrupt_uint8` inside a ``tf.data`` map: ``image`` a ``uint8`` tensor, ``key`` a string scalar."""
-  import tensorflow as tf  # Kept local: the NumPy functions above need no TensorFlow.
-
-  severity_constant(corruption, severity, constants)  # Fail here, not inside the tf.data runtime.
-  fn = lambda img, k: corrupt_uint8(img, corruption, severity, seed, k, constants)
-  out = tf.numpy_function(fn, [image, key], tf.uint8, stateful=False)
-  return tf.ensure_shape(out, image.shape)
