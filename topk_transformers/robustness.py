@@ -113,11 +113,12 @@ def reliability_diagram(rel: Mapping[str, Sequence[float]], path: str, title: Op
           edgecolor="black", label="accuracy")
   # The gap to the mean confidence of each bin: what ECE sums, weighted by count.
   top.bar(left[nonempty], conf[nonempty] - acc[nonempty], bottom=acc[nonempty], width=width[nonempty],
-          align="edge", color="tab:red", alpha=0.3, edgecolor="tab:red", label="gap to confidence")
-  top.plot([0, 1], [0, 1], "k--", linewidth=1)
+          align="edge", facecolor=(1.0, 0.0, 0.0, 0.15), edgecolor="tab:red", hatch="//",
+          label="gap to mean confidence")
+  top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
   top.set_ylim(0, 1)
   top.set_ylabel("accuracy")
-  top.legend(loc="upper left")
+  top.legend(loc="upper left", fontsize="small")
   label = title or ""
   if ece is not None:
     label = f"{label}  ECE {100 * ece:.2f}%".strip()
