@@ -24,6 +24,7 @@ setup(
         "clu>=0.0.12",
         "tensorboard",  # clu's metric writers import it
         "sentencepiece>=0.2.0",
+        "importlib_resources",  # tfds needs it to prepare datasets
         "numpy",
         "matplotlib",
     ],

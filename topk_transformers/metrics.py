@@ -22,7 +22,9 @@ def _summarise_sparsity(metrics: Mapping[str, float], prefix: str = "sparsity/")
     if k.startswith(prefix):
       stack = k[len(prefix):].split("/")[0]
       by_stack.setdefault(stack, []).append(v)
-  return " ".join(f"{s} {sum(v) / len(v):.1f}%" for s, v in by_stack.items())
+  order = {"encoder": 0, "decoder": 1}
+  stacks = sorted(by_stack, key=lambda s: (order.get(s, 2), s))
+  return " ".join(f"{s} {sum(by_stack[s]) / len(by_stack[s]):.1f}%" for s in stacks)
 
 
 class MetricLogger:

@@ -161,6 +161,8 @@ class TrainResult:
   eval_metrics: Dict[str, float]
   sparsity: Dict[str, float]
   preempted: bool = False
+  # (step, mean train metrics since the previous log step), for every log step of this process.
+  log: list = dataclasses.field(default_factory=list)
 
 
 def train(
@@ -284,6 +286,7 @@ def train(
   # ---- the loop
   logger = MetricLogger(model_dir, total_steps=train_steps, start_step=start_step)
   history = []
+  train_log = []
   train_metrics: Dict[str, float] = {}
   eval_metrics: Dict[str, float] = {}
   eval_sparsity: Dict[str, float] = {}
@@ -311,6 +314,7 @@ def train(
         train_metrics = _mean_metrics(jax.device_get(history))
         history = []
         logger.log_train(step, train_metrics)
+        train_log.append((step, train_metrics))
       if eval_period and (step % eval_period == 0 or is_last):
         eval_metrics, eval_sparsity = evaluate(state.params)
         logger.log_eval(step, eval_metrics, eval_sparsity)
@@ -334,7 +338,7 @@ def train(
                     sparsity=eval_sparsity or {k[len("sparsity/"):]: v for k, v in train_metrics.items()
                                                if k.startswith("sparsity/")})
   return TrainResult(state=state, train_metrics=train_metrics, eval_metrics=eval_metrics,
-                     sparsity=eval_sparsity, preempted=preempted)
+                     sparsity=eval_sparsity, preempted=preempted, log=train_log)
 
 
 class _nullcontext:

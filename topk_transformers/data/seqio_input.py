@@ -19,6 +19,8 @@ from typing import Mapping, Optional
 import seqio
 import tensorflow as tf
 
+from topk_transformers.data import tasks
+
 
 def pad_batch(batch: Mapping[str, tf.Tensor], batch_size: int) -> dict:
   """Zero-pads every feature of a (possibly short) batch to ``batch_size`` rows."""
@@ -65,7 +67,7 @@ class SeqioDataset:
 
   def get_dataset(self, split: str, batch_size: int, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
                   shuffle: bool = True, repeat: bool = True) -> tf.data.Dataset:
-    task = seqio.get_mixture_or_task(self.mixture_or_task_name)
+    task = tasks.get_task(self.mixture_or_task_name)
     if split not in task.splits:
       raise ValueError(f"{self.mixture_or_task_name!r} has no split {split!r}; it has {sorted(task.splits)}")
     ds = task.get_dataset(
@@ -82,3 +84,8 @@ class SeqioDataset:
     if repeat:
       return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return ds.batch(batch_size).map(lambda b: pad_batch(b, batch_size)).prefetch(tf.data.AUTOTUNE)
+
+
+def task_vocabulary(mixture_or_task_name: str, feature: str = "targets") -> seqio.Vocabulary:
+  """The vocabulary of a Task's feature, so a gin MODEL can share its Task's (e.g. trained) vocabulary."""
+  return tasks.get_task(mixture_or_task_name).output_features[feature].vocabulary
