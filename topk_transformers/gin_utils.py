@@ -102,8 +102,34 @@ def one_line(exc: BaseException) -> str:
     return f"{exc.msg}{where}" + (f": {snippet!r}" if snippet else "")
   if isinstance(exc, KeyError) and exc.args:
     text = str(exc.args[0])
+  if len(exc.args) == 2 and isinstance(exc.args[0], str) and isinstance(exc.args[1], tuple) and exc.args[1]:
+    text = f"{exc.args[0]} (line {exc.args[1][0]})"  # tokenize errors: (message, (line, column))
   first = text.splitlines()[0].strip() if text else type(exc).__name__
   return first
+
+
+def _install_search_paths() -> None:
+  """Puts :func:`search_paths` ahead of gin's own lookups (``include`` lines use them)."""
+  # pylint: disable=protected-access
+  prefixes = gin.config._LOCATION_PREFIXES
+  ours = search_paths()
+  prefixes[:] = ours + [p for p in prefixes if p not in ours]
+  # gin's second reader treats 'configs/t5/x.gin' as a Python package path; for a
+  # directory without __init__.py (a namespace package) it raises TypeError instead
+  # of answering "no such file". Make that check answer False so lookups go on.
+  # It is also skipped for absolute paths (ours), where it only logs "Path not found".
+  readers = gin.config._FILE_READERS
+  for i, (reader, exists) in enumerate(readers):
+    if exists is not os.path.isfile and not getattr(exists, "_topk_safe", False):
+      def safe_exists(path, _exists=exists):
+        if os.path.isabs(path):
+          return False
+        try:
+          return _exists(path)
+        except Exception:  # pylint: disable=broad-except
+          return False
+      safe_exists._topk_safe = True
+      readers[i] = (reader, safe_exists)
 
 
 def configure(gin_files: Sequence[str], bindings: Sequence[str] = (), finalize: bool = False) -> None:
@@ -113,9 +139,7 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str] = (), finalize: 
     ConfigError: one line naming the missing file, unknown configurable or bad binding.
   """
   gin.clear_config()
-  for root in search_paths():
-    if root not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
-      gin.add_config_file_search_path(root)
+  _install_search_paths()
   resolved = [resolve_gin_file(f) for f in gin_files]
   try:
     # Bindings are parsed one by one so an error names the binding at fault.

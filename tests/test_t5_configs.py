@@ -1,0 +1,192 @@
+"""T5 gin configs: published shapes and parameter counts, gin flag handling, one-line errors, model_info."""
+
+import importlib.util
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from topk_transformers import gin_utils
+from topk_transformers.t5 import network
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Published T5 shapes (Raffel et al. 2020; T5 v1.1 release notes) and their parameter counts with the
+# 32128-row embedding: v1.0 ties the output layer to the embedding, v1.1 has a separate logits_dense.
+# (emb_dim, num_heads, encoder layers, decoder layers, head_dim, mlp_dim) -> parameters.
+PUBLISHED = {
+    "t5_1_0/small": ((512, 8, 6, 6, 64, 2048), 60_506_624),
+    "t5_1_0/base": ((768, 12, 12, 12, 64, 3072), 222_903_552),
+    "t5_1_0/large": ((1024, 16, 24, 24, 64, 4096), 737_668_096),
+    "t5_1_0/3B": ((1024, 32, 24, 24, 128, 16384), 2_851_598_336),
+    "t5_1_0/11B": ((1024, 128, 24, 24, 128, 65536), 11_307_321_344),
+    "t5_1_1/small": ((512, 6, 8, 8, 64, 1024), 76_961_152),
+    "t5_1_1/base": ((768, 12, 12, 12, 64, 2048), 247_577_856),
+    "t5_1_1/large": ((1024, 16, 24, 24, 64, 2816), 783_150_080),
+    "t5_1_1/xl": ((2048, 32, 24, 24, 64, 5120), 2_849_757_184),
+    "t5_1_1/xxl": ((4096, 64, 24, 24, 64, 10240), 11_135_332_352),
+}
+TINY = {"t5_1_0/tiny": (64, 2, 2, 2, 32, 256), "t5_1_1/tiny": (64, 2, 2, 2, 32, 256)}
+ALL_FILES = sorted(PUBLISHED) + sorted(TINY)
+
+
+def gin_path(name):
+  return f"configs/t5/{name}.gin"
+
+
+def build(files, bindings=()):
+  gin_utils.configure([gin_path(f) if not f.endswith(".gin") else f for f in files], list(bindings))
+  return gin_utils.get_macro("MODEL")
+
+
+def count_formula(cfg: network.T5Config) -> int:
+  """T5's parameter count from its shapes (T5X layout, one relative-position table per stack)."""
+  d, joined, ff, wi = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim, len(cfg.mlp_activations)
+  attention = 4 * d * joined
+  mlp = wi * d * ff + ff * d
+  relpos = cfg.num_heads * 32
+  encoder = cfg.num_encoder_layers * (attention + mlp + 2 * d) + d + relpos
+  decoder = cfg.num_decoder_layers * (2 * attention + mlp + 3 * d) + d + relpos
+  logits = 0 if cfg.logits_via_embedding else d * cfg.vocab_size
+  return cfg.vocab_size * d + encoder + decoder + logits
+
+
+def eval_shape_count(module) -> int:
+  tokens = jnp.ones((1, 1), jnp.int32)
+  params = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False))
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.unbox(params["params"])))
+
+
+@pytest.mark.parametrize("name", ALL_FILES)
+def test_every_config_parses_builds_and_has_the_published_shape(name):
+  model = build([name])
+  cfg = model.module.config
+  assert isinstance(model.module, network.Transformer)
+  shape = (cfg.emb_dim, cfg.num_heads, cfg.num_encoder_layers, cfg.num_decoder_layers, cfg.head_dim, cfg.mlp_dim)
+  v11 = name.startswith("t5_1_1")
+  assert cfg.vocab_size == 32128
+  assert cfg.mlp_activations == (("gelu", "linear") if v11 else ("relu",))
+  assert cfg.logits_via_embedding is (not v11)
+  assert cfg.top_k is None and cfg.top_k_method == "exact"
+  assert model.z_loss == 1e-4
+  for vocab in (model.input_vocabulary, model.output_vocabulary):  # lazily loaded: nothing read from GCS here
+    assert vocab.sentencepiece_model_file == "gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model"
+    assert vocab.extra_ids == 0  # the "100extra" model already holds the sentinels
+  if name in TINY:
+    assert shape == TINY[name] and cfg.dtype == jnp.float32
+  else:
+    assert shape == PUBLISHED[name][0]
+    assert count_formula(cfg) == PUBLISHED[name][1]
+
+
+@pytest.mark.parametrize("name", ["t5_1_0/tiny", "t5_1_1/tiny", "t5_1_0/small", "t5_1_1/small", "t5_1_0/base"])
+def test_network_parameter_count_by_eval_shape(name):
+  module = build([name]).module
+  got = eval_shape_count(module)
+  assert got == count_formula(module.config)  # the formula used for every size matches the network
+  if name in PUBLISHED:
+    assert got == PUBLISHED[name][1]
+
+
+@pytest.mark.slow
+def test_every_published_size_by_eval_shape():
+  for name, (_, published) in PUBLISHED.items():
+    assert eval_shape_count(build([name]).module) == published, name
+
+
+def test_topk_layer_sets_k_and_method():
+  cfg = build(["t5_1_0/base", "topk"]).module.config
+  assert cfg.top_k == 128 and cfg.top_k_method == "exact"
+  cfg = build(["t5_1_1/xl", "topk"], ["TOP_K_METHOD = 'approx'", "TOP_K = 64"]).module.config
+  assert (cfg.top_k, cfg.top_k_method, cfg.mlp_dim) == (64, "approx", 5120)
+  # Macros let a run shrink the tiny model's vocabulary.
+  assert build(["t5_1_0/tiny"], ["NUM_EMBEDDINGS = 512"]).module.config.vocab_size == 512
+
+
+def test_parse_gin_flags():
+  argv = ["--gin_file=a.gin,b.gin", "--gin_file", "c.gin", "--gin.MODEL_DIR='/tmp/x'",
+          "--gin_bindings", "TOP_K = 3", "--gin_bindings=X = 1", "--json", "out.json", "pos"]
+  files, bindings, rest = gin_utils.parse_gin_flags(argv)
+  assert files == ["a.gin", "b.gin", "c.gin"]
+  assert bindings == ["MODEL_DIR = '/tmp/x'", "TOP_K = 3", "X = 1"]
+  assert rest == ["--json", "out.json", "pos"]
+  with pytest.raises(gin_utils.ConfigError):
+    gin_utils.parse_gin_flags(["--gin.TOP_K"])
+
+
+def test_gin_files_resolve_from_the_repo_root_when_elsewhere(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert build(["t5_1_0/tiny"]).module.config.emb_dim == 64
+  assert gin_utils.get_macro("MODEL_DIR", default=None) is None
+
+
+def assert_one_line_error(files, bindings, *needles):
+  with pytest.raises(gin_utils.ConfigError) as info:
+    build(files, bindings)
+  msg = str(info.value)
+  assert "\n" not in msg, msg
+  for needle in needles:
+    assert needle in msg, msg
+  return msg
+
+
+@pytest.mark.parametrize("bad, shown", [("0", "0"), ("-1", "-1"), ("2.5", "2.5")])
+def test_bad_top_k_is_a_one_line_error(bad, shown):
+  msg = assert_one_line_error(["t5_1_0/tiny"], [f"TOP_K = {bad}"], "top_k", shown)
+  assert "positive integer" in msg
+
+
+def test_config_mistakes_are_one_line_errors(tmp_path):
+  assert_one_line_error(["t5_1_0/tiny"], ["network.T5Confg.emb_dim = 3"], "network.T5Confg")
+  assert_one_line_error(["t5_1_0/tiny"], ["network.T5Config.emb_dimm = 3"], "emb_dimm")
+  assert_one_line_error(["t5_1_0/tiny"], ["TOP_K = = 3"], "TOP_K = = 3")
+  assert_one_line_error(["t5_1_0/tiny"], ["TOP_K = %NOT_A_MACRO"], "NOT_A_MACRO")
+  assert_one_line_error(["t5_1_0/nope"], [], "configs/t5/t5_1_0/nope.gin", "not found")
+  broken = tmp_path / "broken.gin"
+  broken.write_text("include 'configs/t5/t5_1_0/tiny.gin'\nnetwork.T5Config.emb_dim = (\n")
+  assert_one_line_error([str(broken)], [], "broken.gin")
+  unknown = tmp_path / "unknown.gin"
+  unknown.write_text("include 'configs/t5/t5_1_0/tiny.gin'\nnetwork.NoSuchThing.x = 1\n")
+  assert_one_line_error([str(unknown)], [], "NoSuchThing")
+
+
+def load_model_info():
+  spec = importlib.util.spec_from_file_location("model_info", os.path.join(REPO, "scripts", "model_info.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_model_info_reports_counts_shapes_and_flops(tmp_path, capsys):
+  out = tmp_path / "info.json"
+  info = load_model_info().main(["--gin_file=configs/t5/t5_1_1/tiny.gin", "--gin_file=configs/t5/topk.gin",
+                                 "--gin.TOP_K=16", f"--json={out}"])
+  printed = capsys.readouterr().out
+  saved = json.loads(out.read_text())
+  cfg = build(["t5_1_1/tiny"]).module.config
+  assert saved["param_count"] == info["param_count"] == count_formula(cfg)
+  assert sum(p["count"] for p in saved["params"]) == saved["param_count"]
+  rows = {p["name"]: p for p in saved["params"]}
+  assert rows["encoder/layers_1/mlp/wi_0/kernel"]["shape"] == [64, 256]
+  assert rows["encoder/layers_1/mlp/wi_0/kernel"]["axes"] == ["embed", "mlp"]
+  assert rows["decoder/logits_dense/kernel"]["axes"] == ["embed", "vocab"]
+  d, ff, k = 64, 256, 16
+  flops = saved["mlp_flops_per_token"]
+  assert flops["k"] == k and flops["k_source"] == "config"
+  assert flops["per_layer"] == {"dense": 2 * d * ff * 2 + 2 * ff * d, "topk": 2 * d * ff * 2 + 2 * k * d,
+                                "wo_dense": 2 * ff * d, "wo_topk": 2 * k * d}
+  assert flops["per_token"]["decoder"]["topk"] == 2 * flops["per_layer"]["topk"]
+  assert f"{saved['param_count']:,} parameters" in printed
+  assert "decoder/layers_0/self_attention/query/kernel" in printed and "(embed, joined_kv)" in printed
+
+
+def test_model_info_bad_k_exits_2_with_one_error_line(capsys):
+  with pytest.raises(SystemExit) as info:
+    load_model_info().main(["--gin_file=configs/t5/t5_1_0/11B.gin", "--gin.TOP_K=0"])
+  assert info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and "got 0" in err[0]
