@@ -1,0 +1,223 @@
+"""Sparsity reports: the numbers equal a direct count, the trainer's logs read back, the files are written."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow as tf
+
+from topk_transformers import checkpoints, layers, sparsity_report, train
+from topk_transformers.t5 import model as t5_model
+from topk_transformers.t5 import network
+from toy import ToyDataset, ToyModel
+
+SEED = 3
+BATCH = 32
+
+
+def _train_toy(model_dir, steps):
+  return train.train(model=ToyModel(), dataset=ToyDataset(), model_dir=str(model_dir), train_steps=steps,
+                     batch_size=BATCH, optimizer=optax.adam, learning_rate=lambda s: 3e-2, eval_period=3,
+                     eval_steps=2, log_period=2, checkpoint_period=3, keep_checkpoints=None, seed=SEED)
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+  """A 6-step toy run: train sparsity logged at steps 2, 4, 6; eval (2 batches) and checkpoints at 3 and 6."""
+  model_dir = tmp_path_factory.mktemp("toy_run")
+  return str(model_dir), _train_toy(model_dir, 6)
+
+
+@pytest.fixture(scope="module")
+def runs(toy_run):
+  """The toy model at init and after training (one compiled eval step for both)."""
+  init = sparsity_report.load_run("init", BATCH, seed=SEED, model=ToyModel(), dataset=ToyDataset())
+  return {"init": init, "trained": sparsity_report.with_params(init, toy_run[0])}
+
+
+def _direct_toy_counts(params, eval_steps):
+  """relu(x @ embed @ wi) counted from the params, batch by batch: (per-neuron fire counts, tokens)."""
+  ds = ToyDataset().get_dataset("validation", BATCH, shuffle=False, repeat=False)
+  fires, tokens = 0, 0
+  for i, batch in enumerate(ds.as_numpy_iterator()):
+    if i >= eval_steps:
+      break
+    h = jnp.dot(jnp.asarray(batch["x"]), params["embed"]["kernel"])
+    a = jnp.maximum(jnp.dot(h, params["mlp"]["wi"]["kernel"]), 0.0)
+    fires = fires + np.asarray(a != 0, np.int64).sum(0)
+    tokens += len(batch["x"])
+  return fires, tokens
+
+
+@pytest.mark.parametrize("source", ["init", "trained"])
+def test_toy_measurement_equals_direct_count(runs, source):
+  run = runs[source]
+  assert run.step == (0 if source == "init" else 6)
+  m = sparsity_report.measure(run, "validation", eval_steps=3)
+  fires, tokens = _direct_toy_counts(run.params, 3)
+  assert m.token_count == {"mlp": float(tokens)} and tokens == 3 * BATCH
+  np.testing.assert_array_equal(np.round(m.firing_frequency["mlp"] * tokens), fires)
+  width = fires.size
+  assert m.percent_nonzero["mlp"] == pytest.approx(100.0 * fires.sum() / (tokens * width), rel=1e-12)
+  assert 0.0 < m.percent_nonzero["mlp"] < 100.0  # a count that could be wrong either way
+
+
+def test_histogram_sums_to_neurons_and_fire_counts_to_nonzero_count(runs):
+  m = sparsity_report.measure(runs["trained"], "validation", eval_steps=3)
+  freq, tokens = m.firing_frequency["mlp"], m.token_count["mlp"]
+  summary = m.summary(bins=10)["firing"]["mlp"]
+  assert sum(summary["histogram"]) == freq.size == 64
+  # Every neuron's fire count is a whole number of the counted tokens, and they add up to the nonzeros.
+  fire_counts = freq * tokens
+  np.testing.assert_allclose(fire_counts, np.round(fire_counts), atol=1e-9)
+  assert fire_counts.sum() == pytest.approx(m.percent_nonzero["mlp"] / 100.0 * tokens * freq.size, rel=1e-12)
+  assert summary["mean"] == pytest.approx(m.percent_nonzero["mlp"] / 100.0, rel=1e-12)
+  counts, edges = sparsity_report.firing_histogram(np.array([0.0, 0.05, 0.5, 0.999, 1.0]), bins=4)
+  assert counts.tolist() == [2, 0, 1, 2] and edges.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_init_is_the_trainers_step_zero(runs, tmp_path):
+  _train_toy(tmp_path, 0)  # writes only the step-0 checkpoint
+  init = runs["init"].params
+  saved, step = checkpoints.restore_params(str(tmp_path), init, runs["init"].params_shardings)
+  assert step == 0
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(saved), jax.device_get(init))
+  other = sparsity_report.init_params(ToyModel(), runs["init"].input_shapes, SEED + 1)
+  assert not np.array_equal(other["mlp"]["wi"]["kernel"], saved["mlp"]["wi"]["kernel"])
+
+
+def test_event_curves_are_the_trainers_logged_values(toy_run, runs):
+  model_dir, result = toy_run
+  curves = sparsity_report.read_event_sparsity(model_dir)
+  steps, values = curves["train"]["mlp"]
+  assert steps == [2, 4, 6]
+  np.testing.assert_allclose(values, [metrics["sparsity/mlp"] for _, metrics in result.log], rtol=1e-6)
+  eval_steps, eval_values = curves["eval"]["mlp"]
+  assert eval_steps == [3, 6]
+  assert eval_values[-1] == pytest.approx(result.sparsity["mlp"], rel=1e-6)
+  # The trainer's eval (2 batches of the eval split) is what measure() computes on the final params.
+  m = sparsity_report.measure(runs["trained"], "validation", eval_steps=2)
+  assert m.percent_nonzero["mlp"] == pytest.approx(eval_values[-1], rel=1e-6)
+
+
+def test_checkpoint_curves_remeasure_init_and_every_saved_step(toy_run, runs):
+  model_dir, _ = toy_run
+  curves = sparsity_report.checkpoint_sparsity(model_dir, "validation", 2, BATCH, seed=SEED, model=ToyModel(),
+                                               dataset=ToyDataset())
+  steps, values = curves["validation"]["mlp"]
+  assert steps == [0, 3, 6]
+  _, logged = sparsity_report.read_event_sparsity(model_dir)["eval"]["mlp"]
+  np.testing.assert_allclose(values[1:], logged, rtol=1e-6)
+  init = sparsity_report.measure(runs["init"], "validation", eval_steps=2)
+  assert values[0] == pytest.approx(init.percent_nonzero["mlp"], rel=1e-12)
+
+
+def test_event_reader_keeps_a_restarted_runs_later_value(tmp_path):
+  from clu import metric_writers
+
+  for i, value in enumerate((10.0, 20.0)):  # a restart rewrites step 5
+    writer = metric_writers.create_default_writer(str(tmp_path), asynchronous=False)
+    writer.write_scalars(5 + 5 * i, {"train/sparsity/decoder/layers_10": value, "train/loss": 1.0})
+    writer.write_scalars(5, {"train/sparsity/decoder/layers_10": value + 1, "eval/sparsity/encoder/layers_2": 7.0})
+    writer.close()
+    if i == 0:
+      import time
+      time.sleep(1.1)  # event file names carry the second they were opened
+  curves = sparsity_report.read_event_sparsity(str(tmp_path))
+  assert curves["train"] == {"decoder/layers_10": ([5, 10], [21.0, 20.0])}
+  assert curves["eval"] == {"encoder/layers_2": ([5], [7.0])}
+  with pytest.raises(ValueError, match="not a directory"):
+    sparsity_report.read_event_sparsity(str(tmp_path / "missing"))
+
+
+# ---------------------------------------------------------------------------
+# T5: encoder and decoder apart, padding excluded, counted by hand.
+# ---------------------------------------------------------------------------
+
+VOCAB = 40
+
+
+class PaddedT5Data:
+  """Three fixed batches of 2 with encoder and target padding."""
+
+  train_split = eval_split = "validation"
+
+  def get_dataset(self, split, batch_size, shard_id=0, num_shards=1, seed=0, shuffle=True, repeat=True):
+    rng = np.random.RandomState(7)
+    n, enc_len, dec_len = 3 * batch_size, 10, 6
+    enc = rng.randint(1, VOCAB, (n, enc_len)).astype(np.int32)
+    tgt = rng.randint(1, VOCAB, (n, dec_len)).astype(np.int32)
+    for i in range(n):  # every other example is padded, by a different amount
+      if i % 2:
+        enc[i, enc_len - i % 7 - 1:] = 0
+        tgt[i, dec_len - i % 4 - 1:] = 0
+    dec_in = np.concatenate([np.zeros((n, 1), np.int32), tgt[:, :-1]], 1)
+    ds = tf.data.Dataset.from_tensor_slices(dict(encoder_input_tokens=enc, decoder_input_tokens=dec_in,
+                                                 decoder_target_tokens=tgt))
+    return ds.batch(batch_size)
+
+
+def _tiny_t5():
+  cfg = network.T5Config(vocab_size=VOCAB, emb_dim=16, num_heads=2, head_dim=8, num_encoder_layers=1,
+                         num_decoder_layers=2, mlp_dim=24, dropout_rate=0.0, logits_via_embedding=True)
+  return t5_model.EncoderDecoderModel(network.Transformer(cfg), z_loss=0.0)
+
+
+def test_t5_measurement_equals_hand_count_per_stack_without_padding():
+  model = _tiny_t5()
+  run = sparsity_report.load_run("init", 2, seed=0, model=model, dataset=PaddedT5Data())
+  m = sparsity_report.measure(run, "validation", eval_steps=2)
+  assert list(m.percent_nonzero) == ["encoder/layers_0", "decoder/layers_0", "decoder/layers_1"]
+  fires, tokens = {}, {}
+  is_mlp_input = lambda mdl, name: isinstance(mdl, layers.LayerNorm) and mdl.name == "pre_mlp_layer_norm"
+
+  @jax.jit
+  def mlp_inputs(params, batch):  # the inputs of every MLP, captured from the pre-MLP layer norms
+    _, state = model.module.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                                  batch["decoder_target_tokens"], enable_dropout=False,
+                                  capture_intermediates=is_mlp_input, mutable=["intermediates"])
+    return state["intermediates"]
+
+  for batch in list(PaddedT5Data().get_dataset("validation", 2).as_numpy_iterator())[:2]:
+    captured = mlp_inputs(run.params, batch)
+    for stack, real in (("encoder", batch["encoder_input_tokens"] > 0), ("decoder", batch["decoder_target_tokens"] > 0)):
+      for name, sub in captured[stack].items():
+        y = sub["pre_mlp_layer_norm"]["__call__"][0]
+        a = jnp.maximum(jnp.dot(y, run.params[stack][name]["mlp"]["wi"]["kernel"]), 0.0)
+        fired = np.asarray(a != 0, np.int64)[real]  # real tokens only
+        key = f"{stack}/{name}"
+        fires[key] = fires.get(key, 0) + fired.sum(0)
+        tokens[key] = tokens.get(key, 0) + int(real.sum())
+  for key in m.percent_nonzero:
+    assert m.token_count[key] == tokens[key]
+    np.testing.assert_array_equal(np.round(m.firing_frequency[key] * tokens[key]), fires[key])
+    assert m.percent_nonzero[key] == pytest.approx(100.0 * fires[key].sum() / (tokens[key] * 24), rel=1e-12)
+  assert tokens["encoder/layers_0"] < 2 * 2 * 10 and tokens["decoder/layers_0"] < 2 * 2 * 6  # padding was there
+  assert m.metrics["loss"] > 0
+  means = sparsity_report.stack_means(m.percent_nonzero)
+  assert means["decoder"] == pytest.approx(np.mean([m.percent_nonzero[f"decoder/layers_{i}"] for i in range(2)]))
+  assert 25.0 < means["all"] < 75.0  # random ReLU features fire about half the time at init
+
+
+def test_write_report_json_and_pngs(toy_run, runs, tmp_path):
+  model_dir, _ = toy_run
+  init = sparsity_report.measure(runs["init"], "validation", eval_steps=2)
+  trained = sparsity_report.measure(runs["trained"], "validation", eval_steps=2)
+  curves = sparsity_report.read_event_sparsity(model_dir)
+  report = sparsity_report.write_report([init, trained], str(tmp_path), curves, title="toy")
+  with open(tmp_path / "report.json") as f:
+    saved = json.load(f)
+  assert saved == json.loads(json.dumps(report))
+  assert [r["label"] for r in saved["measurements"]] == ["init", "step 6"]
+  assert saved["measurements"][1]["percent_nonzero"]["mlp"] == pytest.approx(trained.percent_nonzero["mlp"])
+  assert len(saved["neuron_firing_frequency"][1]["layers"]["mlp"]) == 64
+  assert saved["over_steps"]["train"]["mlp"]["steps"] == [2, 4, 6]
+  assert set(saved["figures"]) == {"per_layer", "firing_init_validation", "firing_step_6_validation", "over_steps"}
+  for name in saved["figures"].values():
+    with open(tmp_path / name, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  table = sparsity_report.format_report([init, trained])
+  assert "init/validation" in table and f"{trained.percent_nonzero['mlp']:.3f}" in table
