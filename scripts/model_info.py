@@ -31,6 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from topk_transformers import gin_utils  # noqa: E402
 from topk_transformers.t5 import network as t5_network  # noqa: E402
+from topk_transformers.vit import network as vit_network  # noqa: E402
 
 DEFAULT_REPORT_K = 128  # configs/t5/topk.gin's k, used when the config has no top_k
 
@@ -39,13 +40,16 @@ def abstract_params(module: nn.Module) -> Any:
   """The boxed parameter tree of ``module`` as ``ShapeDtypeStruct``s (no memory used)."""
   if isinstance(module, t5_network.Transformer):
     tokens = jnp.ones((1, 1), jnp.int32)
-    args = (tokens, tokens, tokens)
+    args, kwargs = (tokens, tokens, tokens), {"enable_dropout": False}
+  elif isinstance(module, vit_network.ViT):
+    size = module.image_size or 224
+    args, kwargs = (jnp.ones((1, size, size, 3), jnp.float32),), {"train": False}
   else:
     raise gin_utils.ConfigError(f"model_info does not know how to initialise {type(module).__name__}")
 
   def init():
     rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
-    return module.init(rngs, *args, enable_dropout=False)
+    return module.init(rngs, *args, **kwargs)
 
   return jax.eval_shape(init)["params"]
 
@@ -65,19 +69,30 @@ def param_rows(params: Any) -> List[Dict[str, Any]]:
   return rows
 
 
-def mlp_flops(config: t5_network.T5Config, k: Optional[int] = None) -> Dict[str, Any]:
+def mlp_shape(module: nn.Module) -> Dict[str, Any]:
+  """``d_model``, ``d_ff``, wi branches, configured k and layers per stack, for T5 or ViT."""
+  if isinstance(module, vit_network.ViT):
+    v = module.shape
+    return dict(d=v["width"], ff=v["mlp_dim"], n_wi=1, top_k=module.top_k, stacks={"encoder": v["depth"]})
+  c = module.config
+  return dict(d=c.emb_dim, ff=c.mlp_dim, n_wi=len(c.mlp_activations), top_k=c.top_k,
+              stacks={"encoder": c.num_encoder_layers, "decoder": c.num_decoder_layers})
+
+
+def mlp_flops(module: nn.Module, k: Optional[int] = None) -> Dict[str, Any]:
   """MLP FLOPs per token, dense vs Top-k (see the module docstring for what is counted)."""
-  d, ff, n_wi = config.emb_dim, config.mlp_dim, len(config.mlp_activations)
+  shape = mlp_shape(module)
+  d, ff, n_wi = shape["d"], shape["ff"], shape["n_wi"]
   k_source = "config"
   if k is None:
-    k, k_source = config.top_k, "config"
+    k, k_source = shape["top_k"], "config"
   if k is None:
     k, k_source = DEFAULT_REPORT_K, "default (config has no top_k)"
   k_eff = min(int(k), ff)
   dense = 2 * d * ff * n_wi + 2 * ff * d
   sparse = 2 * d * ff * n_wi + 2 * k_eff * d
   per_stack = {}
-  for stack, n_layers in (("encoder", config.num_encoder_layers), ("decoder", config.num_decoder_layers)):
+  for stack, n_layers in shape["stacks"].items():
     per_stack[stack] = {"layers": n_layers, "dense": dense * n_layers, "topk": sparse * n_layers}
   return {
       "k": int(k), "k_source": k_source, "k_effective": k_eff, "d_model": d, "d_ff": ff, "wi_branches": n_wi,
@@ -93,16 +108,21 @@ def model_info(model: Any, k: Optional[int] = None) -> Dict[str, Any]:
   """Everything ``main`` prints, as a JSON-able dict."""
   module = getattr(model, "module", model)
   rows = param_rows(abstract_params(module))
-  config = module.config
-  cfg = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-  cfg["dtype"] = str(cfg["dtype"])
-  cfg["mlp_activations"] = list(cfg["mlp_activations"])
+  if isinstance(module, vit_network.ViT):
+    cfg = {name: getattr(module, name) for name in ("variant", "num_classes", "top_k", "top_k_method",
+                                                     "mlp_activation", "pool_type", "representation_size")}
+    cfg.update(module.shape)
+  else:
+    config = module.config
+    cfg = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    cfg["dtype"] = str(cfg["dtype"])
+    cfg["mlp_activations"] = list(cfg["mlp_activations"])
   return {
       "model": type(module).__name__,
       "config": cfg,
       "param_count": sum(r["count"] for r in rows),
       "params": rows,
-      "mlp_flops_per_token": mlp_flops(config, k),
+      "mlp_flops_per_token": mlp_flops(module, k),
   }
 
 
@@ -110,7 +130,7 @@ def format_report(info: Dict[str, Any]) -> str:
   lines = [f"{info['model']}: {info['param_count']:,} parameters"]
   width = max(len(r["name"]) for r in info["params"])
   for r in info["params"]:
-    axes = "(" + ", ".join(r["axes"]) + ")" if r["axes"] is not None else "-"
+    axes = "(" + ", ".join(str(a) for a in r["axes"]) + ")" if r["axes"] is not None else "-"
     lines.append(f"  {r['name']:<{width}}  {str(tuple(r['shape'])):<16} {axes:<28} {r['count']:>14,}")
   f = info["mlp_flops_per_token"]
   lines.append(f"MLP FLOPs per token (d={f['d_model']}, d_ff={f['d_ff']}, {f['wi_branches']} wi branch(es), "

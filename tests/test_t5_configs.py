@@ -190,3 +190,13 @@ def test_model_info_bad_k_exits_2_with_one_error_line(capsys):
   assert info.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and "got 0" in err[0]
+
+
+def test_model_info_knows_vit_too(tmp_path):
+  out = tmp_path / "vit.json"
+  info = load_model_info().main(["--gin_file=configs/vit/b16.gin", "--gin_file=configs/vit/topk.gin",
+                                 "--json", str(out)])
+  assert info["param_count"] == 86_567_656  # ViT-B/16, published
+  flops = json.loads(out.read_text())["mlp_flops_per_token"]
+  assert flops["k"] == 256 and flops["per_token"] == {
+      "encoder": {"layers": 12, "dense": 12 * 4 * 768 * 3072, "topk": 12 * (2 * 768 * 3072 + 2 * 256 * 768)}}
