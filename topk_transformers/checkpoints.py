@@ -61,7 +61,7 @@ class CheckpointManager:
     self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
     if data_iterator is not None:
       self._save_iterator(step, data_iterator)
-    self._prune_data()
+    self._prune_data(keep_also=step)
 
   def _iterator_prefix(self, step: int) -> str:
     return os.path.join(self._data_dir, str(step), f"process_{jax.process_index()}")
@@ -77,11 +77,11 @@ class CheckpointManager:
       with tf.io.gfile.GFile(prefix + ".skip.json", "w") as f:
         json.dump({"batches_consumed": step}, f)
 
-  def _prune_data(self) -> None:
+  def _prune_data(self, keep_also: int) -> None:
+    """Drops iterator states of steps orbax no longer keeps (without waiting for an async save)."""
     if not tf.io.gfile.exists(self._data_dir):
       return
-    self._mngr.wait_until_finished()
-    kept = {str(s) for s in self._mngr.all_steps()}
+    kept = {str(s) for s in self._mngr.all_steps()} | {str(keep_also)}
     for name in tf.io.gfile.listdir(self._data_dir):
       name = name.rstrip("/")
       if name not in kept:
