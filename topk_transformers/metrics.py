@@ -41,6 +41,7 @@ class MetricLogger:
     self._last_time = self._t0
     self._last_step = start_step
     self._start_step = start_step
+    self._first_log = True
 
   def log_train(self, step: int, metrics: Mapping[str, float]) -> Dict[str, float]:
     now = time.time()
@@ -54,8 +55,14 @@ class MetricLogger:
     out["steps_per_second"] = steps / dt
     self.writer.write_scalars(step, {f"train/{k}": v for k, v in out.items()})
     self.writer.flush()
-    rate = (step - self._start_step) / max(now - self._t0, 1e-9)
-    eta = (self.total_steps - step) / max(rate, 1e-9)
+    if self._first_log:
+      # The first logged step includes compilation: time the ETA from here on.
+      self._first_log = False
+      self._t0, self._start_step = now, step
+      eta = None
+    else:
+      rate = (step - self._start_step) / max(now - self._t0, 1e-9)
+      eta = (self.total_steps - step) / max(rate, 1e-9)
     parts = [f"step {step}/{self.total_steps}", f"loss {out.get('loss', float('nan')):.4f}"]
     if "accuracy" in out:
       parts.append(f"acc {out['accuracy']:.3f}")
@@ -70,7 +77,7 @@ class MetricLogger:
     sp = _summarise_sparsity(out)
     if sp:
       parts.append(f"nonzero {sp}")
-    parts.append(f"ETA {_fmt_duration(eta)}")
+    parts.append(f"ETA {_fmt_duration(eta)}" if eta is not None else "ETA (compiling)")
     print(" | ".join(parts), flush=True)
     self._last_time, self._last_step = now, step
     return out

@@ -309,7 +309,8 @@ def train(
       step += 1
       history.append(metrics)
       is_last = step == train_steps
-      if step % log_period == 0 or is_last:
+      # The first step is logged too: it shows where the loss starts.
+      if step % log_period == 0 or is_last or step == start_step + 1:
         check_finite(step)
         train_metrics = _mean_metrics(jax.device_get(history))
         history = []
