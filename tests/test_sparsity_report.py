@@ -26,7 +26,7 @@ def _train_toy(model_dir, steps):
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-  """A 6-step toy run: train sparsity logged at steps 2, 4, 6; eval (2 batches) and checkpoints at 3 and 6."""
+  """A 6-step toy run: train sparsity logged every 2 steps; eval (2 batches) and checkpoints at 3 and 6."""
   model_dir = tmp_path_factory.mktemp("toy_run")
   return str(model_dir), _train_toy(model_dir, 6)
 
@@ -93,7 +93,7 @@ def test_event_curves_are_the_trainers_logged_values(toy_run, runs):
   model_dir, result = toy_run
   curves = sparsity_report.read_event_sparsity(model_dir)
   steps, values = curves["train"]["mlp"]
-  assert steps == [2, 4, 6]
+  assert steps == [step for step, _ in result.log] and {2, 4, 6} <= set(steps)
   np.testing.assert_allclose(values, [metrics["sparsity/mlp"] for _, metrics in result.log], rtol=1e-6)
   eval_steps, eval_values = curves["eval"]["mlp"]
   assert eval_steps == [3, 6]
@@ -214,10 +214,63 @@ def test_write_report_json_and_pngs(toy_run, runs, tmp_path):
   assert [r["label"] for r in saved["measurements"]] == ["init", "step 6"]
   assert saved["measurements"][1]["percent_nonzero"]["mlp"] == pytest.approx(trained.percent_nonzero["mlp"])
   assert len(saved["neuron_firing_frequency"][1]["layers"]["mlp"]) == 64
-  assert saved["over_steps"]["train"]["mlp"]["steps"] == [2, 4, 6]
+  assert saved["over_steps"]["train"]["mlp"]["steps"] == curves["train"]["mlp"][0]
   assert set(saved["figures"]) == {"per_layer", "firing_init_validation", "firing_step_6_validation", "over_steps"}
   for name in saved["figures"].values():
     with open(tmp_path / name, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   table = sparsity_report.format_report([init, trained])
   assert "init/validation" in table and f"{trained.percent_nonzero['mlp']:.3f}" in table
+
+
+# ---------------------------------------------------------------------------
+# The command line and the experiments' random-image data, through gin.
+# ---------------------------------------------------------------------------
+
+def test_random_image_dataset_is_fixed_noise_with_padded_eval():
+  from topk_transformers import experiments
+
+  ds = experiments.RandomImageDataset(num_train=10, num_eval=7, image_size=4, num_classes=3, seed=1)
+  train_batches = list(ds.get_dataset("train", 4, shuffle=False, repeat=False).as_numpy_iterator())
+  again = list(experiments.RandomImageDataset(num_train=10, num_eval=7, image_size=4, num_classes=3, seed=1)
+               .get_dataset("train", 4, shuffle=False, repeat=False).as_numpy_iterator())
+  assert len(train_batches) == 3 and train_batches[0]["image"].shape == (4, 4, 4, 1)
+  np.testing.assert_array_equal(train_batches[0]["image"], again[0]["image"])
+  assert sum(b["weight"].sum() for b in train_batches) == 10  # two padding rows carry weight 0
+  images = np.concatenate([b["image"][b["weight"] > 0] for b in train_batches])
+  assert images.min() >= -1.0 and images.max() <= 1.0 and images.std() > 0.4  # uniform noise, not digits
+  test = next(ds.get_dataset("test", 7, shuffle=False, repeat=False).as_numpy_iterator())
+  assert not np.array_equal(test["image"][:4], train_batches[0]["image"])
+  repeated = next(iter(ds.get_dataset("train", 8, seed=0)))
+  assert repeated["image"].shape == (8, 4, 4, 1)
+  with pytest.raises(ValueError, match="no split 'validation'"):
+    ds.get_dataset("validation", 2)
+  with pytest.raises(ValueError, match="num_train must be a positive integer, got 0"):
+    experiments.RandomImageDataset(num_train=0)
+
+
+def test_cli_init_report_on_random_images_through_gin(tmp_path, capsys):
+  out = tmp_path / "report"
+  report = sparsity_report.main([
+      "--gin_file=configs/experiments/vit_dense.gin", "--gin_file=configs/experiments/vit_random_images.gin",
+      "--checkpoint=init", "--eval_steps=1", "--batch_size=16", f"--out={out}"])
+  assert report["step"] == 0 and report["splits"] == ["train", "test"]
+  assert [(m["label"], m["split"]) for m in report["measurements"]] == [("init", "train"), ("init", "test")]
+  import gin
+  tokens = 16 * (16 + (gin.query_parameter("%POOL") == "token"))  # 16 images x (16 patches [+ class token])
+  for m in report["measurements"]:
+    assert list(m["percent_nonzero"]) == ["Transformer/encoderblock_0", "Transformer/encoderblock_1"]
+    assert m["token_count"]["Transformer/encoderblock_0"] == tokens
+  assert (out / "per_layer.png").exists() and "over_steps" not in report["figures"]
+  assert "% nonzero MLP activations per layer" in capsys.readouterr().out
+
+
+def test_cli_bad_checkpoint_is_one_line_error(tmp_path, capsys):
+  from topk_transformers import gin_utils
+
+  with pytest.raises(SystemExit) as e:
+    gin_utils.exit_on_config_error(sparsity_report.main)([
+        "--gin_file=configs/experiments/vit_dense.gin", f"--checkpoint={tmp_path / 'nothing'}", f"--out={tmp_path}"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: no checkpoint at") and "\n" not in err

@@ -334,6 +334,16 @@ def _pyplot():
   return plt
 
 
+def log_axis(ax) -> None:
+  """A log y-axis labelled 1, 2, 5, 10, 20, 50 (plain numbers, not 5x10^1)."""
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+
+  ax.set_yscale("log")
+  ax.yaxis.set_major_locator(ticker.LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)))
+  ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+  ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def _stacks(layers: Iterable[str]) -> List[str]:
   out: List[str] = []
   for name in layers:
@@ -349,30 +359,37 @@ def _short(layer: str) -> str:
 
 
 def plot_per_layer(series: Mapping[str, Mapping[str, float]], path: str, title: str = "",
-                   log_scale: bool = True) -> str:
+                   log_scale: bool = True, styles: Optional[Mapping[str, Mapping[str, Any]]] = None) -> str:
   """The paper's per-layer view: % nonzero against layer index, one line per series, one panel per stack.
 
-  ``series`` maps a label (e.g. ``'init, train'``, ``'trained, validation'``) to ``{layer: percent}``.
+  ``series`` maps a label (e.g. ``'init, train'``, ``'trained, validation'``) to ``{layer: percent}``;
+  ``styles`` optionally maps a label to matplotlib ``plot`` keywords (color, linestyle, marker).
   """
   plt = _pyplot()
   layers = list(dict.fromkeys(name for values in series.values() for name in values))
   stacks = _stacks(layers)
-  fig, axes = plt.subplots(1, len(stacks), figsize=(4.2 * len(stacks) + 0.8, 3.6), sharey=True, squeeze=False)
+  outside = len(series) > 4  # a long legend goes right of the panels, not over the lines
+  fig, axes = plt.subplots(1, len(stacks), figsize=(4.2 * len(stacks) + 0.8 + 3.2 * outside, 3.6), sharey=True,
+                           squeeze=False)
   markers = "osD^vx*"
   for ax, stack in zip(axes[0], stacks):
     names = [n for n in layers if stack_of(n) == stack]
     x = np.arange(len(names))
     for i, (label, values) in enumerate(series.items()):
       ys = [values.get(n, np.nan) for n in names]
-      ax.plot(x, ys, marker=markers[i % len(markers)], label=label)
+      style = {"marker": markers[i % len(markers)], **dict((styles or {}).get(label, {}))}
+      ax.plot(x, ys, label=label, **style)
     ax.set_xticks(x)
     ax.set_xticklabels([_short(n) for n in names])
     ax.set_xlabel(f"{stack} layer")
     ax.grid(True, which="both", alpha=0.3)
     if log_scale:
-      ax.set_yscale("log")
+      log_axis(ax)
   axes[0][0].set_ylabel("% nonzero MLP activations")
-  axes[0][-1].legend(fontsize="small")
+  if outside:
+    axes[0][-1].legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+  else:
+    axes[0][-1].legend(fontsize="small")
   if title:
     fig.suptitle(title)
   fig.tight_layout()
@@ -416,7 +433,7 @@ def plot_over_steps(curves: Curves, path: str, title: str = "") -> str:
     colors = plt.cm.viridis(np.linspace(0.0, 0.9, max(len(layers), 1)))
     for color, (name, (steps, values)) in zip(colors, layers.items()):
       ax.plot(steps, values, color=color, marker="." if len(steps) < 30 else None, label=f"layer {_short(name)}")
-    ax.set_yscale("log")
+    log_axis(ax)
     ax.set_xlabel("training step")
     ax.set_title(f"{stack} ({kind})")
     ax.grid(True, which="both", alpha=0.3)

@@ -1,0 +1,446 @@
+"""The paper's sparsity experiments at CPU scale (``scripts/run_experiments.py``, ``docs/reproduction.md``).
+
+Four experiments, each a few short training runs configured by gin files in
+``configs/experiments/`` and measured with :mod:`sparsity_report`:
+
+* ``emergence``: a dense ReLU T5 pretrained on the embedded corpus; per-layer % nonzero
+  at init and after training, on training and held-out data, and over training.
+* ``scale``: the same for three model sizes (width and depth grow together).
+* ``random_data``: a dense ReLU ViT on digits, with true labels, random labels and
+  random images (uniform noise pixels with random labels).
+* ``topk``: dense vs Top-k T5 at several k, final losses side by side.
+
+Runs live in ``OUT/runs/<name>``; a run already trained to its step count is reused
+(the trainer resumes a stopped one), so experiments that share a run train it once.
+Every experiment writes ``OUT/<experiment>/<experiment>.json`` and its PNGs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from topk_transformers import sparsity_report as report_lib
+
+
+# ---------------------------------------------------------------------------
+# Random images: the "not the data" control of the paper's Section 3
+# ---------------------------------------------------------------------------
+
+class RandomImageDataset:
+  """Fixed sets of uniform-noise images with uniformly random labels, with ``ImageDataset``'s interface.
+
+  The training split has ``num_train`` images (digits has 1437), the eval split
+  ``num_eval`` others, every pixel drawn i.i.d. uniform in [-1, 1] (the range the
+  real pipelines produce) and every label uniform over ``num_classes``. Nothing in
+  an image says anything about its label, so all a model can do is memorise.
+  """
+
+  def __init__(self, num_train: int = 1437, num_eval: int = 360, image_size: int = 8, channels: int = 1,
+               num_classes: int = 10, seed: int = 0, train_split: str = "train", eval_split: str = "test"):
+    for name in ("num_train", "num_eval", "image_size", "channels", "num_classes"):
+      value = locals()[name]
+      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    self.train_split, self.eval_split = train_split, eval_split
+    self.num_classes = num_classes
+    rng = np.random.RandomState(seed)
+    self._data = {}
+    for split, n in ((train_split, num_train), (eval_split, num_eval)):
+      images = rng.uniform(-1.0, 1.0, (n, image_size, image_size, channels)).astype(np.float32)
+      self._data[split] = (images, rng.randint(0, num_classes, n).astype(np.int32))
+
+  def get_num_classes(self) -> int:
+    return self.num_classes
+
+  def num_examples(self, split: str) -> int:
+    return len(self._split(split)[1])
+
+  def _split(self, split: str):
+    if split not in self._data:
+      raise ValueError(f"RandomImageDataset has no split {split!r}; it has {sorted(self._data)}")
+    return self._data[split]
+
+  def get_dataset(self, split: str, batch_size: int, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
+                  shuffle: bool = True, repeat: bool = True):
+    """Per-host batches ``{"image", "label", "weight"}``; finite iteration pads the last batch with weight 0."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    images, labels = self._split(split)
+    ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels,
+                                             "weight": np.ones(len(labels), np.float32)})
+    ds = ds.shard(num_shards, shard_id)
+    if shuffle:
+      ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+      return ds.repeat().batch(batch_size, drop_remainder=True).prefetch(2)
+    pad = tf.data.Dataset.from_tensors({"image": np.zeros(images.shape[1:], np.float32), "label": np.int32(0),
+                                        "weight": np.float32(0.0)}).repeat(batch_size - 1)
+    return ds.concatenate(pad).batch(batch_size, drop_remainder=True)
+
+
+# ---------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One training run: gin files (in order) and extra bindings."""
+
+  name: str
+  """Directory name under ``OUT/runs`` (runs with the same name are the same run)."""
+  gin_files: Tuple[str, ...]
+  bindings: Tuple[str, ...] = ()
+  label: str = ""
+  """Legend text."""
+
+
+def _configure(spec: RunSpec, model_dir: Optional[str], steps: Optional[int]) -> None:
+  from topk_transformers import gin_utils  # pylint: disable=g-import-not-at-top
+
+  bindings = list(spec.bindings)
+  if model_dir is not None:
+    bindings.append(f"MODEL_DIR = '{model_dir}'")
+  if steps is not None:
+    bindings.append(f"TRAIN_STEPS = {int(steps)}")
+  gin_utils.configure(spec.gin_files, bindings)
+
+
+def _train_steps() -> int:
+  from topk_transformers import gin_utils  # pylint: disable=g-import-not-at-top
+  return int(gin_utils.get_macro("TRAIN_STEPS"))
+
+
+def train_run(spec: RunSpec, root: str, steps: Optional[int] = None) -> Tuple[str, float]:
+  """Trains ``spec`` into ``root/runs/<name>`` unless a checkpoint of its last step is there.
+
+  Returns ``(run_dir, seconds spent training)``.
+  """
+  import gin  # pylint: disable=g-import-not-at-top
+  from topk_transformers import train as train_lib  # pylint: disable=g-import-not-at-top
+
+  run_dir = os.path.join(root, "runs", spec.name)
+  _configure(spec, run_dir, steps)
+  if _train_steps() in report_lib.checkpoint_steps(run_dir):
+    print(f"[{spec.name}] already trained ({run_dir})", flush=True)
+    return run_dir, 0.0
+  print(f"[{spec.name}] training {_train_steps()} steps into {run_dir}", flush=True)
+  os.makedirs(run_dir, exist_ok=True)
+  with open(os.path.join(run_dir, "config.gin"), "w") as f:
+    f.write(gin.config_str())
+  start = time.time()
+  gin.get_configurable(train_lib.train)()
+  return run_dir, time.time() - start
+
+
+def measure_run(spec: RunSpec, run_dir: str, eval_steps: Optional[int], steps: Optional[int] = None,
+                with_init: bool = True) -> Tuple[List[report_lib.Measurement], int]:
+  """Init (optional) and trained measurements of a run on its train and eval splits; also its parameter count."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  _configure(spec, None, steps)
+  trained = report_lib.load_run(run_dir)
+  splits = list(dict.fromkeys([trained.dataset.train_split, trained.dataset.eval_split]))
+  runs = ([report_lib.with_params(trained, report_lib.INIT)] if with_init else []) + [trained]
+  n_params = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(trained.params)))
+  return [report_lib.measure(r, split, eval_steps) for r in runs for split in splits], n_params
+
+
+def _scalar_curve(run_dir: str, tag: str) -> Tuple[List[int], List[float]]:
+  points = report_lib.read_event_scalars(run_dir, tag).get(tag, {})
+  steps = sorted(points)
+  return steps, [points[s] for s in steps]
+
+
+def _mean_curves(curves: report_lib.Curves, kind: str) -> Dict[str, Tuple[List[int], List[float]]]:
+  """Per stack, the mean over layers of a kind's (train / eval) sparsity curves."""
+  out = {}
+  layers = curves.get(kind, {})
+  for stack in dict.fromkeys(report_lib.stack_of(n) for n in layers):
+    members = [c for n, c in layers.items() if report_lib.stack_of(n) == stack]
+    steps = members[0][0]
+    out[stack] = (list(steps), [float(np.mean([m[1][i] for m in members])) for i in range(len(steps))])
+  return out
+
+
+# ---------------------------------------------------------------------------
+# The experiments
+# ---------------------------------------------------------------------------
+
+T5_DENSE = RunSpec("t5_dense", ("configs/experiments/t5_dense.gin",), label="dense ReLU T5")
+_SHORT = ("configs/experiments/t5_dense.gin", "configs/experiments/t5_short.gin")
+T5_SHORT_DENSE = RunSpec("t5_short_dense", _SHORT, label="dense")
+T5_SIZES = (
+    RunSpec("t5_size_small", _SHORT + ("configs/experiments/t5_size_small.gin",), label="small"),
+    dataclasses.replace(T5_SHORT_DENSE, label="medium"),
+    RunSpec("t5_size_large", _SHORT + ("configs/experiments/t5_size_large.gin",), label="large"),
+)
+VIT_RUNS = (
+    RunSpec("vit_digits", ("configs/experiments/vit_dense.gin",), label="digits, true labels"),
+    RunSpec("vit_random_labels", ("configs/experiments/vit_dense.gin", "configs/experiments/vit_random_labels.gin"),
+            label="digits, random labels"),
+    RunSpec("vit_random_images", ("configs/experiments/vit_dense.gin", "configs/experiments/vit_random_images.gin"),
+            label="random images, random labels"),
+)
+TOPK_VALUES = (16, 64, 256)
+
+
+def topk_specs() -> Tuple[RunSpec, ...]:
+  return (T5_SHORT_DENSE,) + tuple(
+      RunSpec(f"t5_short_top{k}", _SHORT, (f"TOP_K = {k}",), label=f"Top-{k}") for k in TOPK_VALUES)
+
+
+def _write_json(path: str, payload: dict) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=1)
+
+
+def _means(m: report_lib.Measurement) -> Dict[str, float]:
+  return {k: round(v, 3) for k, v in report_lib.stack_means(m.percent_nonzero).items()}
+
+
+def emergence(out: str, steps: Optional[int] = None, eval_steps: int = 10) -> dict:
+  """Experiment 1: a dense ReLU T5; init vs trained, train vs held-out, and over training."""
+  spec = T5_DENSE
+  run_dir, seconds = train_run(spec, out, steps)
+  measurements, n_params = measure_run(spec, run_dir, eval_steps, steps)
+  curves = report_lib.read_event_sparsity(run_dir)
+  exp_dir = os.path.join(out, "emergence")
+  report = report_lib.write_report(measurements, exp_dir, curves,
+                                   title="Dense ReLU T5 on the embedded corpus",
+                                   extra={"experiment": "emergence", "run_dir": run_dir, "parameters": n_params,
+                                          "train_seconds": round(seconds, 1), "eval_steps": eval_steps})
+  os.replace(os.path.join(exp_dir, "report.json"), os.path.join(exp_dir, "emergence.json"))
+  print(report_lib.format_report(measurements))
+  return report
+
+
+def scale(out: str, steps: Optional[int] = None, eval_steps: int = 10) -> dict:
+  """Experiment 2: three sizes of dense ReLU T5, same data and steps; larger should be sparser."""
+  results = []
+  for spec in T5_SIZES:
+    run_dir, seconds = train_run(spec, out, steps)
+    measurements, n_params = measure_run(spec, run_dir, eval_steps, steps)
+    curves = report_lib.read_event_sparsity(run_dir)
+    results.append({"spec": spec, "run_dir": run_dir, "seconds": seconds, "measurements": measurements,
+                    "curves": curves, "params": n_params, "loss": _scalar_curve(run_dir, "eval/loss")})
+  exp_dir = os.path.join(out, "scale")
+  payload = {"experiment": "scale", "eval_steps": eval_steps, "runs": []}
+  for r in results:
+    payload["runs"].append({
+        "name": r["spec"].name, "label": r["spec"].label, "gin_files": list(r["spec"].gin_files),
+        "parameters": r["params"], "train_seconds": round(r["seconds"], 1),
+        "final_eval_loss": r["loss"][1][-1] if r["loss"][1] else None,
+        "measurements": [m.summary() for m in r["measurements"]],
+        "mean_percent_nonzero": {f"{m.label}, {m.split}": _means(m) for m in r["measurements"]},
+        "over_steps": report_lib.curves_json(r["curves"]),
+    })
+  _write_json(os.path.join(exp_dir, "scale.json"), payload)
+  _plot_scale(results, os.path.join(exp_dir, "scale.png"))
+  for r in results:
+    report_lib.plot_per_layer({f"{m.label}, {m.split}": m.percent_nonzero for m in r["measurements"]},
+                              os.path.join(exp_dir, f"per_layer_{r['spec'].name}.png"), r["spec"].label)
+  _print_table("mean % nonzero (all layers)", [
+      (r["spec"].label, r["params"], {f"{m.label}/{m.split}": _means(m)["all"] for m in r["measurements"]})
+      for r in results])
+  return payload
+
+
+def random_data(out: str, steps: Optional[int] = None, eval_steps: Optional[int] = None) -> dict:
+  """Experiment 3: dense ReLU ViT on digits with true labels, random labels, random images."""
+  results = []
+  for spec in VIT_RUNS:
+    run_dir, seconds = train_run(spec, out, steps)
+    measurements, n_params = measure_run(spec, run_dir, eval_steps, steps)
+    results.append({"spec": spec, "run_dir": run_dir, "seconds": seconds, "measurements": measurements,
+                    "params": n_params, "curves": report_lib.read_event_sparsity(run_dir),
+                    "train_accuracy": _scalar_curve(run_dir, "train/accuracy")})
+  exp_dir = os.path.join(out, "random_data")
+  payload = {"experiment": "random_data", "runs": []}
+  for r in results:
+    payload["runs"].append({
+        "name": r["spec"].name, "label": r["spec"].label, "gin_files": list(r["spec"].gin_files),
+        "parameters": r["params"], "train_seconds": round(r["seconds"], 1),
+        "final_train_accuracy": r["train_accuracy"][1][-1] if r["train_accuracy"][1] else None,
+        "measurements": [m.summary() for m in r["measurements"]],
+        "over_steps": report_lib.curves_json(r["curves"]),
+    })
+  _write_json(os.path.join(exp_dir, "random_data.json"), payload)
+  # One colour per run: init (on its own training data) dashed, trained solid (train) and dotted (held out).
+  series, styles = {}, {}
+  plt = report_lib._pyplot()  # pylint: disable=protected-access
+  for color, r in zip(plt.cm.tab10(np.arange(10)), results):
+    for m in r["measurements"]:
+      trained = m.label != report_lib.INIT
+      if not trained and m.split != r["measurements"][0].split:
+        continue  # init on the training split suffices
+      key = f"{r['spec'].label}: {m.label}, {m.split}"
+      series[key] = m.percent_nonzero
+      held_out = m.split != r["measurements"][0].split
+      styles[key] = {"color": color, "linestyle": ":" if held_out else ("-" if trained else "--"),
+                     "marker": "s" if held_out else ("o" if trained else "x")}
+  report_lib.plot_per_layer(series, os.path.join(exp_dir, "random_data.png"),
+                            "Dense ReLU ViT: % nonzero per layer", styles=styles)
+  _plot_curves({r["spec"].label: _mean_curves(r["curves"], "train") for r in results},
+               os.path.join(exp_dir, "random_data_over_steps.png"), "ViT, mean % nonzero over layers (training batches)")
+  _print_table("mean % nonzero (all layers)", [
+      (r["spec"].label, r["params"], {f"{m.label}/{m.split}": _means(m)["all"] for m in r["measurements"]})
+      for r in results])
+  return payload
+
+
+def topk(out: str, steps: Optional[int] = None, eval_steps: int = 10) -> dict:
+  """Experiment 4: dense vs Top-k T5 at several k; final train and eval loss side by side."""
+  results = []
+  for spec in topk_specs():
+    run_dir, seconds = train_run(spec, out, steps)
+    results.append({"spec": spec, "run_dir": run_dir, "seconds": seconds,
+                    "train_loss": _scalar_curve(run_dir, "train/loss"),
+                    "eval_loss": _scalar_curve(run_dir, "eval/loss"),
+                    "eval_accuracy": _scalar_curve(run_dir, "eval/accuracy"),
+                    "curves": report_lib.read_event_sparsity(run_dir)})
+  exp_dir = os.path.join(out, "topk")
+  payload = {"experiment": "topk", "runs": []}
+  for r in results:
+    eval_sp = _mean_curves(r["curves"], "eval")
+    payload["runs"].append({
+        "name": r["spec"].name, "label": r["spec"].label, "bindings": list(r["spec"].bindings),
+        "train_seconds": round(r["seconds"], 1),
+        "final_train_loss": r["train_loss"][1][-1], "final_eval_loss": r["eval_loss"][1][-1],
+        "final_eval_accuracy": r["eval_accuracy"][1][-1],
+        "final_eval_percent_nonzero": {s: c[1][-1] for s, c in eval_sp.items()},
+        "train_loss": {"steps": r["train_loss"][0], "values": r["train_loss"][1]},
+        "eval_loss": {"steps": r["eval_loss"][0], "values": r["eval_loss"][1]},
+    })
+  _write_json(os.path.join(exp_dir, "topk.json"), payload)
+  _plot_topk(results, os.path.join(exp_dir, "topk.png"))
+  _print_table("final losses", [
+      (r["label"], None, {"train loss": r["final_train_loss"], "eval loss": r["final_eval_loss"],
+                          "eval acc": r["final_eval_accuracy"]}) for r in payload["runs"]])
+  return payload
+
+
+EXPERIMENTS = {"emergence": emergence, "scale": scale, "random_data": random_data, "topk": topk}
+
+
+# ---------------------------------------------------------------------------
+# Figures and tables
+# ---------------------------------------------------------------------------
+
+def _print_table(title: str, rows: Sequence[Tuple[str, Optional[int], Dict[str, float]]]) -> None:
+  cols = list(dict.fromkeys(k for _, _, values in rows for k in values))
+  width = max(len(r[0]) for r in rows)
+  print(title)
+  print(f"{'run':<{width}}  {'params':>10}  " + "  ".join(f"{c:>16}" for c in cols))
+  for label, params, values in rows:
+    p = f"{params:,}" if params else ""
+    print(f"{label:<{width}}  {p:>10}  " + "  ".join(f"{values.get(c, float('nan')):>16.3f}" for c in cols))
+
+
+def _plot_curves(curves: Dict[str, Dict[str, Tuple[List[int], List[float]]]], path: str, title: str) -> str:
+  plt = report_lib._pyplot()  # pylint: disable=protected-access
+  fig, ax = plt.subplots(figsize=(6.4, 4.0))
+  styles = ["-", "--", ":", "-."]
+  colors = plt.cm.tab10(np.arange(10))
+  for i, (label, stacks) in enumerate(curves.items()):
+    for j, (stack, (steps, values)) in enumerate(stacks.items()):
+      name = label if len(stacks) == 1 else f"{label}, {stack}"
+      ax.plot(steps, values, styles[j % len(styles)], color=colors[i % 10], label=name)
+  report_lib.log_axis(ax)
+  ax.set_xlabel("training step")
+  ax.set_ylabel("% nonzero MLP activations")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize="small")
+  ax.set_title(title, fontsize="medium")
+  fig.tight_layout()
+  return report_lib._save(fig, path)  # pylint: disable=protected-access
+
+
+def _plot_scale(results: List[dict], path: str) -> str:
+  plt = report_lib._pyplot()  # pylint: disable=protected-access
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.0))
+  colors = plt.cm.viridis(np.linspace(0.0, 0.8, len(results)))
+  for color, r in zip(colors, results):
+    for stack, style in (("encoder", "-"), ("decoder", "--")):
+      steps, values = _mean_curves(r["curves"], "train").get(stack, ([], []))
+      left.plot(steps, values, style, color=color, label=f"{r['spec'].label}, {stack}")
+  report_lib.log_axis(left)
+  left.set_xlabel("training step")
+  left.set_ylabel("% nonzero (mean over layers, training batches)")
+  left.grid(True, which="both", alpha=0.3)
+  left.legend(fontsize="x-small")
+  labels = [f"{r['spec'].label}\n{r['params'] / 1e6:.1f}M" for r in results]
+  x = np.arange(len(results))
+  kinds = [("init", None), ("trained", None)]
+  width = 0.2
+  offset = -1.5 * width
+  for kind, _ in kinds:
+    for stack in ("encoder", "decoder"):
+      values = []
+      for r in results:
+        ms = [m for m in r["measurements"] if (m.label == report_lib.INIT) == (kind == "init")]
+        held_out = ms[-1]  # the eval split
+        values.append(report_lib.stack_means(held_out.percent_nonzero).get(stack, np.nan))
+      right.bar(x + offset, values, width, label=f"{kind}, {stack}", hatch="//" if stack == "decoder" else None,
+                alpha=0.5 if kind == "init" else 1.0)
+      offset += width
+  right.set_xticks(x)
+  right.set_xticklabels(labels)
+  right.set_ylabel("% nonzero on held-out data (mean over layers)")
+  report_lib.log_axis(right)
+  right.legend(fontsize="x-small")
+  right.grid(True, axis="y", which="both", alpha=0.3)
+  fig.suptitle("Dense ReLU T5, three sizes, same data and steps")
+  fig.tight_layout()
+  return report_lib._save(fig, path)  # pylint: disable=protected-access
+
+
+def _plot_topk(results: List[dict], path: str) -> str:
+  plt = report_lib._pyplot()  # pylint: disable=protected-access
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.0))
+  colors = plt.cm.tab10(np.arange(10))
+  for i, r in enumerate(results):
+    left.plot(*r["train_loss"], color=colors[i], label=f"{r['spec'].label} (train)")
+    left.plot(*r["eval_loss"], "o--", color=colors[i], label=f"{r['spec'].label} (eval)")
+  left.set_xlabel("training step")
+  left.set_ylabel("loss")
+  left.legend(fontsize="x-small", ncol=2)
+  left.grid(True, alpha=0.3)
+  x = np.arange(len(results))
+  train_final = [r["train_loss"][1][-1] for r in results]
+  eval_final = [r["eval_loss"][1][-1] for r in results]
+  right.bar(x - 0.2, train_final, 0.4, label="train loss (last log window)")
+  right.bar(x + 0.2, eval_final, 0.4, label="eval loss (final)")
+  for xi, (t, e) in enumerate(zip(train_final, eval_final)):
+    right.text(xi - 0.2, t, f"{t:.2f}", ha="center", va="bottom", fontsize="x-small")
+    right.text(xi + 0.2, e, f"{e:.2f}", ha="center", va="bottom", fontsize="x-small")
+  right.set_xticks(x)
+  right.set_xticklabels([r["spec"].label for r in results])
+  low = min(train_final + eval_final)
+  right.set_ylim(low * 0.9, max(train_final + eval_final) * 1.03)
+  right.set_ylabel("final loss")
+  right.legend(fontsize="x-small")
+  fig.suptitle("Dense vs Top-k T5 (same model, data and steps)")
+  fig.tight_layout()
+  return report_lib._save(fig, path)  # pylint: disable=protected-access
+
+
+def run(names: Sequence[str], out: str, steps: Optional[int] = None) -> Dict[str, Any]:
+  """Runs the named experiments in order (never in parallel: they share 2 cores)."""
+  results = {}
+  for name in names:
+    if name not in EXPERIMENTS:
+      raise ValueError(f"unknown experiment {name!r}; choose from {sorted(EXPERIMENTS)}")
+  for name in names:
+    start = time.time()
+    logging.info("experiment %s -> %s", name, out)
+    results[name] = EXPERIMENTS[name](out, steps)
+    print(f"experiment {name}: {time.time() - start:.0f} s, outputs in {os.path.join(out, name)}", flush=True)
+  return results
