@@ -99,7 +99,9 @@ def test_sparse_decode_rule_and_errors():
   assert dense_dots(jnp.ones((1, 1, 16)), decode=False) == 1  # training / scoring stay dense
   # Active dropout keeps the automatic choice dense, and makes a forced sparse path an error.
   dropping = mlp(V10, "exact", None, dropout=0.5)
-  fn = lambda p, x: dropping.apply({"params": p}, x, decode=True, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+  def fn(p, x):
+    return dropping.apply({"params": p}, x, decode=True, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+
   assert dots_with_operand(fn, (d_ff, 16), params, jnp.ones((1, 1, 16))) == 1
   with pytest.raises(ValueError, match="deterministic"):
     mlp(V10, "exact", True, dropout=0.5).apply({"params": params}, jnp.ones((1, 1, 16)), decode=True,
@@ -108,12 +110,12 @@ def test_sparse_decode_rule_and_errors():
   sparse_params = mlp(V11, "exact", True).init(jax.random.PRNGKey(0), jnp.ones((1, 1, 16)), decode=True)
   dense_params = mlp(V11, "exact", False).init(jax.random.PRNGKey(0), jnp.ones((1, 1, 16)), decode=True)
   jax.tree.map(np.testing.assert_array_equal, sparse_params, dense_params)
-  assert k * 4 * 2 == d_ff
 
 
 def greedy_with_steps(module, params, enc, length):
   """Greedy decoding one jitted step at a time: tokens ``[batch, length]`` and logits ``[batch, length, vocab]``."""
-  encoded = jax.jit(lambda p, e: module.apply({"params": p}, e, enable_dropout=False, method=module.encode))(params, enc)
+  encode = jax.jit(lambda p, e: module.apply({"params": p}, e, enable_dropout=False, method=module.encode))
+  encoded = encode(params, enc)
   cache = decoding.init_cache(module, params, encoded, enc, length)
 
   @jax.jit
@@ -153,3 +155,33 @@ def test_t5_greedy_sparse_equals_dense(acts, method, batch):
   # The dense step multiplies by every layer's wo; the sparse step by none.
   assert dots_with_operand(step_dense, (64, 32), *args) == 2
   assert dots_with_operand(step_sparse, (64, 32), *args) == 0
+
+
+def test_decode_benchmark_writes_json_and_plot(tmp_path):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path = os.path.join(root, "scripts", "decode_benchmark.py")
+  spec = importlib.util.spec_from_file_location("decode_benchmark", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+  bench.main(["--sizes=tiny", "--k=16", "--steps=2", "--reps=2", "--num_layers=1", f"--json={out}", f"--plot={png}"])
+  result = json.loads(out.read_text())
+  assert result["machine"]["platform"] == jax.devices()[0].platform and result["machine"]["cores"] >= 1
+  dense, sparse = result["results"]
+  assert (dense["variant"], sparse["variant"], sparse["k"]) == ("dense", "sparse", 16)
+  assert sparse["tokens_match_dense_topk"] and dense["truncated"] and dense["num_decoder_layers"] == 1
+  # tiny: d=64, 2 heads x 32, d_ff=256, vocab 32128, one decoder layer, float32. Per layer: 4 + 4 attention
+  # kernels [64, 64], wi and wo [64, 256] (sparse: 16 rows of wo), 3 norms; then embedding row, final norm, logits.
+  per_layer_dense = 8 * 64 * 64 + 2 * 64 * 256 + 3 * 64
+  per_layer_sparse = 8 * 64 * 64 + 64 * 256 + 16 * 64 + 3 * 64
+  once = 2 * 64 + 32128 * 64
+  assert dense["weight_bytes_per_token"] == 4 * (per_layer_dense + once)
+  assert sparse["weight_bytes_per_token"] == 4 * (per_layer_sparse + once)
+  assert sparse["bound"] == pytest.approx((per_layer_dense + once) / (per_layer_sparse + once))
+  assert sparse["speedup"] == pytest.approx(dense["s_per_token"] / sparse["s_per_token"])
+  assert len(sparse["all_s_per_token"]) == 2 and all(t > 0 for t in sparse["all_s_per_token"])
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
