@@ -174,10 +174,11 @@ def test_decode_benchmark_writes_json_and_plot(tmp_path):
   dense, sparse = result["results"]
   assert (dense["variant"], sparse["variant"], sparse["k"]) == ("dense", "sparse", 16)
   assert sparse["tokens_match_dense_topk"] and dense["truncated"] and dense["num_decoder_layers"] == 1
-  # tiny: d=64, 2 heads x 32, d_ff=256, vocab 32128, one decoder layer, float32. Per layer: 4 + 4 attention
-  # kernels [64, 64], wi and wo [64, 256] (sparse: 16 rows of wo), 3 norms; then embedding row, final norm, logits.
-  per_layer_dense = 8 * 64 * 64 + 2 * 64 * 256 + 3 * 64
-  per_layer_sparse = 8 * 64 * 64 + 64 * 256 + 16 * 64 + 3 * 64
+  # tiny: d=64, 2 heads x 32, d_ff=256, vocab 32128, one decoder layer, float32. Per layer: 4 self-attention and
+  # 2 cross-attention (q, o) kernels [64, 64], wi and wo [64, 256] (sparse: 16 rows of wo), 3 norms; then the
+  # embedding row, the final norm, the logits.
+  per_layer_dense = 6 * 64 * 64 + 2 * 64 * 256 + 3 * 64
+  per_layer_sparse = 6 * 64 * 64 + 64 * 256 + 16 * 64 + 3 * 64
   once = 2 * 64 + 32128 * 64
   assert dense["weight_bytes_per_token"] == 4 * (per_layer_dense + once)
   assert sparse["weight_bytes_per_token"] == 4 * (per_layer_sparse + once)

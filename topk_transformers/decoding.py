@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -396,7 +397,6 @@ def predict_batch(
   _validate(max_decode_length, eos_id)
   if rng is None:
     rng = jax.random.PRNGKey(0)
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
   params = nn.meta.unbox(params)
   if alpha < 0 or temperature <= 0 and decode_method == "sample":
     raise ValueError(f"need alpha >= 0 and, for sampling, temperature > 0; got alpha={alpha!r}, "
