@@ -53,6 +53,10 @@ class CheckpointManager:
   def latest_step(self) -> Optional[int]:
     return self._mngr.latest_step()
 
+  def wait_until_finished(self) -> None:
+    """Blocks until an asynchronous save has been written and finalised."""
+    self._mngr.wait_until_finished()
+
   def all_steps(self):
     return list(self._mngr.all_steps())
 

@@ -296,6 +296,7 @@ def train(
   def check_finite(step: int):
     bad = int(jax.device_get(state.nonfinite_step))
     if bad >= 0:
+      manager.wait_until_finished()  # an async save in flight is the last good checkpoint
       good = manager.latest_step()
       raise NonFiniteLossError(
           f"loss or gradients became NaN/inf at step {bad}; training stopped, parameters kept from step {bad} "
