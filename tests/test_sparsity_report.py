@@ -183,7 +183,8 @@ def test_t5_measurement_equals_hand_count_per_stack_without_padding():
 
   for batch in list(PaddedT5Data().get_dataset("validation", 2).as_numpy_iterator())[:2]:
     captured = mlp_inputs(run.params, batch)
-    for stack, real in (("encoder", batch["encoder_input_tokens"] > 0), ("decoder", batch["decoder_target_tokens"] > 0)):
+    real_tokens = {"encoder": batch["encoder_input_tokens"] > 0, "decoder": batch["decoder_target_tokens"] > 0}
+    for stack, real in real_tokens.items():
       for name, sub in captured[stack].items():
         y = sub["pre_mlp_layer_norm"]["__call__"][0]
         a = jnp.maximum(jnp.dot(y, run.params[stack][name]["mlp"]["wi"]["kernel"]), 0.0)

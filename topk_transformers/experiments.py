@@ -117,26 +117,34 @@ def _train_steps() -> int:
   return int(gin_utils.get_macro("TRAIN_STEPS"))
 
 
-def train_run(spec: RunSpec, root: str, steps: Optional[int] = None) -> Tuple[str, float]:
+def train_run(spec: RunSpec, root: str, steps: Optional[int] = None) -> Tuple[str, Optional[float]]:
   """Trains ``spec`` into ``root/runs/<name>`` unless a checkpoint of its last step is there.
 
-  Returns ``(run_dir, seconds spent training)``.
+  Returns ``(run_dir, seconds spent training)``; for a reused run, the seconds it took then
+  (``run_dir/train_seconds.json``), or ``None`` if unknown.
   """
   import gin  # pylint: disable=g-import-not-at-top
   from topk_transformers import train as train_lib  # pylint: disable=g-import-not-at-top
 
   run_dir = os.path.join(root, "runs", spec.name)
+  timing = os.path.join(run_dir, "train_seconds.json")
   _configure(spec, run_dir, steps)
   if _train_steps() in report_lib.checkpoint_steps(run_dir):
     print(f"[{spec.name}] already trained ({run_dir})", flush=True)
-    return run_dir, 0.0
+    if os.path.exists(timing):
+      with open(timing) as f:
+        return run_dir, json.load(f)["train_seconds"]
+    return run_dir, None
   print(f"[{spec.name}] training {_train_steps()} steps into {run_dir}", flush=True)
   os.makedirs(run_dir, exist_ok=True)
   with open(os.path.join(run_dir, "config.gin"), "w") as f:
     f.write(gin.config_str())
   start = time.time()
   gin.get_configurable(train_lib.train)()
-  return run_dir, time.time() - start
+  seconds = time.time() - start  # compilation, periodic evals and checkpoints included
+  with open(timing, "w") as f:
+    json.dump({"train_seconds": round(seconds, 1), "train_steps": _train_steps()}, f)
+  return run_dir, seconds
 
 
 def measure_run(spec: RunSpec, run_dir: str, eval_steps: Optional[int], steps: Optional[int] = None,
@@ -202,6 +210,10 @@ def _write_json(path: str, payload: dict) -> None:
     json.dump(payload, f, indent=1)
 
 
+def _round(seconds: Optional[float]) -> Optional[float]:
+  return None if seconds is None else round(float(seconds), 1)
+
+
 def _means(m: report_lib.Measurement) -> Dict[str, float]:
   return {k: round(v, 3) for k, v in report_lib.stack_means(m.percent_nonzero).items()}
 
@@ -216,7 +228,7 @@ def emergence(out: str, steps: Optional[int] = None, eval_steps: int = 10) -> di
   report = report_lib.write_report(measurements, exp_dir, curves,
                                    title="Dense ReLU T5 on the embedded corpus",
                                    extra={"experiment": "emergence", "run_dir": run_dir, "parameters": n_params,
-                                          "train_seconds": round(seconds, 1), "eval_steps": eval_steps})
+                                          "train_seconds": _round(seconds), "eval_steps": eval_steps})
   os.replace(os.path.join(exp_dir, "report.json"), os.path.join(exp_dir, "emergence.json"))
   print(report_lib.format_report(measurements))
   return report
@@ -236,7 +248,7 @@ def scale(out: str, steps: Optional[int] = None, eval_steps: int = 10) -> dict:
   for r in results:
     payload["runs"].append({
         "name": r["spec"].name, "label": r["spec"].label, "gin_files": list(r["spec"].gin_files),
-        "parameters": r["params"], "train_seconds": round(r["seconds"], 1),
+        "parameters": r["params"], "train_seconds": _round(r["seconds"]),
         "final_eval_loss": r["loss"][1][-1] if r["loss"][1] else None,
         "measurements": [m.summary() for m in r["measurements"]],
         "mean_percent_nonzero": {f"{m.label}, {m.split}": _means(m) for m in r["measurements"]},
@@ -267,7 +279,7 @@ def random_data(out: str, steps: Optional[int] = None, eval_steps: Optional[int]
   for r in results:
     payload["runs"].append({
         "name": r["spec"].name, "label": r["spec"].label, "gin_files": list(r["spec"].gin_files),
-        "parameters": r["params"], "train_seconds": round(r["seconds"], 1),
+        "parameters": r["params"], "train_seconds": _round(r["seconds"]),
         "final_train_accuracy": r["train_accuracy"][1][-1] if r["train_accuracy"][1] else None,
         "measurements": [m.summary() for m in r["measurements"]],
         "over_steps": report_lib.curves_json(r["curves"]),
@@ -289,7 +301,8 @@ def random_data(out: str, steps: Optional[int] = None, eval_steps: Optional[int]
   report_lib.plot_per_layer(series, os.path.join(exp_dir, "random_data.png"),
                             "Dense ReLU ViT: % nonzero per layer", styles=styles)
   _plot_curves({r["spec"].label: _mean_curves(r["curves"], "train") for r in results},
-               os.path.join(exp_dir, "random_data_over_steps.png"), "ViT, mean % nonzero over layers (training batches)")
+               os.path.join(exp_dir, "random_data_over_steps.png"),
+               "ViT, mean % nonzero over layers (training batches)")
   _print_table("mean % nonzero (all layers)", [
       (r["spec"].label, r["params"], {f"{m.label}/{m.split}": _means(m)["all"] for m in r["measurements"]})
       for r in results])
@@ -312,7 +325,7 @@ def topk(out: str, steps: Optional[int] = None, eval_steps: int = 10) -> dict:
     eval_sp = _mean_curves(r["curves"], "eval")
     payload["runs"].append({
         "name": r["spec"].name, "label": r["spec"].label, "bindings": list(r["spec"].bindings),
-        "train_seconds": round(r["seconds"], 1),
+        "train_seconds": _round(r["seconds"]),
         "final_train_loss": r["train_loss"][1][-1], "final_eval_loss": r["eval_loss"][1][-1],
         "final_eval_accuracy": r["eval_accuracy"][1][-1],
         "final_eval_percent_nonzero": {s: c[1][-1] for s, c in eval_sp.items()},
@@ -394,8 +407,8 @@ def _plot_scale(results: List[dict], path: str) -> str:
   right.set_xticks(x)
   right.set_xticklabels(labels)
   right.set_ylabel("% nonzero on held-out data (mean over layers)")
-  report_lib.log_axis(right)
-  right.legend(fontsize="x-small")
+  right.set_ylim(0, 65)  # bars start at 0 (a log axis would exaggerate small differences)
+  right.legend(fontsize="x-small", ncol=2, loc="upper center")
   right.grid(True, axis="y", which="both", alpha=0.3)
   fig.suptitle("Dense ReLU T5, three sizes, same data and steps")
   fig.tight_layout()

@@ -273,7 +273,8 @@ def read_event_sparsity(run_dir: str) -> Curves:
         steps = sorted(points)
         layers[tag[len(prefix):]] = (steps, [points[s] for s in steps])
     if layers:
-      curves[kind] = dict(sorted(layers.items(), key=lambda kv: sparsity_lib._sort_key(kv[0])))  # pylint: disable=protected-access
+      order = sparsity_lib._sort_key  # pylint: disable=protected-access
+      curves[kind] = dict(sorted(layers.items(), key=lambda kv: order(kv[0])))  # encoder, then decoder, by depth
   return curves
 
 
@@ -335,11 +336,11 @@ def _pyplot():
 
 
 def log_axis(ax) -> None:
-  """A log y-axis labelled 1, 2, 5, 10, 20, 50 (plain numbers, not 5x10^1)."""
+  """A log y-axis labelled 1, 2, 3, 5, 10, 20, 30, 50 (plain numbers, not 5x10^1)."""
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 
   ax.set_yscale("log")
-  ax.yaxis.set_major_locator(ticker.LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)))
+  ax.yaxis.set_major_locator(ticker.LogLocator(base=10.0, subs=(1.0, 2.0, 3.0, 5.0)))
   ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
   ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
