@@ -9,8 +9,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["topk_transformers", "topk_transformers.*"]),
-    include_package_data=True,
+    packages=find_packages(include=["topk_transformers", "topk_transformers.*"]) + ["topk_transformers.configs"],
+    # configs/ stays at the top of the repository and ships inside the package, so a clone and an
+    # installed wheel see the same gin files under the same names (gin_utils.config_root).
+    package_dir={"topk_transformers.configs": "configs"},
+    package_data={"topk_transformers.configs": ["**/*.gin"]},
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",
@@ -35,9 +38,14 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "topk-train=topk_transformers.cli:train_main",
-            "topk-eval=topk_transformers.cli:eval_main",
-            "topk-model-info=topk_transformers.cli:model_info_main",
+            "topk-train=topk_transformers.commands.train:main",
+            "topk-eval=topk_transformers.commands.eval:main",
+            "topk-decode=topk_transformers.commands.decode:main",
+            "topk-sparsity=topk_transformers.commands.sparsity:main",
+            "topk-model-info=topk_transformers.commands.model_info:main",
+            "topk-bench-decode=topk_transformers.commands.bench_decode:main",
+            "topk-bench-train=topk_transformers.commands.bench_train:main",
+            "topk-robustness-table=topk_transformers.commands.robustness_table:main",
         ],
     },
 )

@@ -10,7 +10,7 @@ from topk_transformers import train as train_lib
 
 @pytest.mark.slow
 def test_cpu_smoke_config_learns_on_tiny_shapes(tmp_path, capsys):
-  gin_utils.configure(["configs/t5/runs/cpu_smoke.gin"], [
+  gin_utils.configure(["t5/runs/cpu_smoke.gin"], [
       f"MODEL_DIR = '{tmp_path}'", "TRAIN_STEPS = 60", "BATCH_SIZE = 8", "LOG_PERIOD = 10", "EVAL_PERIOD = 60",
       "EVAL_STEPS = 2", "CHECKPOINT_PERIOD = 60", "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 16}",
       "network.T5Config.emb_dim = 64", "network.T5Config.mlp_dim = 256", "TOP_K = 32",
@@ -40,7 +40,7 @@ TINY = [
 
 
 def _train(model_dir, steps):
-  gin_utils.configure(["configs/t5/runs/cpu_smoke.gin"], TINY + [f"MODEL_DIR = '{model_dir}'",
+  gin_utils.configure(["t5/runs/cpu_smoke.gin"], TINY + [f"MODEL_DIR = '{model_dir}'",
                                                                   f"TRAIN_STEPS = {steps}"])
   return gin.get_configurable(train_lib.train)()
 

@@ -16,7 +16,7 @@ _SCRIPT = textwrap.dedent(r"""
     from topk_transformers import gin_utils, partitioning, train
 
     assert jax.device_count() == 8, jax.devices()
-    gin_utils.configure(['configs/t5/t5_1_0/tiny.gin', 'configs/t5/topk.gin'],
+    gin_utils.configure(['t5/t5_1_0/tiny.gin', 't5/topk.gin'],
                         ['NUM_EMBEDDINGS = 128', 'TOP_K = 32', 'DROPOUT_RATE = 0.0'])
     model = gin_utils.get_macro('MODEL')
 

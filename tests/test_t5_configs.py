@@ -1,8 +1,7 @@
 """T5 gin configs: published shapes and parameter counts, gin flag handling, one-line errors, model_info."""
 
-import importlib.util
+import dataclasses
 import json
-import os
 
 import flax.linen as nn
 import jax
@@ -11,9 +10,9 @@ import numpy as np
 import pytest
 
 from topk_transformers import gin_utils
+from topk_transformers.commands import model_info as model_info_command
 from topk_transformers.t5 import network
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from topk_transformers.t5 import sizes
 
 # Published T5 shapes (Raffel et al. 2020; T5 v1.1 release notes) and their parameter counts with the
 # 32128-row embedding: v1.0 ties the output layer to the embedding, v1.1 has a separate logits_dense.
@@ -35,7 +34,7 @@ ALL_FILES = sorted(PUBLISHED) + sorted(TINY)
 
 
 def gin_path(name):
-  return f"configs/t5/{name}.gin"
+  return f"t5/{name}.gin"
 
 
 def build(files, bindings=()):
@@ -145,30 +144,23 @@ def test_config_mistakes_are_one_line_errors(tmp_path):
   assert_one_line_error(["t5_1_0/tiny"], ["network.T5Config.emb_dimm = 3"], "emb_dimm")
   assert_one_line_error(["t5_1_0/tiny"], ["TOP_K = = 3"], "TOP_K = = 3")
   assert_one_line_error(["t5_1_0/tiny"], ["TOP_K = %NOT_A_MACRO"], "NOT_A_MACRO")
-  assert_one_line_error(["t5_1_0/nope"], [], "configs/t5/t5_1_0/nope.gin", "not found")
+  assert_one_line_error(["t5_1_0/nope"], [], "t5/t5_1_0/nope.gin", "not found")
   broken = tmp_path / "broken.gin"
-  broken.write_text("include 'configs/t5/t5_1_0/tiny.gin'\nnetwork.T5Config.emb_dim = (\n")
+  broken.write_text("include 't5/t5_1_0/tiny.gin'\nnetwork.T5Config.emb_dim = (\n")
   assert_one_line_error([str(broken)], [], "broken.gin")
   unknown = tmp_path / "unknown.gin"
-  unknown.write_text("include 'configs/t5/t5_1_0/tiny.gin'\nnetwork.NoSuchThing.x = 1\n")
+  unknown.write_text("include 't5/t5_1_0/tiny.gin'\nnetwork.NoSuchThing.x = 1\n")
   assert_one_line_error([str(unknown)], [], "NoSuchThing")
-
-
-def load_model_info():
-  spec = importlib.util.spec_from_file_location("model_info", os.path.join(REPO, "scripts", "model_info.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def test_model_info_reports_counts_shapes_and_flops(tmp_path, capsys):
   out = tmp_path / "info.json"
-  info = load_model_info().main(["--gin_file=configs/t5/t5_1_1/tiny.gin", "--gin_file=configs/t5/topk.gin",
-                                 "--gin.TOP_K=16", f"--json={out}"])
+  assert model_info_command.main(["--gin_file=t5/t5_1_1/tiny.gin", "--gin_file=t5/topk.gin",
+                                  "--gin.TOP_K=16", f"--json={out}"]) == 0
   printed = capsys.readouterr().out
   saved = json.loads(out.read_text())
   cfg = build(["t5_1_1/tiny"]).module.config
-  assert saved["param_count"] == info["param_count"] == count_formula(cfg)
+  assert saved["param_count"] == count_formula(cfg)
   assert sum(p["count"] for p in saved["params"]) == saved["param_count"]
   rows = {p["name"]: p for p in saved["params"]}
   assert rows["encoder/layers_1/mlp/wi_0/kernel"]["shape"] == [64, 256]
@@ -185,18 +177,37 @@ def test_model_info_reports_counts_shapes_and_flops(tmp_path, capsys):
 
 
 def test_model_info_bad_k_exits_2_with_one_error_line(capsys):
-  with pytest.raises(SystemExit) as info:
-    load_model_info().main(["--gin_file=configs/t5/t5_1_0/11B.gin", "--gin.TOP_K=0"])
-  assert info.value.code == 2
+  assert model_info_command.main(["--gin_file=t5/t5_1_0/11B.gin", "--gin.TOP_K=0"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and "got 0" in err[0]
 
 
 def test_model_info_knows_vit_too(tmp_path):
   out = tmp_path / "vit.json"
-  info = load_model_info().main(["--gin_file=configs/vit/b16.gin", "--gin_file=configs/vit/topk.gin",
-                                 "--json", str(out)])
+  assert model_info_command.main(["--gin_file=vit/b16.gin", "--gin_file=vit/topk.gin", "--json", str(out)]) == 0
+  info = json.loads(out.read_text())
   assert info["param_count"] == 86_567_656  # ViT-B/16, published
-  flops = json.loads(out.read_text())["mlp_flops_per_token"]
+  flops = info["mlp_flops_per_token"]
   assert flops["k"] == 256 and flops["per_token"] == {
       "encoder": {"layers": 12, "dense": 12 * 4 * 768 * 3072, "topk": 12 * (2 * 768 * 3072 + 2 * 256 * 768)}}
+
+
+SHAPE_FIELDS = ("vocab_size", "dtype", "emb_dim", "num_heads", "num_encoder_layers", "num_decoder_layers", "head_dim",
+                "mlp_dim", "mlp_activations", "dropout_rate", "logits_via_embedding", "float32_attention_logits")
+
+
+@pytest.mark.parametrize("version", sizes.VERSIONS)
+def test_the_python_size_table_equals_every_gin_size_file(version):
+  for size in sizes.sizes(version):
+    from_gin = build([sizes.GIN_NAMES[version][size]]).module.config
+    from_table = sizes.published_config(version, size)
+    for field in SHAPE_FIELDS:
+      ours, theirs = getattr(from_table, field), getattr(from_gin, field)
+      if field == "dtype":
+        ours, theirs = jnp.dtype(ours), jnp.dtype(theirs)
+      elif field == "mlp_activations":
+        ours, theirs = tuple(ours), tuple(theirs)
+      assert ours == theirs, (version, size, field)
+  assert dataclasses.replace(sizes.published_config(version, "base"), top_k=8).top_k == 8
+  with pytest.raises(ValueError, match="unknown T5"):
+    sizes.published_config(version, "huge")

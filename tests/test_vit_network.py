@@ -220,7 +220,7 @@ MODEL_FILES = {"ti16": "Ti/16", "s16": "S/16", "b16": "B/16", "l16": "L/16", "h1
 
 
 def _build_from_gin(files, bindings=()):
-  """Builds MODEL the way the scripts do (gin_utils), from files under configs/vit/."""
+  """Builds MODEL the way the scripts do (gin_utils), from files under vit/."""
   try:
     gin_utils.configure([os.path.join(REPO_ROOT, "configs", "vit", f) for f in files], list(bindings))
     return gin_utils.get_macro("MODEL")

@@ -1,11 +1,18 @@
 """T5X-style gin command lines: ``--gin_file=...`` and ``--gin.NAME=VALUE``.
 
-Scripts do::
+Commands do::
 
   gin_files, bindings, argv = gin_utils.parse_gin_flags(sys.argv[1:])
   gin_utils.configure(gin_files, bindings)
   model = gin_utils.get_macro('MODEL')        # builds the object
   model_dir = gin_utils.get_macro('MODEL_DIR')
+
+Gin files are named relative to the packaged ``configs/`` directory
+(``t5/runs/cpu_smoke.gin``, ``vit/b16.gin``), which ships inside the wheel and
+sits at the top of a clone; :func:`add_search_paths` puts it on gin's search
+path, so ``--gin_file`` and a user's own ``include`` lines find it from any
+directory. A path to the user's own file works too (absolute, or relative to
+the working directory).
 
 Every configuration mistake (a missing file, an unknown configurable or macro,
 a malformed binding, a value the model rejects such as ``TOP_K = 0``) comes
@@ -17,26 +24,38 @@ on stderr and exit status 2, without a traceback.
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import re
 import sys
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import gin
 
-# `include 'configs/...'` lines and --gin_file paths resolve from the working
-# directory first, then from the repository (or source tree) holding this package.
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from topk_transformers.errors import ConfigError, one_line  # noqa: F401  (re-exported)
+
+# The packaged configs: inside the installed package, or beside it in a clone.
 ENV_SEARCH_PATHS = "TOPK_GIN_SEARCH_PATHS"
+_added_search_paths: set = set()
 
 
-class ConfigError(ValueError):
-  """A configuration mistake, with a one-line message."""
+def config_root() -> str:
+  """The directory of the packaged gin files (``t5/...``, ``vit/...``).
+
+  A wheel ships ``configs/`` inside the package (``topk_transformers/configs``); a clone
+  or an editable install keeps it at the top of the repository, beside the package.
+  """
+  package_dir = os.path.dirname(os.path.abspath(__file__))
+  for candidate in (os.path.join(package_dir, "configs"), os.path.join(os.path.dirname(package_dir), "configs")):
+    if os.path.isdir(os.path.join(candidate, "t5")):
+      return candidate
+  raise ConfigError(f"the packaged gin configs are missing (looked in {package_dir}/configs and beside it)")
 
 
 def search_paths() -> List[str]:
-  """Directories gin files are looked up in, in order."""
+  """Directories gin files are looked up in, in order: the working directory, $TOPK_GIN_SEARCH_PATHS, the package."""
   extra = [p for p in os.environ.get(ENV_SEARCH_PATHS, "").split(os.pathsep) if p]
-  paths = [os.getcwd(), *extra, _PACKAGE_ROOT]
+  paths = [os.getcwd(), *extra, config_root()]
   return list(dict.fromkeys(os.path.abspath(p) for p in paths))
 
 
@@ -93,43 +112,22 @@ def resolve_gin_file(path: str) -> str:
   raise ConfigError(f"gin file not found: {path!r} (searched {', '.join(search_paths())})")
 
 
-def one_line(exc: BaseException) -> str:
-  """The first meaningful line of an exception message (gin appends context lines)."""
-  text = str(exc).strip()
-  if isinstance(exc, SyntaxError) and getattr(exc, "msg", None):
-    where = f" in {exc.filename!r}" if exc.filename and exc.filename != "<string>" else ""
-    snippet = (exc.text or "").strip()
-    return f"{exc.msg}{where}" + (f": {snippet!r}" if snippet else "")
-  if isinstance(exc, KeyError) and exc.args:
-    text = str(exc.args[0])
-  if len(exc.args) == 2 and isinstance(exc.args[0], str) and isinstance(exc.args[1], tuple) and exc.args[1]:
-    text = f"{exc.args[0]} (line {exc.args[1][0]})"  # tokenize errors: (message, (line, column))
-  first = text.splitlines()[0].strip() if text else type(exc).__name__
-  return first
+class _GinLookupNoise(logging.Filter):
+  """Drops gin's log lines for the places a file is not (it tries Python packages before our search paths)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
 
 
-def _install_search_paths() -> None:
-  """Puts :func:`search_paths` ahead of gin's own lookups (``include`` lines use them)."""
-  # pylint: disable=protected-access
-  prefixes = gin.config._LOCATION_PREFIXES
-  ours = search_paths()
-  prefixes[:] = ours + [p for p in prefixes if p not in ours]
-  # gin's second reader treats 'configs/t5/x.gin' as a Python package path; for a
-  # directory without __init__.py (a namespace package) it raises TypeError instead
-  # of answering "no such file". Make that check answer False so lookups go on.
-  # It is also skipped for absolute paths (ours), where it only logs "Path not found".
-  readers = gin.config._FILE_READERS
-  for i, (reader, exists) in enumerate(readers):
-    if exists is not os.path.isfile and not getattr(exists, "_topk_safe", False):
-      def safe_exists(path, _exists=exists):
-        if os.path.isabs(path):
-          return False
-        try:
-          return _exists(path)
-        except Exception:  # pylint: disable=broad-except
-          return False
-      safe_exists._topk_safe = True
-      readers[i] = (reader, safe_exists)
+def add_search_paths() -> None:
+  """Adds :func:`search_paths` to gin's search path (public API), so ``include 't5/...'`` lines resolve."""
+  for path in search_paths():
+    if path not in _added_search_paths:
+      gin.add_config_file_search_path(path)
+      _added_search_paths.add(path)
+  root = logging.getLogger()
+  if not any(isinstance(f, _GinLookupNoise) for f in root.filters):
+    root.addFilter(_GinLookupNoise())
 
 
 def configure(gin_files: Sequence[str], bindings: Sequence[str] = (), finalize: bool = False) -> None:
@@ -139,7 +137,7 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str] = (), finalize: 
     ConfigError: one line naming the missing file, unknown configurable or bad binding.
   """
   gin.clear_config()
-  _install_search_paths()
+  add_search_paths()
   resolved = [resolve_gin_file(f) for f in gin_files]
   try:
     # Bindings are parsed one by one so an error names the binding at fault.
@@ -157,10 +155,12 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str] = (), finalize: 
     gin.finalize()
 
 
-def _evaluate(value: Any) -> Any:
-  """Calls configurable references (``@foo()``) so macros yield built objects."""
+def build(value: Any) -> Any:
+  """Calls configurable references (``@foo()``, also inside lists) so macros yield built objects."""
   if isinstance(value, gin.config.ConfigurableReference) and value.evaluate:
     return value.scoped_configurable_fn()
+  if isinstance(value, (list, tuple)):
+    return type(value)(build(v) for v in value)
   return value
 
 
@@ -180,38 +180,21 @@ def get_macro(name: str, default: Any = gin.REQUIRED, evaluate: bool = True) -> 
   if not evaluate:
     return value
   try:
-    return _evaluate(value)
+    return build(value)
   except Exception as e:  # gin wraps errors raised while building configurables
-    unset = undefined_macros()
-    if unset:  # gin's own message for these is an opaque TypeError
-      where, macro = unset[0]
-      raise ConfigError(f"building %{name}: gin macro %{macro} is used by {where} but never set") from None
+    macro = unset_macro(e)
+    if macro:  # gin's own message for these is an opaque TypeError
+      raise ConfigError(f"building %{name}: gin macro %{macro} is used but never set") from None
     raise ConfigError(f"building %{name}: {one_line(e)}") from None
 
 
-def undefined_macros() -> List[Tuple[str, str]]:
-  """``(binding, macro)`` pairs where a binding refers to a macro no file or flag sets."""
-  config = gin.config._CONFIG  # pylint: disable=protected-access
-  found = []
+_UNSET_MACRO = re.compile(r"configurable 'macro' \(.*\) in scope '([^']+)'")
 
-  def walk(value, where):
-    if isinstance(value, gin.config.ConfigurableReference):
-      if value.selector == "gin.macro":
-        macro = "/".join(value.scopes)
-        if (macro, "gin.macro") not in config:
-          found.append((where, macro))
-    elif isinstance(value, (list, tuple)):
-      for v in value:
-        walk(v, where)
-    elif isinstance(value, dict):
-      for v in value.values():
-        walk(v, where)
 
-  for (scope, selector), params in config.items():
-    for param, value in params.items():
-      target = scope if selector == "gin.macro" else ".".join(p for p in (scope, selector) if p)
-      walk(value, target if selector == "gin.macro" else f"{target}.{param}")
-  return found
+def unset_macro(error: BaseException) -> Optional[str]:
+  """The macro named by gin's error for a ``%MACRO`` that is used but never set, else ``None``."""
+  found = _UNSET_MACRO.search(str(error))
+  return found.group(1) if found else None
 
 
 def exit_on_config_error(main: Callable[..., Any]) -> Callable[..., Any]:
@@ -232,6 +215,6 @@ def configure_from_argv(argv: Optional[Sequence[str]] = None) -> List[str]:
   """``parse_gin_flags`` + ``configure`` on ``argv`` (default ``sys.argv[1:]``); returns the other arguments."""
   gin_files, bindings, rest = parse_gin_flags(sys.argv[1:] if argv is None else argv)
   if not gin_files:
-    raise ConfigError("no --gin_file given (e.g. --gin_file=configs/t5/t5_1_0/tiny.gin)")
+    raise ConfigError("no --gin_file given (e.g. --gin_file=t5/runs/cpu_smoke.gin)")
   configure(gin_files, bindings)
   return rest
