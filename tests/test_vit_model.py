@@ -182,23 +182,33 @@ def test_loss_and_accuracy_match_numpy(params, smoothed_loss_fn):
   assert 0.0 < expected_acc < 1.0  # the check on accuracy is not vacuous
 
 
-def test_eval_fn_metrics_logits_and_calibration(params):
+def test_eval_fn_metrics_calibration_sums_and_finalized_ece(params):
   model = _model()
   batch = _batch(weight=WEIGHT)
-  aux = jax.jit(model.eval_fn)(params, batch)
-  logits = aux["logits"]
-  assert logits.shape == (6, NUM_CLASSES) and logits.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(logits),
-                             np.asarray(model.module.apply({"params": params}, batch["image"], train=False)),
-                             rtol=1e-5, atol=1e-5)
+  out = jax.jit(model.eval_fn)(params, batch)
+  logits = model.module.apply({"params": params}, batch["image"], train=False)
   expected_loss, expected_acc = _numpy_metrics(logits, np.asarray(batch["label"]), WEIGHT, 0.0)
-  np.testing.assert_allclose(float(aux["metrics"]["loss"]), expected_loss, rtol=1e-5)
-  np.testing.assert_allclose(float(aux["metrics"]["accuracy"]), expected_acc, rtol=1e-6)
-  assert float(aux["calibration"]["count"].sum()) == WEIGHT.sum()
+  np.testing.assert_allclose(float(out["metrics"]["loss"]), expected_loss, rtol=1e-5)
+  np.testing.assert_allclose(float(out["metrics"]["accuracy"]), expected_acc, rtol=1e-6)
+  assert float(out["weight"]) == WEIGHT.sum()
+  bins = out["sums"]["calibration"]
+  assert float(bins["count"].sum()) == WEIGHT.sum()
   expected_ece = model_lib.expected_calibration_error(jax.nn.softmax(logits), batch["label"], weights=WEIGHT)
-  np.testing.assert_allclose(float(model_lib.ece_from_bins(aux["calibration"])), float(expected_ece), rtol=1e-6)
-  assert set(aux["metrics"]) == {"loss", "accuracy", "num_examples"}
-  assert set(aux["intermediates"]["Transformer"]) == {"encoderblock_0", "encoderblock_1"}
+  np.testing.assert_allclose(float(model_lib.ece_from_bins(bins)), float(expected_ece), rtol=1e-6)
+  # The split's ECE comes from the summed bins: two copies of the batch give the same ECE.
+  doubled = jax.tree_util.tree_map(lambda a: 2 * np.asarray(a), bins)
+  final = model.finalize_eval({"loss": 1.0}, {"calibration": doubled})
+  np.testing.assert_allclose(final["ece"], float(expected_ece), rtol=1e-6)
+  assert set(out["metrics"]) == {"loss", "accuracy"}
+  assert set(out["intermediates"]["Transformer"]) == {"encoderblock_0", "encoderblock_1"}
+
+
+def test_predict_batch_gives_the_softmax_of_the_logits(params):
+  model = _model()
+  batch = _batch(weight=WEIGHT)
+  probs = jax.jit(model.predict_batch)(params, batch)
+  logits = model.module.apply({"params": params}, batch["image"], train=False)
+  np.testing.assert_allclose(np.asarray(probs), np.asarray(jax.nn.softmax(logits)), rtol=1e-5, atol=1e-6)
 
 
 def test_loss_fn_returns_sparsity_intermediates_and_gradients(params):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
-from topk_transformers import layers
+from topk_transformers import layers, models
 
 
 class ToyNet(nn.Module):
@@ -25,12 +25,12 @@ class ToyNet(nn.Module):
     return layers.DenseGeneral(self.classes, kernel_axes=("embed", "vocab"), name="head")(h)
 
 
-class ToyModel:
+class ToyModel(models.BaseModel):
   def __init__(self, module=None, nan_at_step=None):
     self.module = module or ToyNet()
     self.nan_at_step = nan_at_step
 
-  def get_initial_variables(self, rng, input_shapes):
+  def get_initial_variables(self, rng, input_shapes, input_types=None):
     return self.module.init(rng, jnp.ones(input_shapes["x"], jnp.float32))
 
   def _aux(self, params, batch, rng):
@@ -42,13 +42,26 @@ class ToyModel:
     if self.nan_at_step is not None:
       loss = jnp.where(batch["step"][0] >= self.nan_at_step, jnp.nan, loss)
     acc = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
-    return loss, {"metrics": {"loss": loss, "accuracy": acc}, "intermediates": state["intermediates"]}
+    weight = jnp.asarray(batch["y"].shape[0], jnp.float32)
+    return loss, {"metrics": {"loss": loss, "accuracy": acc}, "weight": weight,
+                  "intermediates": state["intermediates"]}
 
   def loss_fn(self, params, batch, dropout_rng):
     return self._aux(params, batch, dropout_rng)
 
   def eval_fn(self, params, batch):
     return self._aux(params, batch, None)[1]
+
+  def predict_batch(self, params, batch, **kwargs):
+    return jnp.argmax(self.module.apply({"params": params}, batch["x"]), -1)
+
+  def default_input_shapes(self, batch_size=1):
+    return {"x": (batch_size, 8)}
+
+  def describe(self):
+    m = self.module
+    return {"config": {"width": m.width, "hidden": m.hidden}, "top_k": m.top_k,
+            "mlp": dict(d=m.width, ff=m.hidden, n_wi=1, top_k=m.top_k, stacks={"mlp": 1})}
 
 
 class ToyDataset:

@@ -76,7 +76,7 @@ class DenseGeneral(nn.Module):
     return y
 
 
-def _resolve_activation(fn_or_string: Union[str, Callable]) -> Callable:
+def resolve_activation(fn_or_string: Union[str, Callable]) -> Callable:
   if callable(fn_or_string):
     return fn_or_string
   if fn_or_string == "linear":
@@ -140,7 +140,7 @@ class MlpBlock(nn.Module):
           self.intermediate_dim, dtype=self.dtype, kernel_init=self.kernel_init,
           kernel_axes=("embed", "mlp"), use_bias=self.use_bias, bias_init=self.bias_init, name=name,
       )(inputs)
-      branches.append(_resolve_activation(act)(h))
+      branches.append(resolve_activation(act)(h))
     x = functools.reduce(lambda a, b: a * b, branches)
     if decode and self._use_sparse(x, deterministic):
       return self._sparse_output(x, inputs.shape[-1], mask, by_magnitude=gated)

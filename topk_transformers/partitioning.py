@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from topk_transformers.gin_utils import ConfigError
+
 Rules = Sequence[Tuple[str, Any]]
 
 _DISTRIBUTED_INITIALIZED = False
@@ -56,7 +58,7 @@ def standard_logical_axis_rules(parameter_sharding: str = "1d") -> Tuple[Tuple[s
   ``data`` so no device holds a full copy of the weights or optimizer state.
   """
   if parameter_sharding not in ("1d", "2d"):
-    raise ValueError(f"parameter_sharding must be '1d' or '2d', got {parameter_sharding!r}")
+    raise ConfigError(f"parameter_sharding must be '1d' or '2d', got {parameter_sharding!r}")
   rules = [
       ("batch", "data"),
       ("vocab", "model"),
@@ -98,10 +100,10 @@ class Partitioner:
     devices = list(devices) if devices is not None else jax.devices()
     n = len(devices)
     if num_partitions <= 0 or n % num_partitions:
-      raise ValueError(f"num_partitions={num_partitions} does not divide the {n} devices")
+      raise ConfigError(f"num_partitions={num_partitions} does not divide the {n} devices")
     data = n // num_partitions
     if data_parallel_size is not None and data_parallel_size != data:
-      raise ValueError(
+      raise ConfigError(
           f"data_parallel_size={data_parallel_size} x num_partitions={num_partitions} != {n} devices")
     # Auto axes: XLA's sharding propagation places activations, as in T5X (jax.make_mesh
     # defaults to Explicit axes, which would make every op's output sharding part of its type).

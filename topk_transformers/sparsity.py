@@ -47,13 +47,13 @@ def layer_stats(intermediates: Any) -> Dict[str, Dict[str, Any]]:
   """``{layer: {'nonzero_count', 'token_count', 'neuron_fire_count'}}`` from sown intermediates."""
   out: Dict[str, Dict[str, Any]] = {}
   _walk(intermediates, (), out)
-  return dict(sorted(out.items(), key=lambda kv: _sort_key(kv[0])))
+  return dict(sorted(out.items(), key=lambda kv: layer_sort_key(kv[0])))
 
 
 _STACK_ORDER = {"encoder": 0, "decoder": 1}
 
 
-def _sort_key(name: str):
+def layer_sort_key(name: str):
   # encoder before decoder, then numeric layer order (layers_10 after layers_9).
   parts = [(_STACK_ORDER.get(name.split("/")[0], 2), 0)]
   for p in name.split("/"):

@@ -1,18 +1,13 @@
 """T5 as a trainable model: loss (cross-entropy + z-loss), eval metrics, prediction.
 
-The trainer (``topk_transformers/train.py``) talks to every model through the
-same small interface, which ``vit/model.py`` implements too:
-
-* ``get_initial_variables(rng, input_shapes) -> variables`` (params boxed with
-  logical axis names),
-* ``loss_fn(params, batch, dropout_rng) -> (loss, aux)`` where ``aux`` holds
-  ``"metrics"`` (dict of scalar arrays) and ``"intermediates"`` (sown MLP stats),
-* ``eval_fn(params, batch) -> aux`` (same structure, no dropout),
-* ``FEATURE_CONVERTER_CLS`` for seqio.
+:class:`EncoderDecoderModel` implements ``models.BaseModel``, the contract the
+trainer, the evaluators and the decoders use; ``FEATURE_CONVERTER_CLS`` tells
+seqio how to turn a Task's examples into its batches.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
@@ -20,8 +15,11 @@ import jax
 import jax.numpy as jnp
 import seqio
 
+from topk_transformers import decoding
+from topk_transformers import models
 
-class EncoderDecoderModel:
+
+class EncoderDecoderModel(models.BaseModel):
   """Wraps ``t5.network.Transformer`` with T5's pretraining loss."""
 
   FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
@@ -42,8 +40,10 @@ class EncoderDecoderModel:
     self.label_smoothing = label_smoothing
     self.loss_normalizing_factor = loss_normalizing_factor
 
-  def get_initial_variables(self, rng: jax.Array, input_shapes: Mapping[str, Any]) -> Any:
-    """Variables (params boxed with logical axes) for batches of these shapes."""
+  def get_initial_variables(self, rng: jax.Array, input_shapes: Mapping[str, Any],
+                            input_types: Optional[Mapping[str, Any]] = None) -> Any:
+    """Variables (params boxed with logical axes) for batches of these shapes (token ids are int32)."""
+    del input_types
     enc_shape = tuple(input_shapes["encoder_input_tokens"])
     dec_shape = tuple(input_shapes["decoder_input_tokens"])
     return self.module.init(
@@ -89,18 +89,38 @@ class EncoderDecoderModel:
         "z_loss": z_loss_sum / normalizer,
         "cross_ent_loss": (loss_sum - z_loss_sum) / jnp.maximum(num_tokens, 1.0),
         "accuracy": correct / jnp.maximum(num_tokens, 1.0),
-        "num_tokens": num_tokens,
-        "num_input_tokens": jnp.sum(batch["encoder_input_tokens"] > 0).astype(jnp.float32),
     }
-    return loss, {"metrics": metrics, "intermediates": intermediates}
+    return loss, {"metrics": metrics, "weight": num_tokens, "intermediates": intermediates}
 
   def loss_fn(self, params, batch, dropout_rng):
-    """Mean per-token cross-entropy plus z-loss (``loss_normalizing_factor`` overrides the token count)."""
-    return self._loss_and_aux(params, batch, dropout_rng)
+    """Mean per-token cross-entropy plus z-loss (``loss_normalizing_factor`` overrides the token count).
+
+    The train metrics also count the target and input tokens (``num_tokens``, ``num_input_tokens``),
+    from which the progress line computes tokens per second.
+    """
+    loss, aux = self._loss_and_aux(params, batch, dropout_rng)
+    aux["metrics"].update(num_tokens=aux["weight"],
+                          num_input_tokens=jnp.sum(batch["encoder_input_tokens"] > 0).astype(jnp.float32))
+    return loss, aux
 
   def eval_fn(self, params, batch):
-    """The same metrics without dropout."""
+    """The same metrics without dropout, weighted by the batch's target tokens."""
     return self._loss_and_aux(params, batch, None)[1]
+
+  def predict_batch(self, params, batch, **kwargs):
+    """Decodes ``batch['encoder_input_tokens']``: ``decoding.predict_batch`` with this model's network."""
+    return decoding.predict_batch(self.module, params, batch, **kwargs)
+
+  def default_input_shapes(self, batch_size: int = 1):
+    return {"encoder_input_tokens": (batch_size, 1), "decoder_input_tokens": (batch_size, 1)}
+
+  def describe(self):
+    c = self.module.config
+    config = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
+    config.update(dtype=str(config["dtype"]), mlp_activations=list(config["mlp_activations"]))
+    mlp = dict(d=c.emb_dim, ff=c.mlp_dim, n_wi=len(c.mlp_activations), top_k=c.top_k,
+               stacks={"encoder": c.num_encoder_layers, "decoder": c.num_decoder_layers})
+    return {"config": config, "mlp": mlp, "top_k": c.top_k}
 
   def score_batch(self, params, batch) -> jax.Array:
     """Sum of target log-likelihoods per example (padding excluded)."""

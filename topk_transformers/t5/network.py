@@ -91,7 +91,7 @@ class T5Config:
     if not activations:
       raise ValueError("T5Config.mlp_activations must name at least one activation")
     for act in activations:
-      layers._resolve_activation(act)  # pylint: disable=protected-access  # unknown name -> ValueError
+      layers.resolve_activation(act)  # unknown name -> ValueError
     # Hashable, canonical values (gin may hand over lists or dtype names).
     object.__setattr__(self, "mlp_activations", activations)
     object.__setattr__(self, "dtype", jnp.dtype(self.dtype))

@@ -2,39 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
-from topk_transformers import decoding
 from topk_transformers import sparsity as sparsity_lib
 from topk_transformers.data import tasks
-
-
-def render(ids: Sequence[int], vocabulary) -> str:
-  """Token ids as text, sentinels shown as ``<extra_id_i>`` and EOS/padding dropped."""
-  ids = [int(i) for i in ids]
-  if 1 in ids:
-    ids = ids[:ids.index(1)]
-  extra = getattr(vocabulary, "extra_ids", 0) or 0
-  first_sentinel = vocabulary.vocab_size - extra
-  out, run = [], []
-
-  def flush():
-    if run:
-      out.append(vocabulary.decode(run))
-      run.clear()
-
-  for i in ids:
-    if i == 0:
-      continue
-    if extra and i >= first_sentinel:
-      flush()
-      out.append(f"<extra_id_{vocabulary.vocab_size - 1 - i}>")
-    else:
-      run.append(i)
-  flush()
-  return " ".join(s for s in out if s)
+from topk_transformers.t5.text import render
 
 
 def heldout_examples(task_name: str, feature_lengths: Mapping[str, int], split: str, n: int):
@@ -58,8 +32,8 @@ def end_of_training_report(*, model: Any, params: Any, dataset: Any, partitioner
                                      num_examples)
   vocab = model.output_vocabulary
   if len(targets):
-    decoded = np.asarray(decoding.predict_batch(model, params, {"encoder_input_tokens": inputs},
-                                                max_decode_length=feature_lengths["targets"]))
+    decoded = np.asarray(model.predict_batch(params, {"encoder_input_tokens": inputs},
+                                             max_decode_length=feature_lengths["targets"]))
     for i in range(len(targets)):
       print(f"\n--- held-out example {i} ({dataset.eval_split})")
       print(f"input:      {render(inputs[i], vocab)[:400]}")

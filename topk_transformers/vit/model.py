@@ -1,15 +1,10 @@
 """ViT as a trainable model: classification loss, accuracy, and calibration (ECE).
 
-:class:`ClassificationModel` implements the trainer interface documented in
-``topk_transformers/t5/model.py``:
-
-* ``get_initial_variables(rng, input_shapes)`` with ``input_shapes = {"image": (B, H, W, C)}``;
-* ``loss_fn(params, batch, dropout_rng) -> (loss, aux)``;
-* ``eval_fn(params, batch) -> aux``;
-
-where ``batch = {"image": float [B, H, W, C], "label": int [B]}`` plus an optional
-``"weight"`` ``[B]`` (0 for padding examples), and ``aux`` holds ``"metrics"``
-(scalars) and ``"intermediates"`` (the MLPs' sown sparsity statistics).
+:class:`ClassificationModel` implements ``models.BaseModel``, with
+``input_shapes = {"image": (B, H, W, C)}`` and batches
+``{"image": float [B, H, W, C], "label": int [B]}`` plus an optional
+``"weight"`` ``[B]`` (0 for padding examples). Its evaluation sums the
+calibration bins over the split and finishes with the ECE.
 
 Calibration follows Guo et al. (2017), as in the paper's Table 1: confidences
 (the top softmax probability) fall into ``num_bins`` equal-width bins, bin ``m``
@@ -27,6 +22,8 @@ from typing import Any, Mapping, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from topk_transformers import models
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -110,7 +107,7 @@ def _weights(batch: Batch) -> Array:
   return jnp.ones(jnp.shape(batch["label"]), jnp.float32)
 
 
-class ClassificationModel:
+class ClassificationModel(models.BaseModel):
   """Wraps ``vit.network.ViT`` (or any ``module(images, train=...) -> logits``) with a softmax loss.
 
   Args:
@@ -140,7 +137,7 @@ class ClassificationModel:
     )
     return logits, state.get("intermediates", {})
 
-  def _metrics(self, logits: Array, batch: Batch) -> Tuple[Array, dict]:
+  def _metrics(self, logits: Array, batch: Batch) -> Tuple[Array, dict, Array]:
     labels = jnp.asarray(batch["label"], jnp.int32)
     weights = _weights(batch)
     num_classes = logits.shape[-1]
@@ -152,31 +149,50 @@ class ClassificationModel:
     denom = jnp.maximum(total, 1e-12)
     loss = jnp.sum(per_example * weights) / denom
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    metrics = {
-        "loss": loss,
-        "accuracy": jnp.sum(correct * weights) / denom,
-        "num_examples": total,
-    }
-    return loss, metrics
+    metrics = {"loss": loss, "accuracy": jnp.sum(correct * weights) / denom}
+    return loss, metrics, total
 
   def loss_fn(self, params: Any, batch: Batch, dropout_rng: Optional[Array]) -> Tuple[Array, dict]:
     """Weighted mean softmax cross-entropy; dropout is on iff ``dropout_rng`` is given.
 
-    Returns ``(loss, {"metrics": {loss, accuracy, num_examples}, "intermediates": ...})``.
+    Returns ``(loss, {"metrics": {loss, accuracy, num_examples}, "weight", "intermediates"})``.
     """
     logits, intermediates = self._apply(params, batch["image"], dropout_rng)
-    loss, metrics = self._metrics(logits, batch)
-    return loss, {"metrics": metrics, "intermediates": intermediates}
+    loss, metrics, total = self._metrics(logits, batch)
+    metrics["num_examples"] = total
+    return loss, {"metrics": metrics, "weight": total, "intermediates": intermediates}
 
   def eval_fn(self, params: Any, batch: Batch, num_bins: int = DEFAULT_NUM_BINS) -> dict:
-    """Deterministic forward pass: ``loss_fn``'s aux plus ``"logits"`` ``[B, C]`` and ``"calibration"``.
+    """Deterministic forward pass: loss and accuracy, and this batch's calibration bins in ``"sums"``.
 
-    ``calibration`` holds this batch's additive :func:`calibration_bins` sums; a
-    dataset's ECE is :func:`ece_from_bins` of their sum over batches. No ECE is
-    put in ``metrics``: the trainer averages scalar metrics over batches, and a
-    mean of per-batch ECEs is not the ECE.
+    The bins (:func:`calibration_bins`) add up over batches; :meth:`finalize_eval`
+    takes the split's ECE from their sum, since a mean of per-batch ECEs is not the ECE.
     """
     logits, intermediates = self._apply(params, batch["image"], None)
-    _, metrics = self._metrics(logits, batch)
+    _, metrics, total = self._metrics(logits, batch)
     bins = calibration_bins(jax.nn.softmax(logits), batch["label"], _weights(batch), num_bins)
-    return {"metrics": metrics, "intermediates": intermediates, "logits": logits, "calibration": bins}
+    return {"metrics": metrics, "weight": total, "sums": {"calibration": bins}, "intermediates": intermediates}
+
+  def finalize_eval(self, metrics, sums):
+    out = dict(metrics)
+    if "calibration" in sums:
+      out["ece"] = float(ece_from_bins(sums["calibration"]))
+    return out
+
+  def predict_batch(self, params: Any, batch: Batch, **kwargs) -> Array:
+    """Class probabilities ``[B, num_classes]`` for ``batch["image"]`` (no dropout)."""
+    del kwargs
+    logits, _ = self._apply(params, batch["image"], None)
+    return jax.nn.softmax(logits.astype(jnp.float32))
+
+  def default_input_shapes(self, batch_size: int = 1):
+    size = self.module.image_size or 224
+    return {"image": (batch_size, size, size, 3)}
+
+  def describe(self):
+    m = self.module
+    config = {name: getattr(m, name) for name in ("variant", "num_classes", "top_k", "top_k_method",
+                                                   "mlp_activation", "pool_type", "representation_size")}
+    config.update(m.shape)
+    mlp = dict(d=m.shape["width"], ff=m.shape["mlp_dim"], n_wi=1, top_k=m.top_k, stacks={"encoder": m.shape["depth"]})
+    return {"config": config, "mlp": mlp, "top_k": m.top_k, "mlp_activation": m.mlp_activation, "variant": m.variant}
