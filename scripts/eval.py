@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Evaluates a checkpoint (loss, accuracy, per-layer activation sparsity). See topk_transformers/evaluate.py."""
+"""Evaluates a checkpoint (loss, accuracy, per-layer activation sparsity, evaluators): topk-eval. See topk_transformers/commands/eval.py."""
 
 import sys
 
-from topk_transformers import cli
+from topk_transformers.commands import eval
 
 if __name__ == "__main__":
-  cli.eval_main(sys.argv[1:])
+  sys.exit(eval.main())

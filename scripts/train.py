@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Trains a model from gin files (T5X-style flags). See topk_transformers/cli.py."""
+"""Trains a model from gin files (T5X-style flags): topk-train. See topk_transformers/commands/train.py."""
 
-from topk_transformers import cli
+import sys
+
+from topk_transformers.commands import train
 
 if __name__ == "__main__":
-  cli.train_main()
+  sys.exit(train.main())

@@ -219,31 +219,33 @@ def test_predict_batch_eos_sampling_and_beam(t5):
     decoding.predict_batch(module, params, batch, decode_method="nucleus")
 
 
-def test_decode_script_reads_a_checkpoint(tmp_path):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
+def test_decode_command_reads_a_checkpoint(tmp_path, capsys):
+  import json  # pylint: disable=g-import-not-at-top
 
   from topk_transformers import checkpoints, gin_utils  # pylint: disable=g-import-not-at-top
+  from topk_transformers.commands import decode as decode_command  # pylint: disable=g-import-not-at-top
+  from topk_transformers.t5 import text  # pylint: disable=g-import-not-at-top
 
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location("decode_script", os.path.join(root, "scripts", "decode.py"))
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
   # The tiny T5 with a byte vocabulary (no SentencePiece model to train or download).
   gin_file = tmp_path / "bytes.gin"
   gin_file.write_text("from __gin__ import dynamic_registration\nimport seqio\n"
-                      "include 'configs/t5/t5_1_0/tiny.gin'\nVOCABULARY = @seqio.ByteVocabulary()\n")
+                      "include 't5/t5_1_0/tiny.gin'\nVOCABULARY = @seqio.ByteVocabulary()\n")
   gin_flags = [f"--gin_file={gin_file}", "--gin.NUM_EMBEDDINGS=384", "--gin.TOP_K=32",
                "--gin.network.T5Config.num_encoder_layers=1"]
   gin_utils.configure(*gin_utils.parse_gin_flags(gin_flags)[:2])
   model = gin_utils.get_macro("MODEL")
-  inputs = script.encode_inputs(["hello there"], model.input_vocabulary)
+  inputs = text.encode_texts(["hello there"], model.input_vocabulary)
   np.testing.assert_array_equal(inputs[0], [b + 3 for b in b"hello there"] + [1])  # bytes shifted by 3, EOS
   params = random_params(model.module, jnp.asarray(inputs), jnp.ones((1, 8), jnp.int32), seed=1)
   manager = checkpoints.CheckpointManager(str(tmp_path / "run"), async_save=False)
   manager.save(5, {"params": params, "step": 0})
   manager.close()
-  results = script.main([*gin_flags, f"--checkpoint={tmp_path / 'run'}", "--input", "hello there",
-                         "--max_decode_length=8"])
-  expected = decoding.predict_batch(model, params, {"encoder_input_tokens": inputs}, max_decode_length=8)
+  out = tmp_path / "out.json"
+  assert decode_command.main([*gin_flags, f"--checkpoint={tmp_path / 'run'}", "--input", "hello there",
+                              "--max_decode_length=8", f"--json={out}"]) == 0
+  results = json.loads(out.read_text())["results"]
+  expected = model.predict_batch(params, {"encoder_input_tokens": inputs}, max_decode_length=8)
   assert results[0]["outputs"][0]["ids"] == [int(t) for t in np.asarray(expected)[0]]
+  assert "checkpoint step 5" in capsys.readouterr().out
+  # No input is a usage error: one line, exit 2.
+  assert decode_command.main([*gin_flags, f"--checkpoint={tmp_path / 'run'}"]) == 2

@@ -164,6 +164,9 @@ def test_table_script(fake_runs, tmp_path):
   table = json.loads(out_json.read_text())
   assert table["columns"] == ["dense", "top16"] and table["run_dirs"] == fake_runs
   assert "Gaussian noise" in proc.stdout
+  missing = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "robustness_table.py"),
+                            str(tmp_path / "no_such_run")], capture_output=True, text=True)
+  assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error: no eval_results.json")
 
 
 def test_load_results_errors(tmp_path):
@@ -171,4 +174,7 @@ def test_load_results_errors(tmp_path):
     robustness.load_results(str(tmp_path))
   (tmp_path / "eval_results.json").write_text(json.dumps({"name": "x"}))
   with pytest.raises(ValueError, match="accuracy"):
+    robustness.load_results(str(tmp_path))
+  (tmp_path / "eval_results.json").write_text("{not json")
+  with pytest.raises(ValueError, match="not valid JSON"):
     robustness.load_results(str(tmp_path))

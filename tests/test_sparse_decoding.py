@@ -158,17 +158,13 @@ def test_t5_greedy_sparse_equals_dense(acts, method, batch):
 
 
 def test_decode_benchmark_writes_json_and_plot(tmp_path):
-  import importlib.util  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
 
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  path = os.path.join(root, "scripts", "decode_benchmark.py")
-  spec = importlib.util.spec_from_file_location("decode_benchmark", path)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  from topk_transformers.commands import bench_decode  # pylint: disable=g-import-not-at-top
+
   out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-  bench.main(["--sizes=tiny", "--k=16", "--steps=2", "--reps=2", "--num_layers=1", f"--json={out}", f"--plot={png}"])
+  assert bench_decode.main(["--sizes=tiny", "--k=16", "--steps=2", "--reps=2", "--num_layers=1", f"--json={out}",
+                            f"--plot={png}"]) == 0
   result = json.loads(out.read_text())
   assert result["machine"]["platform"] == jax.devices()[0].platform and result["machine"]["cores"] >= 1
   dense, sparse = result["results"]
@@ -186,3 +182,6 @@ def test_decode_benchmark_writes_json_and_plot(tmp_path):
   assert sparse["speedup"] == pytest.approx(dense["s_per_token"] / sparse["s_per_token"])
   assert len(sparse["all_s_per_token"]) == 2 and all(t > 0 for t in sparse["all_s_per_token"])
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # A bad flag is one line and exit 2, before anything is built.
+  assert bench_decode.main(["--sizes=huge"]) == 2
+  assert bench_decode.main(["--sizes=tiny", "--k=0"]) == 2

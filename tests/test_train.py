@@ -101,3 +101,12 @@ def test_corrupt_checkpoint_is_a_clear_error_and_deletes_nothing(tmp_path, strai
 def test_bad_batch_size_is_one_line_error(tmp_path):
   with pytest.raises(ValueError, match="batch_size=0"):
     train.train(model=ToyModel(), dataset=ToyDataset(), model_dir=str(tmp_path), train_steps=1, batch_size=0)
+
+
+def test_train_command_turns_a_bad_mesh_binding_into_one_line_and_exit_2(tmp_path, capsys):
+  from topk_transformers.commands import train as train_command
+
+  assert train_command.main(["--gin_file=t5/runs/cpu_smoke.gin", f"--gin.MODEL_DIR='{tmp_path}'",
+                             "--gin.NUM_PARTITIONS=3"]) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+  assert err == [f"error: num_partitions=3 does not divide the {jax.device_count()} devices"]

@@ -1,4 +1,4 @@
-"""The ViT run configs: cpu_smoke.gin trains through the real trainer and tfds digits, scripts/eval.py evaluates it."""
+"""The ViT run configs: cpu_smoke.gin trains through the real trainer and tfds digits, topk-eval evaluates it."""
 
 import json
 import os
@@ -8,11 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from topk_transformers import evaluate, gin_utils
+from topk_transformers import gin_utils, runs
+from topk_transformers.commands import eval as eval_command
 from topk_transformers import train as train_lib
 from topk_transformers.vit import model as vit_model
 
-SMOKE = "configs/vit/runs/cpu_smoke.gin"
+SMOKE = "vit/runs/cpu_smoke.gin"
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +45,21 @@ def test_smoke_config_trains_a_topk_vit_on_digits(smoke_run):
 
 
 @pytest.mark.slow
-def test_eval_script_writes_table1_results_for_the_checkpoint(smoke_run, tmp_path):
+def test_eval_command_writes_table1_results_for_the_checkpoint(smoke_run, tmp_path):
   run_dir, bindings, result = smoke_run
   flags = [f"--gin_file={SMOKE}"] + [f"--gin_bindings={b}" for b in bindings]
-  flags += ["--gin_bindings=evaluate.evaluate_vit.corruptions = ['impulse_noise']",
-            "--gin_bindings=evaluate.evaluate_vit.severities = [1, 5]", f"--json={tmp_path / 'eval.json'}"]
-  out = evaluate.main(flags + [f"--checkpoint={run_dir}"])
+  flags += ["--gin_bindings=evaluate.RobustnessEvaluator.corruptions = ['impulse_noise']",
+            "--gin_bindings=evaluate.RobustnessEvaluator.severities = [1, 5]", f"--json={tmp_path / 'eval.json'}"]
+  assert eval_command.main(flags + [f"--checkpoint={run_dir}"]) == 0
+  out = json.loads((tmp_path / "eval.json").read_text())
   with open(os.path.join(run_dir, "eval_results.json")) as f:
     written = json.load(f)
   rob = out["robustness"]
-  assert written["accuracy"] == rob["accuracy"]
-  # The same parameters on the same (clean) split as the trainer's last evaluation.
+  assert out["evaluators"] == ["robustness"] and written["accuracy"] == rob["accuracy"]
+  # The same parameters on the same (clean) split as the trainer's last evaluation, ECE included.
   np.testing.assert_allclose(rob["accuracy"], result.eval_metrics["accuracy"], atol=1e-6)
+  np.testing.assert_allclose(rob["ece"], result.eval_metrics["ece"], atol=1e-6)
+  np.testing.assert_allclose(out["metrics"]["ece"], result.eval_metrics["ece"], atol=1e-6)
   assert rob["num_examples"] == 360 and sum(rob["reliability"]["count"]) == 360
   assert (rob["name"], rob["top_k"], rob["label_noise"], rob["step"]) == ("top5", 5, 0.0, 150)
   assert 0.0 <= rob["ece"] <= 1.0 and rob["ece_num_bins"] == 15
@@ -65,13 +69,11 @@ def test_eval_script_writes_table1_results_for_the_checkpoint(smoke_run, tmp_pat
   np.testing.assert_allclose(impulse["mean"], (impulse["1"] + impulse["5"]) / 2)
   with open(os.path.join(run_dir, "reliability_diagram.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  with open(tmp_path / "eval.json") as f:
-    assert json.load(f)["robustness"]["accuracy"] == rob["accuracy"]
 
 
 def _configure(files, bindings=()):
   gin_utils.configure(files, ["MODEL_DIR = '/nonexistent'", *bindings])
-  return gin_utils.get_macro("MODEL"), evaluate.build_from_gin("train.train.dataset")
+  return gin_utils.get_macro("MODEL"), runs.build_from_gin("train.train.dataset")
 
 
 @pytest.mark.parametrize("run, tfds_name, train_split, eval_split, num_classes, corruptions", [
@@ -80,16 +82,17 @@ def _configure(files, bindings=()):
     ("cifar10", "cifar10", "train", "test", 10, 3),
 ])
 def test_run_layers_on_b16_topk(run, tfds_name, train_split, eval_split, num_classes, corruptions):
-  model, dataset = _configure(["configs/vit/b16.gin", "configs/vit/topk.gin", f"configs/vit/runs/{run}.gin"],
+  model, dataset = _configure(["vit/b16.gin", "vit/topk.gin", f"vit/runs/{run}.gin"],
                               ["LABEL_NOISE = 0.8"])
   assert isinstance(model, vit_model.ClassificationModel)
   vit = model.module
   assert (vit.variant, vit.top_k, vit.mlp_activation, vit.num_classes) == ("B/16", 256, "relu", num_classes)
   assert (dataset.tfds_name, dataset.train_split, dataset.eval_split) == (tfds_name, train_split, eval_split)
   assert dataset.num_classes == num_classes and dataset.image_size == 224 and dataset.label_noise == 0.8
-  assert len(gin.query_parameter("evaluate_vit.corruptions")) == corruptions
+  assert len(gin.query_parameter("RobustnessEvaluator.corruptions")) == corruptions
+  assert [type(e).__name__ for e in gin_utils.get_macro("EVALUATORS")] == ["RobustnessEvaluator"]
   # AdamW with warm-up then cosine decay, as the trainer will build it.
-  schedule = evaluate.build_from_gin("train.train.learning_rate")
+  schedule = runs.build_from_gin("train.train.learning_rate")
   warmup = gin_utils.get_macro("WARMUP_STEPS")
   peak = gin_utils.get_macro("PEAK_LEARNING_RATE")
   total = gin_utils.get_macro("TRAIN_STEPS")
@@ -107,7 +110,7 @@ def test_run_layers_on_b16_topk(run, tfds_name, train_split, eval_split, num_cla
 
 def test_relu_layer_makes_the_smoke_model_dense():
   topk_model, _ = _configure([SMOKE])
-  dense_model, dataset = _configure([SMOKE, "configs/vit/relu.gin"])
+  dense_model, dataset = _configure([SMOKE, "vit/relu.gin"])
   assert (topk_model.module.top_k, topk_model.module.mlp_activation) == (5, "relu")
   assert (dense_model.module.top_k, dense_model.module.mlp_activation) == (None, "relu")
   assert dense_model.module.variant == "Test/2" and dense_model.module.shape["mlp_dim"] == 64

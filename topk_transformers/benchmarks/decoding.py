@@ -1,0 +1,294 @@
+"""Unbatched greedy decoding of T5: dense MLPs vs Top-k sparse MLPs on the same weights (``topk-bench-decode``).
+
+  topk-bench-decode --sizes=large,3B --version=1.0 --k=128 --method=exact \
+      --dtype=float32 --steps=16 --reps=7 --json=benchmarks/decode.json --plot=benchmarks/decode.png
+
+For each size (the published shapes, ``t5/sizes.py``, the same as the gin files
+``configs/t5/t5_1_{0,1}/*.gin``; v1.1's 3B and 11B are its XL and XXL), each dtype, each selection method and
+each k, the script builds T5 with random weights (created directly in the
+dtype), encodes one random input, and times jitted greedy decoding of
+``--steps`` tokens with the KV cache (``decoding.greedy_decode``, no EOS stop),
+batch 1:
+
+* ``dense``: the vanilla model (``top_k=None``), the baseline;
+* ``sparse``: Top-k MLPs on the sparse path (``sparse_decode=True``: each
+  decoder MLP reads the k selected rows of ``wo``);
+* ``dense_topk`` (with ``--dense_topk``): Top-k MLPs computed densely.
+
+All variants share one parameter tree. Timings are interleaved (one run of each
+variant per repetition) so load from other processes hits them alike; the
+figures are medians after compilation, ``block_until_ready`` included (the
+speedup is the ratio of the medians; the median of per-repetition ratios,
+``paired``, and the ratio of the best runs, ``best``, are printed as checks on
+the noise). The sparse tokens are checked against the dense Top-k model's (same function).
+
+The memory-traffic bound is the ratio of the weight bytes one decoder step
+reads, dense over sparse. Per decoder layer: self-attention ``q, k, v, o``;
+cross-attention ``q, o`` (the network, like T5X, projects the encoder output to
+keys and values inside every step, but that projection depends only on loop
+invariants and XLA hoists it out of the decoding ``while`` loop, as the
+compiled HLO shows, so a step does not read those two kernels); the MLP (``wi``
+branches in full, then ``wo`` in full or ``k`` of its rows); three layer-norm
+scales. Once per step: the token's embedding row, the final norm and the logits
+matrix (``vocab x d``, tied or not). Activations, the KV cache and the projected
+encoder keys and values are not counted (``2 * (steps + input_length) * heads *
+head_dim`` values per layer, under 1% of the bytes here).
+
+bfloat16 on a CPU: XLA:CPU computes bfloat16 dots in float32 and hoists the
+conversion of the weights out of the loop, so each call first converts the
+weights and the loop then reads float32 copies; the bytes the bound counts at 2
+per value are not what runs there (the figures still compare the two paths).
+
+``--num_layers N`` builds N encoder and N decoder layers instead of the
+published depth (for shapes that do not fit in memory); every figure is then for
+that truncated model, and per-layer latencies (per-token / N) are reported too.
+``--encoder_layers M`` shrinks only the encoder, which runs once before the
+timed loop and does not change the per-token decoder cost: a 3B model in
+float32 then fits with its full 24-layer decoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import statistics
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from topk_transformers import decoding
+from topk_transformers import topk
+from topk_transformers.benchmarks import machine
+from topk_transformers.errors import ConfigError
+from topk_transformers.t5 import network
+from topk_transformers.t5 import sizes
+
+METHODS = topk.METHODS
+DTYPES = ("float32", "bfloat16")
+COUNTED = ("weights read per decoder step: self-attention q,k,v,o; cross-attention q,o (the key/value projection "
+           "of the encoder output is loop-invariant and XLA hoists it out of the decoding loop); MLP wi in full "
+           "and wo in full (dense) or k rows (sparse); layer norms; embedding row; logits matrix")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What to benchmark; ``topk-bench-decode``'s flags."""
+
+  sizes: Tuple[str, ...] = ("large",)
+  version: str = "1.0"
+  ks: Tuple[int, ...] = (128,)
+  methods: Tuple[str, ...] = ("exact",)
+  dtypes: Tuple[str, ...] = ("float32",)
+  num_layers: Optional[int] = None
+  """Encoder and decoder layers (default: the published depth)."""
+  encoder_layers: Optional[int] = None
+  """Encoder layers only (default: as the decoder); the encoder runs once, untimed."""
+  steps: int = 16
+  """Tokens decoded per timed run."""
+  reps: int = 5
+  """Timed runs per variant (the median is reported)."""
+  input_length: int = 32
+  dense_topk: bool = False
+  """Also time the Top-k model on the dense path."""
+  seed: int = 0
+
+  def __post_init__(self):
+    for size in self.sizes:
+      try:
+        sizes.published_config(self.version, size)
+      except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for name, values, allowed in (("method", self.methods, METHODS), ("dtype", self.dtypes, DTYPES)):
+      bad = [v for v in values if v not in allowed]
+      if bad or not values:
+        raise ConfigError(f"--{name} must list {' and/or '.join(allowed)}, got {','.join(values) or 'nothing'}")
+    if not self.ks or min(self.ks) <= 0:
+      raise ConfigError(f"--k must list positive integers, got {self.ks}")
+    for name in ("steps", "reps", "input_length"):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+    for name in ("num_layers", "encoder_layers"):
+      if getattr(self, name) is not None and getattr(self, name) <= 0:
+        raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+
+
+# ---------------------------------------------------------------------------
+# Bytes of weights read per decoded token.
+# ---------------------------------------------------------------------------
+
+
+def weight_bytes_per_token(cfg: network.T5Config, k: Optional[int], itemsize: int) -> Dict[str, int]:
+  """Weight bytes one decoder step reads, by part; ``k=None`` for the dense MLP (see module docstring)."""
+  d, hd, ff, n_wi = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim, len(cfg.mlp_activations)
+  layers_ = cfg.num_decoder_layers
+  wo_rows = ff if k is None or k >= ff else k
+  per_layer = {
+      "self_attention": 4 * d * hd,
+      "cross_attention": 2 * d * hd,  # q and o; k, v of the encoder output are hoisted out of the loop
+      "mlp": n_wi * d * ff + wo_rows * d,
+      "layer_norms": 3 * d,
+  }
+  parts = {name: layers_ * n * itemsize for name, n in per_layer.items()}
+  parts["embedding_row_and_final_norm"] = 2 * d * itemsize
+  parts["logits"] = cfg.vocab_size * d * itemsize
+  parts["per_layer"] = sum(per_layer.values()) * itemsize
+  parts["total"] = sum(v for name, v in parts.items() if name != "per_layer")
+  return parts
+
+
+# ---------------------------------------------------------------------------
+# Model set-up and timing.
+# ---------------------------------------------------------------------------
+
+
+def random_params(module: nn.Module, dtype, seed: int = 0) -> Any:
+  """Random parameters of ``module``'s shapes, created directly in ``dtype`` (one leaf at a time).
+
+  Drawn with NumPy and converted on the host, so nothing is compiled and the
+  peak memory is the model plus one float32 leaf.
+  """
+  tokens = jnp.ones((1, 1), jnp.int32)
+  shapes = nn.meta.unbox(jax.eval_shape(
+      lambda: module.init(jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False))["params"])
+  rng = np.random.default_rng(seed)
+  np_dtype = jnp.dtype(dtype)  # ml_dtypes' bfloat16 for 'bfloat16'
+
+  def init(path, s):
+    name = getattr(path[-1], "key", "")
+    if name == "scale":
+      return jnp.ones(s.shape, dtype)
+    # Kernels N(0, 1/fan_in) keep activations O(1), like T5's initialisation; the rest N(0, 1).
+    x = rng.standard_normal(s.shape, dtype=np.float32)
+    if name == "kernel":
+      x *= np.float32(1.0 / np.sqrt(s.shape[0]))
+    return jax.device_put(x.astype(np_dtype))
+
+  return jax.tree_util.tree_map_with_path(init, shapes)
+
+
+def make_decoder(module: nn.Module, steps: int):
+  """Jitted ``(params, cache, encoded, enc_tokens) -> tokens [1, steps]``: greedy, no EOS stop."""
+
+  @jax.jit
+  def run(params, cache, encoded, enc_tokens):
+    step = decoding.make_tokens_to_logits(module, params, encoded, enc_tokens, steps)
+    tokens, _ = decoding.greedy_decode(step, cache, enc_tokens.shape[0], steps, eos_id=None)
+    return tokens
+
+  return run
+
+
+def bench_size(version: str, size: str, dtype_name: str, ks: List[int], methods: List[str],
+               settings: "Settings") -> List[Dict]:
+  """All rows of one (size, dtype): dense, and sparse (and dense Top-k) for each method and k."""
+  published = sizes.published_config(version, size)
+  layers_ = settings.num_layers or published.num_decoder_layers
+  enc_layers = settings.encoder_layers or min(layers_, published.num_encoder_layers)
+  base = dataclasses.replace(published, dtype=jnp.dtype(dtype_name), dropout_rate=0.0, top_k=None,
+                             num_encoder_layers=enc_layers, num_decoder_layers=layers_)
+  truncated = layers_ != published.num_decoder_layers
+  itemsize = jnp.dtype(dtype_name).itemsize
+  print(f"\n== T5 v{version} {size} {dtype_name}: d={base.emb_dim} heads={base.num_heads}x{base.head_dim} "
+        f"d_ff={base.mlp_dim} vocab={base.vocab_size} encoder layers {enc_layers}, decoder layers {layers_}"
+        + (f" of {published.num_decoder_layers} (--num_layers: figures are for this truncated model)"
+           if truncated else ""), flush=True)
+  t0 = time.perf_counter()
+  params = random_params(network.Transformer(base), dtype_name, seed=settings.seed)
+  jax.block_until_ready(params)
+  print(f"   random weights in {time.perf_counter() - t0:.1f}s", flush=True)
+  enc_tokens = jax.random.randint(jax.random.PRNGKey(settings.seed + 1), (1, settings.input_length), 2, base.vocab_size)
+
+  variants = {"dense": base}
+  for method in methods:
+    for k in ks:
+      if k >= base.mlp_dim:
+        print(f"   k={k} >= d_ff={base.mlp_dim}: Top-k keeps every unit, skipped")
+        continue
+      topk_cfg = dataclasses.replace(base, top_k=k, top_k_method=method)
+      variants[f"sparse/{method}/{k}"] = dataclasses.replace(topk_cfg, sparse_decode=True)
+      variants[f"dense_topk/{method}/{k}"] = dataclasses.replace(topk_cfg, sparse_decode=False)
+
+  runs, tokens = {}, {}
+  for name, cfg in variants.items():
+    module = network.Transformer(cfg)
+    encoded = jax.jit(lambda p, e, m=module: m.apply({"params": p}, e, enable_dropout=False, method=m.encode))(
+        params, enc_tokens)
+    cache = decoding.init_cache(module, params, encoded, enc_tokens, settings.steps)
+    decoder = make_decoder(module, settings.steps)
+    call = functools.partial(decoder, params, cache, encoded, enc_tokens)
+    t0 = time.perf_counter()
+    tokens[name] = np.asarray(jax.block_until_ready(call()))  # compiles, warms up
+    print(f"   compiled {name} in {time.perf_counter() - t0:.1f}s", flush=True)
+    if name.startswith("dense_topk") and not settings.dense_topk:
+      continue  # run once to check the sparse tokens, not timed
+    runs[name] = call
+
+  times = {name: [] for name in runs}
+  for _ in range(settings.reps):
+    for name, call in runs.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(call())
+      times[name].append((time.perf_counter() - t0) / settings.steps)
+
+  shared = dict(size=size, version=version, dtype=dtype_name, num_decoder_layers=layers_,
+                published_decoder_layers=published.num_decoder_layers, num_encoder_layers=enc_layers,
+                truncated=truncated)
+
+  def timing(name, nbytes):
+    s = statistics.median(times[name])
+    return dict(s_per_token=s, min_s_per_token=min(times[name]), tokens_per_s=1.0 / s, s_per_layer=s / layers_,
+                weight_bytes_per_token=nbytes["total"], weight_gb_per_s=nbytes["total"] / s / 1e9,
+                weight_bytes=nbytes, all_s_per_token=times[name])
+
+  dense_bytes = weight_bytes_per_token(base, None, itemsize)
+  dense = dict(shared, variant="dense", method=None, k=None, **timing("dense", dense_bytes))
+  rows = [dense]
+  print(f"   {'variant':22s} {'ms/token':>9s} {'(best)':>8s} {'tok/s':>6s} {'GB/s':>5s} {'speedup':>7s} "
+        f"{'(paired)':>8s} {'(best)':>7s} {'bound':>6s} {'sp/bound':>8s} {'saving/possible':>15s}  "
+        f"tokens==dense_topk")
+  print(f"   {'dense':22s} {dense['s_per_token'] * 1e3:9.2f} {dense['min_s_per_token'] * 1e3:8.2f} "
+        f"{dense['tokens_per_s']:6.2f} {dense['weight_gb_per_s']:5.2f}")
+  for name in runs:
+    if name == "dense":
+      continue
+    kind, method, k = name.split("/")
+    k = int(k)
+    row = dict(shared, variant=kind, method=method, k=k,
+               **timing(name, weight_bytes_per_token(variants[name], k if kind == "sparse" else None, itemsize)))
+    bound = dense_bytes["total"] / row["weight_bytes_per_token"]
+    speedup = dense["s_per_token"] / row["s_per_token"]
+    # The share of the time saving that reading fewer bytes allows which was realised (1: all of it).
+    possible = 1.0 - 1.0 / bound
+    realised = (1.0 - 1.0 / speedup) / possible if possible > 0 else float("nan")
+    row.update(speedup=speedup, bound=bound, speedup_over_bound=speedup / bound, saving_realised=realised,
+               paired_speedup=statistics.median(d / x for d, x in zip(times["dense"], times[name])),
+               best_speedup=dense["min_s_per_token"] / row["min_s_per_token"],
+               tokens_match_dense_topk=bool(np.array_equal(tokens[name], tokens[f"dense_topk/{method}/{k}"])))
+    rows.append(row)
+    print(f"   {name:22s} {row['s_per_token'] * 1e3:9.2f} {row['min_s_per_token'] * 1e3:8.2f} "
+          f"{row['tokens_per_s']:6.2f} {row['weight_gb_per_s']:5.2f} {speedup:7.3f} {row['paired_speedup']:8.3f} "
+          f"{row['best_speedup']:7.3f} {bound:6.3f} {speedup / bound:8.3f} {realised:15.3f}  "
+          f"{row['tokens_match_dense_topk']}", flush=True)
+  if truncated:
+    print(f"   per layer (ms/token / {layers_} layers): "
+          + ", ".join(f"{r['variant']}{'/' + str(r['k']) if r['k'] else ''} {r['s_per_layer'] * 1e3:.2f}"
+                      for r in rows))
+  del params, runs
+  return rows
+
+
+def run(settings: Settings, command: str = "") -> Dict[str, Any]:
+  """Every size and dtype of ``settings``; returns the JSON-ready result."""
+  info = machine.machine_info()
+  print(f"backend {info['platform']} ({info['device_kind']}), cpu {info['cpu']}, {info['cores']} cores, "
+        f"jax {info['jax']}, load average {info['load_average_at_start']}")
+  rows = []
+  for size in settings.sizes:
+    for dtype in settings.dtypes:
+      rows.extend(bench_size(settings.version, size, dtype, list(settings.ks), list(settings.methods), settings))
+  return {"command": command, "machine": info, "settings": dataclasses.asdict(settings), "counted": COUNTED,
+          "results": rows}

@@ -1,0 +1,56 @@
+"""``topk-bench-decode``: unbatched greedy decoding of T5, dense against Top-k sparse, on the same random weights.
+
+  topk-bench-decode --sizes=large --version=1.0 --k=128 --method=exact --dtype=float32 --steps=16 --reps=11 \
+      --json=benchmarks/decode_k128_v1.0_large.json [--plot=benchmarks/decode.png]
+
+Needs only jax and flax (``benchmarks/decoding.py`` says what it measures and counts).
+"""
+
+from __future__ import annotations
+
+
+from topk_transformers.commands import common
+
+
+def _list(text: str, kind=str):
+  try:
+    return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+  except ValueError:
+    raise common.ConfigError(f"expected a comma list of {kind.__name__}s, got {text!r}") from None
+
+
+@common.command(tensorflow=False)
+def main(argv) -> int:
+  from topk_transformers.benchmarks import decoding  # pylint: disable=g-import-not-at-top
+
+  p = common.ArgumentParser(prog="topk-bench-decode", description=__doc__.splitlines()[0])
+  p.add_argument("--sizes", default="large", help="comma list of tiny,small,base,large,3B,11B")
+  p.add_argument("--version", default="1.0", help="1.0 or 1.1")
+  p.add_argument("--k", default="128", help="comma list of k")
+  p.add_argument("--method", default="exact", help="comma list of Top-k selection methods")
+  p.add_argument("--dtype", default="float32", help="comma list of float32,bfloat16")
+  p.add_argument("--num_layers", type=int, default=None, help="encoder and decoder layers (default: published)")
+  p.add_argument("--encoder_layers", type=int, default=None,
+                 help="encoder layers only (default: as the decoder); the encoder runs once, untimed")
+  p.add_argument("--steps", type=int, default=16, help="tokens decoded per timed run")
+  p.add_argument("--reps", type=int, default=5, help="timed runs per variant (median reported)")
+  p.add_argument("--input_length", type=int, default=32, help="encoder input tokens")
+  p.add_argument("--dense_topk", action="store_true", help="also time the Top-k model on the dense path")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--json", default=None, help="write results here")
+  p.add_argument("--plot", default=None, help="write a PNG of latency and speedup against k here")
+  args = p.parse_args(argv)
+  settings = decoding.Settings(
+      sizes=_list(args.sizes), version=args.version, ks=_list(args.k, int), methods=_list(args.method),
+      dtypes=_list(args.dtype), num_layers=args.num_layers, encoder_layers=args.encoder_layers, steps=args.steps,
+      reps=args.reps, input_length=args.input_length, dense_topk=args.dense_topk, seed=args.seed)
+  result = decoding.run(settings, command=" ".join(["topk-bench-decode", *argv]))
+  common.write_json(args.json, result)
+  if args.json:
+    print(f"wrote {args.json}")
+  if args.plot:
+    from topk_transformers import plotting  # pylint: disable=g-import-not-at-top
+
+    plotting.plot_decode_speedups(result["results"], args.plot)
+    print(f"wrote {args.plot}")
+  return 0

@@ -1,0 +1,98 @@
+"""What every command shares: a quiet start, gin flags, and exit statuses.
+
+Exit statuses: 0 done; 2 a configuration mistake (``ConfigError``: one
+``error: ...`` line, no traceback); 1 a run that cannot go on (a bad
+checkpoint, a non-finite loss), also one line. Every other exception keeps its
+traceback: it is a bug to report, not a mistake to correct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+from topk_transformers import startup
+from topk_transformers.errors import ConfigError, one_line
+
+EXIT_CONFIG = 2
+EXIT_FAILED = 1
+
+
+class CommandFailed(RuntimeError):
+  """A run that cannot go on; the command prints its one-line message and exits 1."""
+
+
+def command(main: Optional[Callable[..., Optional[int]]] = None, *, tensorflow: bool = True):
+  """Decorates a command's ``main(argv)``: quiet start, logging, and the exit statuses above.
+
+  ``tensorflow=False`` for commands that only need jax and flax (the benchmarks, model info): they
+  then run where TensorFlow is not installed, such as a bare GPU machine.
+  """
+  if main is None:
+    return functools.partial(command, tensorflow=tensorflow)
+
+  @functools.wraps(main)
+  def wrapper(argv: Optional[Sequence[str]] = None) -> int:
+    if tensorflow:
+      startup.quiet_start()
+    startup.setup_logging()
+    # A missing data file (``data.tasks.MissingDataError``, gensim's corpus) is named in one line too.
+    failures: Tuple[type, ...] = (CommandFailed, FileNotFoundError)
+    if tensorflow:
+      from topk_transformers import checkpoints  # pylint: disable=g-import-not-at-top  # after the quiet start
+      failures += (checkpoints.CheckpointError,)
+    try:
+      status = main(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as e:
+      print(f"error: {one_line(e)}", file=sys.stderr)
+      return EXIT_CONFIG
+    except failures as e:
+      print(f"error: {one_line(e)}", file=sys.stderr)
+      return EXIT_FAILED
+    return int(status or 0)
+
+  return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage errors are a ``ConfigError`` (one line, exit 2)."""
+
+  def error(self, message):
+    raise ConfigError(f"{self.prog}: {message}")
+
+
+def gin_flags(argv: Sequence[str], required: bool = True) -> Tuple[List[str], List[str], List[str]]:
+  """``(gin_files, bindings, other args)``; with ``required``, no ``--gin_file`` is a ``ConfigError``."""
+  from topk_transformers import gin_utils  # pylint: disable=g-import-not-at-top  # commands without gin skip it
+
+  gin_files, bindings, rest = gin_utils.parse_gin_flags(argv)
+  if required and not gin_files:
+    raise ConfigError("no --gin_file given (e.g. --gin_file=t5/runs/cpu_smoke.gin)")
+  return gin_files, bindings, rest
+
+
+def write_json(path: Optional[str], payload: Any) -> None:
+  """Writes ``payload`` as indented JSON to ``path`` (its directory is made), if a path is given."""
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(payload, f, indent=2, default=float)
+
+
+def read_lines(path: str) -> List[str]:
+  """The non-empty lines of a UTF-8 text file; a missing or undecodable file is a one-line ``ConfigError``."""
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+  return [line for line in text.splitlines() if line.strip()]

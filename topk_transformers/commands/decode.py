@@ -1,0 +1,62 @@
+"""``topk-decode``: decodes text with a trained T5 checkpoint (greedy, beam search or sampling).
+
+  topk-decode --gin_file=t5/runs/cpu_smoke.gin --checkpoint=/tmp/topk_t5_smoke \
+      --input "The cat <extra_id_0> on the mat." [--input "..."] [--method=beam --num_decodes=4 --alpha=0.6]
+
+``--gin_file`` / ``--gin.NAME=VALUE`` are the run's own gin flags (the model and
+its vocabulary come from ``MODEL``). ``--checkpoint`` is a run directory (its
+newest step) or ``RUN_DIR/checkpoints/<step>``; only the params are read.
+Top-k models decode on the sparse path automatically at batch 1;
+``--gin.network.T5Config.sparse_decode=False`` forces the dense path.
+"""
+
+from __future__ import annotations
+
+from topk_transformers.commands import common
+
+
+@common.command
+def main(argv) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  from topk_transformers import decoding, gin_utils, runs  # pylint: disable=g-import-not-at-top
+  from topk_transformers.t5 import text  # pylint: disable=g-import-not-at-top
+
+  gin_files, bindings, rest = common.gin_flags(argv)
+  p = common.ArgumentParser(prog="topk-decode", description=__doc__.splitlines()[0])
+  p.add_argument("--checkpoint", required=True, help="run directory or RUN_DIR/checkpoints/<step>")
+  p.add_argument("--input", action="append", default=[], help="text to decode (repeatable)")
+  p.add_argument("--input_file", default=None, help="more inputs, one per line")
+  p.add_argument("--method", default="greedy", choices=decoding.METHODS)
+  p.add_argument("--num_decodes", type=int, default=1, help="beams, or samples per input")
+  p.add_argument("--alpha", type=float, default=0.6, help="beam search length penalty")
+  p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--topk", type=int, default=0, help="sample among the topk most likely tokens (0: all)")
+  p.add_argument("--topp", type=float, default=0.0, help="nucleus sampling mass (0: off)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--max_decode_length", type=int, default=64)
+  p.add_argument("--all_decodes", action="store_true", help="print every beam / sample, best first")
+  p.add_argument("--json", default=None, help="also write the outputs here")
+  args = p.parse_args(rest)
+  texts = list(args.input)
+  if args.input_file:
+    texts.extend(common.read_lines(args.input_file))
+  if not texts:
+    raise common.ConfigError("give --input TEXT (repeatable) or --input_file")
+  gin_utils.configure(gin_files, bindings)
+  model = gin_utils.get_macro("MODEL")  # its vocabulary gives the input shapes
+  n = len(texts)
+  shapes = {"encoder_input_tokens": text.encode_texts(texts, model.input_vocabulary).shape,
+            "decoder_input_tokens": (n, args.max_decode_length)}
+  run = runs.load_run(args.checkpoint, model=model, input_shapes=shapes)
+  out = text.decode_texts(run, texts, args.max_decode_length, all_decodes=args.all_decodes,
+                          decode_method=args.method, num_decodes=args.num_decodes, alpha=args.alpha,
+                          temperature=args.temperature, topk=args.topk, topp=args.topp,
+                          rng=jax.random.PRNGKey(args.seed))
+  print(f"checkpoint step {out['step']}; {args.method} decoding of {n} input(s) in {out['seconds']:.2f}s "
+        "(compilation included)")
+  for result in out["results"]:
+    print(f"input:  {result['input']}")
+    for o in result["outputs"]:
+      print(f"output: {o['text']}    (score {o['score']:.3f})")
+  common.write_json(args.json, {"checkpoint": args.checkpoint, "method": args.method, **out})
+  return 0
