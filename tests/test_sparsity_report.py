@@ -1,6 +1,7 @@
 """Sparsity reports: the numbers equal a direct count, the trainer's logs read back, the files are written."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +11,16 @@ import pytest
 import tensorflow as tf
 
 from topk_transformers import checkpoints, layers, sparsity_report, train
+from topk_transformers import partitioning
+from topk_transformers import runs as runs_lib
+from topk_transformers.commands import sparsity as sparsity_command
 from topk_transformers.t5 import model as t5_model
 from topk_transformers.t5 import network
 from toy import ToyDataset, ToyModel
 
 SEED = 3
 BATCH = 32
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "sparsity")
 
 
 def _train_toy(model_dir, steps):
@@ -34,8 +39,8 @@ def toy_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(toy_run):
   """The toy model at init and after training (one compiled eval step for both)."""
-  init = sparsity_report.load_run("init", BATCH, seed=SEED, model=ToyModel(), dataset=ToyDataset())
-  return {"init": init, "trained": sparsity_report.with_params(init, toy_run[0])}
+  init = runs_lib.load_run("init", batch_size=BATCH, seed=SEED, model=ToyModel(), dataset=ToyDataset())
+  return {"init": init, "trained": init.with_params(toy_run[0])}
 
 
 def _direct_toy_counts(params, eval_steps):
@@ -85,7 +90,7 @@ def test_init_is_the_trainers_step_zero(runs, tmp_path):
   saved, step = checkpoints.restore_params(str(tmp_path), init, runs["init"].params_shardings)
   assert step == 0
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(saved), jax.device_get(init))
-  other = sparsity_report.init_params(ToyModel(), runs["init"].input_shapes, SEED + 1)
+  other = runs_lib.init_params(ToyModel(), runs["init"].input_shapes, SEED + 1)
   assert not np.array_equal(other["mlp"]["wi"]["kernel"], saved["mlp"]["wi"]["kernel"])
 
 
@@ -168,7 +173,7 @@ def _tiny_t5():
 
 def test_t5_measurement_equals_hand_count_per_stack_without_padding():
   model = _tiny_t5()
-  run = sparsity_report.load_run("init", 2, seed=0, model=model, dataset=PaddedT5Data())
+  run = runs_lib.load_run("init", batch_size=2, seed=0, model=model, dataset=PaddedT5Data())
   m = sparsity_report.measure(run, "validation", eval_steps=2)
   assert list(m.percent_nonzero) == ["encoder/layers_0", "decoder/layers_0", "decoder/layers_1"]
   fires, tokens = {}, {}
@@ -225,36 +230,17 @@ def test_write_report_json_and_pngs(toy_run, runs, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# The command line and the experiments' random-image data, through gin.
+# The command line, through gin (the random-image dataset: tests/test_experiments.py).
 # ---------------------------------------------------------------------------
 
-def test_random_image_dataset_is_fixed_noise_with_padded_eval():
-  from topk_transformers import experiments
-
-  ds = experiments.RandomImageDataset(num_train=10, num_eval=7, image_size=4, num_classes=3, seed=1)
-  train_batches = list(ds.get_dataset("train", 4, shuffle=False, repeat=False).as_numpy_iterator())
-  again = list(experiments.RandomImageDataset(num_train=10, num_eval=7, image_size=4, num_classes=3, seed=1)
-               .get_dataset("train", 4, shuffle=False, repeat=False).as_numpy_iterator())
-  assert len(train_batches) == 3 and train_batches[0]["image"].shape == (4, 4, 4, 1)
-  np.testing.assert_array_equal(train_batches[0]["image"], again[0]["image"])
-  assert sum(b["weight"].sum() for b in train_batches) == 10  # two padding rows carry weight 0
-  images = np.concatenate([b["image"][b["weight"] > 0] for b in train_batches])
-  assert images.min() >= -1.0 and images.max() <= 1.0 and images.std() > 0.4  # uniform noise, not digits
-  test = next(ds.get_dataset("test", 7, shuffle=False, repeat=False).as_numpy_iterator())
-  assert not np.array_equal(test["image"][:4], train_batches[0]["image"])
-  repeated = next(iter(ds.get_dataset("train", 8, seed=0)))
-  assert repeated["image"].shape == (8, 4, 4, 1)
-  with pytest.raises(ValueError, match="no split 'validation'"):
-    ds.get_dataset("validation", 2)
-  with pytest.raises(ValueError, match="num_train must be a positive integer, got 0"):
-    experiments.RandomImageDataset(num_train=0)
+VIT_RANDOM_IMAGES = [f"--gin_file={os.path.join(EXPERIMENTS, name)}" for name in ("vit_dense.gin", "vit_random_images.gin")]
 
 
-def test_cli_init_report_on_random_images_through_gin(tmp_path, capsys):
+def test_command_init_report_on_random_images_through_gin(tmp_path, capsys):
   out = tmp_path / "report"
-  report = sparsity_report.main([
-      "--gin_file=configs/experiments/vit_dense.gin", "--gin_file=configs/experiments/vit_random_images.gin",
-      "--checkpoint=init", "--eval_steps=1", "--batch_size=16", f"--out={out}"])
+  assert sparsity_command.main([*VIT_RANDOM_IMAGES, "--checkpoint=init", "--eval_steps=1", "--batch_size=16",
+                                f"--out={out}"]) == 0
+  report = json.loads((out / "report.json").read_text())
   assert report["step"] == 0 and report["splits"] == ["train", "test"]
   assert [(m["label"], m["split"]) for m in report["measurements"]] == [("init", "train"), ("init", "test")]
   import gin
@@ -266,12 +252,25 @@ def test_cli_init_report_on_random_images_through_gin(tmp_path, capsys):
   assert "% nonzero MLP activations per layer" in capsys.readouterr().out
 
 
-def test_cli_bad_checkpoint_is_one_line_error(tmp_path, capsys):
-  from topk_transformers import gin_utils
-
-  with pytest.raises(SystemExit) as e:
-    gin_utils.exit_on_config_error(sparsity_report.main)([
-        "--gin_file=configs/experiments/vit_dense.gin", f"--checkpoint={tmp_path / 'nothing'}", f"--out={tmp_path}"])
-  assert e.value.code == 2
+def test_command_missing_checkpoint_is_one_line_and_exit_1_before_any_data_is_built(tmp_path, capsys):
+  assert sparsity_command.main([*VIT_RANDOM_IMAGES, f"--checkpoint={tmp_path / 'nothing'}",
+                                f"--out={tmp_path}"]) == 1
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: no checkpoint at") and "\n" not in err
+
+
+class FourWayDataParallel:
+  """A mesh's answers for 4 data-parallel devices on 2 hosts (what check_batch_size asks)."""
+
+  data_parallel_size = 4
+
+  def host_shard_info(self):
+    return 0, 2
+
+
+def test_a_batch_that_does_not_divide_over_the_devices_is_an_error_not_a_rounding():
+  runs_lib.check_batch_size(8, FourWayDataParallel())
+  runs_lib.check_batch_size(1, partitioning.Partitioner())
+  for bad in (6, 2, 0, -4):
+    with pytest.raises(runs_lib.ConfigError, match=f"batch_size={bad}"):
+      runs_lib.check_batch_size(bad, FourWayDataParallel())

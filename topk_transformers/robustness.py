@@ -13,7 +13,7 @@ corrupted copies, and returns one JSON-able dict per run, which
       "accuracy": 0.95,           # fractions in [0, 1]
       "ece": 0.031, "ece_num_bins": 15,
       "reliability": {"accuracy": [...], "confidence": [...], "count": [...], "bin_edges": [...]},
-      "reliability_diagram": "reliability_diagram.png",   # relative to RUN_DIR
+      "reliability_diagram": "reliability_diagram.png",   # relative to RUN_DIR (plotting.reliability_diagram)
       "corruption_constants": "cifar10",                    # only for locally corrupted data
       "corruptions": {"gaussian_noise": {"1": 0.9, ..., "5": 0.6, "mean": 0.75}, ...}
     }
@@ -33,6 +33,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
+from topk_transformers import plotting
+from topk_transformers.gin_utils import ConfigError
 from topk_transformers.data import corruptions as corruptions_lib
 
 FORMAT = 1
@@ -96,42 +98,6 @@ def reliability(bins: Mapping[str, np.ndarray]) -> Dict[str, List[float]]:
   return {k: np.asarray(v, np.float64).tolist() for k, v in _vit_model().reliability_from_bins(bins).items()}
 
 
-def reliability_diagram(rel: Mapping[str, Sequence[float]], path: str, title: Optional[str] = None,
-                        ece: Optional[float] = None) -> str:
-  """Writes the reliability diagram (accuracy per confidence bin against the diagonal) as a PNG."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
-  edges = np.asarray(rel["bin_edges"])
-  acc, conf, count = (np.asarray(rel[k]) for k in ("accuracy", "confidence", "count"))
-  left, width = edges[:-1], np.diff(edges)
-  nonempty = count > 0
-  fig = Figure(figsize=(4.5, 5.5))
-  FigureCanvasAgg(fig)
-  top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-  top.bar(left[nonempty], acc[nonempty], width=width[nonempty], align="edge", color="tab:blue",
-          edgecolor="black", label="accuracy")
-  # The gap to the mean confidence of each bin: what ECE sums, weighted by count.
-  top.bar(left[nonempty], conf[nonempty] - acc[nonempty], bottom=acc[nonempty], width=width[nonempty],
-          align="edge", facecolor=(1.0, 0.0, 0.0, 0.15), edgecolor="tab:red", hatch="//",
-          label="gap to mean confidence")
-  top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-  top.set_ylim(0, 1)
-  top.set_ylabel("accuracy")
-  top.legend(loc="upper left", fontsize="small")
-  label = title or ""
-  if ece is not None:
-    label = f"{label}  ECE {100 * ece:.2f}%".strip()
-  top.set_title(label)
-  bottom.bar(left, count / max(count.sum(), 1), width=width, align="edge", color="gray", edgecolor="black")
-  bottom.set_xlim(0, 1)
-  bottom.set_xlabel("confidence")
-  bottom.set_ylabel("fraction")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  return path
-
-
 def evaluate(predict_fn: PredictFn, image_dataset, batch_size: int, corruptions: Sequence[str] = DEFAULT_CORRUPTIONS,
              severities: Sequence[int] = corruptions_lib.SEVERITIES, num_bins: int = NUM_BINS,
              run_dir: Optional[str] = None, name: Optional[str] = None, seed: Optional[int] = None,
@@ -171,8 +137,8 @@ def evaluate(predict_fn: PredictFn, image_dataset, batch_size: int, corruptions:
   }
   if run_dir is not None:
     os.makedirs(run_dir, exist_ok=True)
-    reliability_diagram(results["reliability"], os.path.join(run_dir, DIAGRAM_FILE), title=results["name"],
-                        ece=results["ece"])
+    plotting.reliability_diagram(results["reliability"], os.path.join(run_dir, DIAGRAM_FILE),
+                                 title=results["name"], ece=results["ece"])
     results["reliability_diagram"] = DIAGRAM_FILE
   if corruptions:
     from topk_transformers.data import vision  # Late: robustness tables need no TensorFlow.
@@ -204,12 +170,15 @@ def load_results(path: str) -> Dict[str, Any]:
   """Reads ``path/eval_results.json`` (or ``path`` itself if it is a file)."""
   file = os.path.join(path, RESULTS_FILE) if os.path.isdir(path) else path
   if not os.path.exists(file):
-    raise ValueError(f"no {RESULTS_FILE} in {path!r}")
+    raise ConfigError(f"no {RESULTS_FILE} in {path!r}")
   with open(file, encoding="utf-8") as f:
-    results = json.load(f)
+    try:
+      results = json.load(f)
+    except ValueError as e:
+      raise ConfigError(f"{file} is not valid JSON ({e})") from None
   for key in ("name", "accuracy"):
     if key not in results:
-      raise ValueError(f"{file} has no {key!r} key")
+      raise ConfigError(f"{file} has no {key!r} key")
   return results
 
 

@@ -9,12 +9,12 @@ tokens on which it fires; it also reads the per-layer percentage over training
 from the TensorBoard events the trainer writes (``train/sparsity/<layer>``,
 ``eval/sparsity/<layer>``) or, re-measuring, from the run's checkpoints::
 
-  run = load_run('/tmp/run')                    # gin already configured with the run's files
+  run = runs.load_run('/tmp/run', gin_files=['t5/runs/cpu_smoke.gin'])
   m = measure(run, 'validation', eval_steps=20)  # Measurement: percent_nonzero, firing_frequency, ...
   curves = read_event_sparsity('/tmp/run')      # {'train': {layer: (steps, values)}, 'eval': {...}}
-  plot_per_layer({'trained': m.percent_nonzero}, 'per_layer.png')
+  write_report([m], '/tmp/report', curves)       # report.json + PNGs (drawn by plotting.py)
 
-``scripts/sparsity_report.py`` is the command line (``report.json`` + PNGs).
+``topk-sparsity`` (``commands/sparsity.py``) is the command line (``report.json`` + PNGs).
 Counts come from the statistics every ``layers.MlpBlock`` sows (padding excluded).
 """
 
@@ -23,109 +23,18 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from topk_transformers import plotting
+from topk_transformers import runs
 from topk_transformers import sparsity as sparsity_lib
-
-INIT = "init"
+from topk_transformers.gin_utils import ConfigError
+from topk_transformers.runs import INIT
 SOURCES = ("events", "checkpoints")
 _EVENT_PREFIXES = {"train": "train/sparsity/", "eval": "eval/sparsity/"}
-
-
-# ---------------------------------------------------------------------------
-# Loading a run: MODEL + dataset from gin, params from a checkpoint or the trainer's init.
-# ---------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Run:
-  """What a measurement needs: the model, its dataset and params, and how to shard a batch."""
-
-  model: Any
-  dataset: Any
-  params: Any
-  step: int
-  partitioner: Any
-  batch_size: int
-  params_shardings: Any
-  batch_shardings: Any
-  input_shapes: Dict[str, tuple]
-  checkpoint: str = INIT
-  seed: int = 0
-  _eval_step: Any = dataclasses.field(default=None, repr=False)
-
-  @property
-  def host_batch(self) -> int:
-    import jax  # pylint: disable=g-import-not-at-top
-    return self.batch_size // jax.process_count()
-
-  def eval_step(self) -> Any:
-    """The jitted eval step, made once and shared by runs that only differ in params (one compilation)."""
-    if self._eval_step is None:
-      from topk_transformers import train as train_lib  # pylint: disable=g-import-not-at-top
-      self._eval_step = train_lib.make_eval_step(self.model, self.partitioner, self.params_shardings,
-                                                 self.batch_shardings)
-    return self._eval_step
-
-
-def init_params(model: Any, input_shapes: Mapping[str, tuple], seed: int = 0) -> Any:
-  """The trainer's step-0 parameters for ``seed`` (``train.train`` splits ``PRNGKey(seed)`` the same way)."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-
-  init_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
-  return nn.meta.unbox(jax.jit(lambda r: model.get_initial_variables(r, input_shapes))(init_rng)["params"])
-
-
-def _gin_value(binding: str, default: Any) -> Any:
-  import gin  # pylint: disable=g-import-not-at-top
-  from topk_transformers import evaluate  # pylint: disable=g-import-not-at-top
-
-  try:
-    gin.query_parameter(binding)
-  except ValueError:
-    return default
-  return evaluate.build_from_gin(binding)
-
-
-def load_run(checkpoint: str, batch_size: Optional[int] = None, seed: Optional[int] = None, model: Any = None,
-             dataset: Any = None) -> Run:
-  """The MODEL and dataset of a run with the params of ``checkpoint``.
-
-  ``checkpoint`` is a run directory (its latest step), ``.../checkpoints/<step>``, or
-  ``'init'``: the parameters the trainer starts from (seed ``train.train.seed``, or ``seed``).
-  ``model``, ``dataset``, ``batch_size`` and the seed default to gin's ``MODEL``,
-  ``train.train.dataset``, ``BATCH_SIZE`` and ``train.train.seed``, so gin must then hold
-  the run's configuration (e.g. ``gin_utils.configure``).
-  """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from topk_transformers import checkpoints, evaluate, gin_utils, partitioning  # pylint: disable=g-import-not-at-top
-
-  model = gin_utils.get_macro("MODEL") if model is None else model
-  dataset = evaluate.build_from_gin("train.train.dataset") if dataset is None else dataset
-  partitioner = partitioning.Partitioner()
-  batch_size = batch_size or gin_utils.get_macro("BATCH_SIZE", default=8)
-  if batch_size <= 0:
-    raise ValueError(f"batch_size must be positive, got {batch_size}")
-  dp = partitioner.data_parallel_size
-  batch_size = max(dp, (batch_size // dp) * dp)
-  host_batch = batch_size // jax.process_count()
-  ds = dataset.get_dataset(dataset.eval_split, host_batch, shuffle=False, repeat=False)
-  input_shapes = {k: (batch_size,) + tuple(v.shape[1:]) for k, v in ds.element_spec.items()}
-  abstract = jax.eval_shape(lambda r: model.get_initial_variables(r, input_shapes), jax.random.PRNGKey(0))
-  params_shardings = partitioner.logical_shardings(abstract["params"])
-  seed = int(_gin_value("train.train.seed", 0) if seed is None else seed)
-  if checkpoint == INIT:
-    params = jax.device_put(init_params(model, input_shapes, seed), params_shardings)
-    step = 0
-  else:
-    params, step = checkpoints.restore_params(checkpoint, nn.meta.unbox(abstract["params"]), params_shardings)
-  batch_shardings = {k: partitioner.data_sharding(len(s)) for k, s in input_shapes.items()}
-  return Run(model=model, dataset=dataset, params=params, step=int(step), partitioner=partitioner,
-             batch_size=batch_size, params_shardings=params_shardings, batch_shardings=batch_shardings,
-             input_shapes=input_shapes, checkpoint=checkpoint, seed=seed)
+FIGURE_BINS = 50  # bins of the firing-frequency figures (the JSON's histograms have ``bins``)
 
 
 # ---------------------------------------------------------------------------
@@ -163,12 +72,13 @@ class Measurement:
     }
 
 
-def measure(run: Run, split: str, eval_steps: Optional[int] = None, label: Optional[str] = None) -> Measurement:
-  """Runs the model's eval over (the first ``eval_steps`` batches of) ``split``; collects the sown MLP statistics."""
-  from topk_transformers import train as train_lib  # pylint: disable=g-import-not-at-top
+def measure(run: Any, split: str, eval_steps: Optional[int] = None, label: Optional[str] = None) -> Measurement:
+  """Runs the model's eval of a ``runs.Run`` over (the first ``eval_steps`` batches of) ``split``.
 
-  metrics, acc = train_lib.evaluate_split(run.eval_step(), run.params, run.dataset, split, run.host_batch,
-                                          run.partitioner, eval_steps)
+  Collects the MLPs' sown statistics; the model's metrics on the same batches come along.
+  """
+  result = run.evaluate(split, eval_steps)
+  metrics, acc = result.metrics, result.sparsity
   if not acc:
     raise ValueError(f"no MLP statistics recorded on split {split!r} (empty split, or a model without MlpBlocks)")
   return Measurement(
@@ -273,7 +183,7 @@ def read_event_sparsity(run_dir: str) -> Curves:
         steps = sorted(points)
         layers[tag[len(prefix):]] = (steps, [points[s] for s in steps])
     if layers:
-      order = sparsity_lib._sort_key  # pylint: disable=protected-access
+      order = sparsity_lib.layer_sort_key
       curves[kind] = dict(sorted(layers.items(), key=lambda kv: order(kv[0])))  # encoder, then decoder, by depth
   return curves
 
@@ -290,7 +200,7 @@ def checkpoint_sparsity(run_dir: str, split: str, eval_steps: Optional[int], bat
                         include_init: bool = True, **load_kwargs) -> Curves:
   """Per-layer % nonzero over steps, re-measured on ``split`` at every saved checkpoint (and at init).
 
-  ``load_kwargs`` go to :func:`load_run` (``seed``, ``model``, ``dataset``). Returns ``{split: {layer: (steps, %)}}``.
+  ``load_kwargs`` go to ``runs.load_run`` (``seed``, ``model``, ``dataset``); gin holds the run's configuration. Returns ``{split: {layer: (steps, %)}}``.
   """
   steps = checkpoint_steps(run_dir)
   if not steps:
@@ -301,158 +211,13 @@ def checkpoint_sparsity(run_dir: str, split: str, eval_steps: Optional[int], bat
   run = None
   for source in sources:
     # The model and shapes stay: only the params change (and the eval step is compiled once).
-    run = load_run(source, batch_size, **load_kwargs) if run is None else with_params(run, source)
+    run = runs.load_run(source, batch_size=batch_size, **load_kwargs) if run is None else run.with_params(source)
     m = measure(run, split, eval_steps)
     for name, pct in m.percent_nonzero.items():
       layers.setdefault(name, ([], []))
       layers[name][0].append(run.step)
       layers[name][1].append(pct)
   return {split: layers}
-
-
-def with_params(run: Run, checkpoint: str) -> Run:
-  """``run`` with the params of another checkpoint of the same model (or ``'init'``)."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from topk_transformers import checkpoints  # pylint: disable=g-import-not-at-top
-
-  if checkpoint == INIT:
-    params = init_params(run.model, run.input_shapes, run.seed)
-    return dataclasses.replace(run, params=jax.device_put(params, run.params_shardings), step=0, checkpoint=INIT)
-  abstract = jax.eval_shape(lambda p: p, run.params)
-  params, step = checkpoints.restore_params(checkpoint, nn.meta.unbox(abstract), run.params_shardings)
-  return dataclasses.replace(run, params=params, step=int(step), checkpoint=checkpoint)
-
-
-# ---------------------------------------------------------------------------
-# Plots (matplotlib Agg)
-# ---------------------------------------------------------------------------
-
-def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
-def log_axis(ax) -> None:
-  """A log y-axis labelled 1, 2, 3, 5, 10, 20, 30, 50 (plain numbers, not 5x10^1)."""
-  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
-
-  ax.set_yscale("log")
-  ax.yaxis.set_major_locator(ticker.LogLocator(base=10.0, subs=(1.0, 2.0, 3.0, 5.0)))
-  ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-  ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-
-
-def _stacks(layers: Iterable[str]) -> List[str]:
-  out: List[str] = []
-  for name in layers:
-    if stack_of(name) not in out:
-      out.append(stack_of(name))
-  return out
-
-
-def _short(layer: str) -> str:
-  """``'encoder/layers_3'`` -> ``'3'``; ``'Transformer/encoderblock_5'`` -> ``'5'``."""
-  tail = layer.split("/")[-1]
-  return tail.rpartition("_")[2] if tail.rpartition("_")[2].isdigit() else tail
-
-
-def plot_per_layer(series: Mapping[str, Mapping[str, float]], path: str, title: str = "",
-                   log_scale: bool = True, styles: Optional[Mapping[str, Mapping[str, Any]]] = None) -> str:
-  """The paper's per-layer view: % nonzero against layer index, one line per series, one panel per stack.
-
-  ``series`` maps a label (e.g. ``'init, train'``, ``'trained, validation'``) to ``{layer: percent}``;
-  ``styles`` optionally maps a label to matplotlib ``plot`` keywords (color, linestyle, marker).
-  """
-  plt = _pyplot()
-  layers = list(dict.fromkeys(name for values in series.values() for name in values))
-  stacks = _stacks(layers)
-  outside = len(series) > 4  # a long legend goes right of the panels, not over the lines
-  fig, axes = plt.subplots(1, len(stacks), figsize=(4.2 * len(stacks) + 0.8 + 3.2 * outside, 3.6), sharey=True,
-                           squeeze=False)
-  markers = "osD^vx*"
-  for ax, stack in zip(axes[0], stacks):
-    names = [n for n in layers if stack_of(n) == stack]
-    x = np.arange(len(names))
-    for i, (label, values) in enumerate(series.items()):
-      ys = [values.get(n, np.nan) for n in names]
-      style = {"marker": markers[i % len(markers)], **dict((styles or {}).get(label, {}))}
-      ax.plot(x, ys, label=label, **style)
-    ax.set_xticks(x)
-    ax.set_xticklabels([_short(n) for n in names])
-    ax.set_xlabel(f"{stack} layer")
-    ax.grid(True, which="both", alpha=0.3)
-    if log_scale:
-      log_axis(ax)
-  axes[0][0].set_ylabel("% nonzero MLP activations")
-  if outside:
-    axes[0][-1].legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-  else:
-    axes[0][-1].legend(fontsize="small")
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  return _save(fig, path)
-
-
-def plot_firing_histogram(frequencies: Mapping[str, np.ndarray], path: str, title: str = "", bins: int = 50) -> str:
-  """Per stack, the distribution of per-neuron firing frequency, one step histogram per layer."""
-  plt = _pyplot()
-  stacks = _stacks(frequencies)
-  fig, axes = plt.subplots(1, len(stacks), figsize=(4.2 * len(stacks) + 0.8, 3.6), sharey=True, squeeze=False)
-  for ax, stack in zip(axes[0], stacks):
-    names = [n for n in frequencies if stack_of(n) == stack]
-    colors = plt.cm.viridis(np.linspace(0.0, 0.9, max(len(names), 1)))
-    for color, name in zip(colors, names):
-      counts, edges = firing_histogram(frequencies[name], bins)
-      ax.stairs(np.maximum(counts, 0.5), edges, color=color, label=f"layer {_short(name)}", baseline=0.5)
-    ax.set_yscale("log")
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("fraction of tokens on which a neuron fires")
-    ax.set_title(stack)
-    ax.legend(fontsize="x-small", ncol=2)
-  axes[0][0].set_ylabel("neurons")
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  return _save(fig, path)
-
-
-def plot_over_steps(curves: Curves, path: str, title: str = "") -> str:
-  """Figure 1 of the paper: % nonzero against training step, one line per layer, one panel per stack and kind."""
-  plt = _pyplot()
-  panels = []
-  for kind, layers in curves.items():
-    for stack in _stacks(layers):
-      panels.append((kind, stack, {n: c for n, c in layers.items() if stack_of(n) == stack}))
-  if not panels:
-    raise ValueError("no sparsity curves to plot (no train/sparsity or eval/sparsity scalars found)")
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 0.8, 3.6), sharey=True, squeeze=False)
-  for ax, (kind, stack, layers) in zip(axes[0], panels):
-    colors = plt.cm.viridis(np.linspace(0.0, 0.9, max(len(layers), 1)))
-    for color, (name, (steps, values)) in zip(colors, layers.items()):
-      ax.plot(steps, values, color=color, marker="." if len(steps) < 30 else None, label=f"layer {_short(name)}")
-    log_axis(ax)
-    ax.set_xlabel("training step")
-    ax.set_title(f"{stack} ({kind})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="x-small", ncol=2)
-  axes[0][0].set_ylabel("% nonzero MLP activations")
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  return _save(fig, path)
-
-
-def _save(fig, path: str) -> str:
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
 
 
 # ---------------------------------------------------------------------------
@@ -489,16 +254,17 @@ def write_report(measurements: Sequence[Measurement], out_dir: str, curves: Opti
         for m in measurements]
   figures = {}
   if measurements:
-    figures["per_layer"] = plot_per_layer({series_label(m): m.percent_nonzero for m in measurements},
-                                          os.path.join(out_dir, "per_layer.png"), title)
+    figures["per_layer"] = plotting.plot_per_layer({series_label(m): m.percent_nonzero for m in measurements},
+                                                   os.path.join(out_dir, "per_layer.png"), title)
     for m in measurements:
       key = f"firing_{_slug(m.label)}_{_slug(m.split)}"
-      figures[key] = plot_firing_histogram(
-          m.firing_frequency, os.path.join(out_dir, key + ".png"),
+      figures[key] = plotting.plot_firing_histogram(
+          {n: firing_histogram(f, FIGURE_BINS) for n, f in m.firing_frequency.items()},
+          os.path.join(out_dir, key + ".png"),
           f"{title + ': ' if title else ''}per-neuron firing frequency, {m.label}, {m.split}")
   if curves:
     report["over_steps"] = curves_json(curves)
-    figures["over_steps"] = plot_over_steps(curves, os.path.join(out_dir, "over_steps.png"), title)
+    figures["over_steps"] = plotting.plot_over_steps(curves, os.path.join(out_dir, "over_steps.png"), title)
   report["figures"] = {k: os.path.basename(v) for k, v in figures.items()}
   with open(os.path.join(out_dir, "report.json"), "w") as f:
     json.dump(report, f, indent=1)
@@ -527,67 +293,49 @@ def format_report(measurements: Sequence[Measurement]) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Command line (scripts/sparsity_report.py)
+# The report of a run (topk-sparsity)
 # ---------------------------------------------------------------------------
 
-def _has_events(path: str) -> bool:
+def has_events(path: str) -> bool:
+  """Whether ``path`` holds the trainer's TensorBoard event files."""
   return bool(glob.glob(os.path.join(path, "events.out.tfevents.*")))
 
 
-def main(argv: Sequence[str]) -> dict:
-  """``sparsity_report.py --gin_file=... --checkpoint=DIR|init [--split=...] --out=DIR``; see the script."""
-  import argparse  # pylint: disable=g-import-not-at-top
-  from topk_transformers import checkpoints, gin_utils  # pylint: disable=g-import-not-at-top
+def report(run: Any, out_dir: str, splits: Optional[Sequence[str]] = None, eval_steps: Optional[int] = 20,
+           with_init: bool = True, run_dir: Optional[str] = None, over_steps: str = "events",
+           title: str = "") -> dict:
+  """Measures a loaded run (and its step-0 params) on ``splits``, adds the curves over training, writes the report.
 
-  rest = gin_utils.configure_from_argv(argv)
-  parser = argparse.ArgumentParser(prog="sparsity_report.py",
-                                   description="Per-layer activation sparsity of a checkpoint: report.json + PNGs.")
-  parser.add_argument("--checkpoint", required=True,
-                      help="run directory (latest step), .../checkpoints/<step>, or 'init' (step-0 params)")
-  parser.add_argument("--split", default=None,
-                      help="comma-separated splits (default: the run's train and eval splits)")
-  parser.add_argument("--eval_steps", type=int, default=20, help="batches per split (0: the whole split)")
-  parser.add_argument("--batch_size", type=int, default=None)
-  parser.add_argument("--with_init", action=argparse.BooleanOptionalAction, default=True,
-                      help="also measure the step-0 params on the same splits (init vs trained)")
-  parser.add_argument("--run_dir", default=None,
-                      help="run directory for %% nonzero over training (default: --checkpoint if it holds events)")
-  parser.add_argument("--over_steps", choices=SOURCES, default="events",
-                      help="read the curves from the logged events, or re-measure every checkpoint")
-  parser.add_argument("--title", default="")
-  parser.add_argument("--out", required=True, help="output directory for report.json and the PNGs")
-  args = parser.parse_args(rest)
-  if args.eval_steps < 0:
-    raise gin_utils.ConfigError(f"--eval_steps must be >= 0, got {args.eval_steps}")
-  eval_steps = args.eval_steps or None
-  try:
-    run = load_run(args.checkpoint, args.batch_size)
-  except checkpoints.CheckpointError as e:
-    raise gin_utils.ConfigError(str(e)) from None
-  splits = ([s.strip() for s in args.split.split(",") if s.strip()] if args.split
-            else list(dict.fromkeys([run.dataset.train_split, run.dataset.eval_split])))
-  runs = [run]
-  if args.with_init and args.checkpoint != INIT:
-    runs.insert(0, with_params(run, INIT))
+  Args:
+    run: a ``runs.Run``.
+    out_dir: where ``report.json`` and the PNGs go.
+    splits: default the run's train and eval splits.
+    eval_steps: batches per split (``None``: the whole split).
+    with_init: also measure the step-0 params on the same splits (init vs trained).
+    run_dir: a run directory for % nonzero over training (default: the checkpoint, if it holds events).
+    over_steps: ``'events'`` reads the logged curves; ``'checkpoints'`` re-measures every checkpoint.
+  """
+  if over_steps not in SOURCES:
+    raise ConfigError(f"over_steps must be one of {SOURCES}, got {over_steps!r}")
+  splits = list(splits or dict.fromkeys([run.dataset.train_split, run.dataset.eval_split]))
+  loaded = [run.with_params(INIT), run] if with_init and run.checkpoint != INIT else [run]
   measurements = []
-  for r in runs:
+  for r in loaded:
     for split in splits:
       try:
         measurements.append(measure(r, split, eval_steps))
-      except ValueError as e:
-        raise gin_utils.ConfigError(gin_utils.one_line(e)) from None
-  run_dir = args.run_dir
-  if run_dir is None and args.checkpoint != INIT and _has_events(args.checkpoint.rstrip("/")):
-    run_dir = args.checkpoint
+      except ValueError as e:  # an unknown or empty split
+        raise ConfigError(str(e).splitlines()[0]) from None
+  if run_dir is None and run.checkpoint != INIT and has_events(run.checkpoint.rstrip("/")):
+    run_dir = run.checkpoint
   curves = None
   if run_dir:
-    if args.over_steps == "events":
+    if over_steps == "events":
       curves = read_event_sparsity(run_dir)
     else:
-      curves = checkpoint_sparsity(run_dir, splits[-1], eval_steps, args.batch_size)
-  extra = {"checkpoint": args.checkpoint, "step": run.step, "splits": splits, "eval_steps": eval_steps,
-           "batch_size": run.batch_size, "run_dir": run_dir, "over_steps_source": args.over_steps if run_dir else None}
-  report = write_report(measurements, args.out, curves, args.title, extra)
-  print(format_report(measurements))
-  print(f"wrote {os.path.join(args.out, 'report.json')} and {', '.join(sorted(report['figures'].values()))}")
-  return report
+      curves = checkpoint_sparsity(run_dir, splits[-1], eval_steps, run.batch_size)
+  extra = {"checkpoint": run.checkpoint, "step": run.step, "splits": splits, "eval_steps": eval_steps,
+           "batch_size": run.batch_size, "run_dir": run_dir, "over_steps_source": over_steps if run_dir else None}
+  written = write_report(measurements, out_dir, curves, title, extra)
+  written["text"] = format_report(measurements)
+  return written

@@ -1,29 +1,37 @@
+#!/usr/bin/env python
 """Formulation study: how to compute the sparse decoder MLP so XLA compiles it well.
 
 At batch 1 an MLP step is bound by reading its weights. The dense MLP reads
 ``wi`` and ``wo`` in full; the Top-k sparse MLP reads ``wi`` in full and only the
-``k`` selected rows of ``wo``. This script times, on whatever backend JAX picks,
+``k`` selected rows of ``wo``. This study times, on whatever backend JAX picks,
 the dense MLP and several ways of writing the sparse product, with jit, warm-up,
 ``block_until_ready`` and the median over many interleaved repetitions.
 
-  python benchmarks/mlp_formulations.py --shapes=large,3B --dtype=float32,bfloat16 \
-      --k=128 --reps=50 --json=benchmarks/mlp_formulations.json
+  python experiments/mlp_formulations/run.py --shapes=large,3B,11B --dtype=float32,bfloat16 \
+      --k=128 --reps=30 --json=experiments/mlp_formulations/mlp_formulations.json
+
+The results and the choice they led to are in ``docs/decoding.md`` ("Formulation study").
 
 Every variant gets the same ``x``, ``wi`` and ``wo`` (``wo`` is ``[d_ff, d]`` as in
 T5X, so a selected row is contiguous; the ``wo_t`` variants use a ``[d, d_ff]``
-copy to measure the other layout).
+copy to measure the other layout). The JSON records the machine with its load average at the
+start, and the command's arguments.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
+import sys
 import time
+from typing import List, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from topk_transformers.benchmarks import machine
+from topk_transformers.commands import common
+from topk_transformers.gin_utils import ConfigError
 
 SHAPES = {"large": (1024, 4096), "3B": (1024, 16384), "11B": (1024, 65536)}
 
@@ -131,21 +139,49 @@ def variants(k, d_ff):
   }
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--shapes", default="large,3B")
-  p.add_argument("--dtype", default="float32,bfloat16")
+def _names(flag: str, value: str, choices: Sequence[str]) -> List[str]:
+  names = [n.strip() for n in value.split(",") if n.strip()]
+  if not names:
+    raise ConfigError(f"--{flag} names nothing; choose from {', '.join(choices)}")
+  unknown = [n for n in names if n not in choices]
+  if unknown:
+    raise ConfigError(f"--{flag}: unknown {unknown[0]!r}; choose from {', '.join(choices)}")
+  return names
+
+
+def parse_args(argv: Sequence[str]):
+  p = common.ArgumentParser(prog="run.py", description=__doc__.splitlines()[0])
+  p.add_argument("--shapes", default="large,3B", help=f"comma list of {', '.join(SHAPES)}")
+  p.add_argument("--dtype", default="float32,bfloat16", help="comma list of float32, bfloat16")
   p.add_argument("--k", type=int, default=128)
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--reps", type=int, default=50)
   p.add_argument("--variants", default="", help="comma list; default all")
   p.add_argument("--json", default="")
   args = p.parse_args(argv)
+  args.shapes = _names("shapes", args.shapes, list(SHAPES))
+  args.dtype = _names("dtype", args.dtype, ["float32", "bfloat16"])
+  for flag in ("k", "batch", "reps"):
+    if getattr(args, flag) <= 0:
+      raise ConfigError(f"--{flag} must be positive, got {getattr(args, flag)}")
+  smallest = min(SHAPES[s][1] for s in args.shapes)
+  if args.k > smallest:
+    raise ConfigError(f"--k={args.k} exceeds d_ff={smallest} of the smallest shape")
+  names = list(variants(args.k, smallest))
+  args.variants = _names("variants", args.variants, names) if args.variants else names
+  if "dense" not in args.variants:
+    args.variants = ["dense"] + args.variants  # the baseline of every speedup
+  return args
 
+
+@common.command(tensorflow=False)
+def main(argv: Sequence[str]) -> int:
+  args = parse_args(argv)
+  host = machine.machine_info()  # the load average before the timings
   results = []
-  for shape in args.shapes.split(","):
+  for shape in args.shapes:
     d, d_ff = SHAPES[shape]
-    for dtype_name in args.dtype.split(","):
+    for dtype_name in args.dtype:
       dtype = jnp.dtype(dtype_name)
       key = jax.random.PRNGKey(0)
       k1, k2, k3 = jax.random.split(key, 3)
@@ -154,8 +190,7 @@ def main(argv=None):
       wo = (jax.random.normal(k3, (d_ff, d), dtype) * d_ff ** -0.5).astype(dtype)
       wo_t = jnp.asarray(wo.T)
       fns = variants(args.k, d_ff)
-      if args.variants:
-        fns = {n: fns[n] for n in args.variants.split(",")}
+      fns = {n: fns[n] for n in args.variants}
       jitted = {n: jax.jit(f) for n, f in fns.items()}
       ref = np.asarray(jitted["dense_topk_scatter"](x, wi, wo, wo_t), np.float32) if "dense_topk_scatter" in jitted else None
       for n, f in jitted.items():  # compile + warm-up; check each sparse variant against the dense Top-k
@@ -178,16 +213,15 @@ def main(argv=None):
       print(f"\n{shape} d={d} d_ff={d_ff} {dtype_name} batch={args.batch} k={args.k} "
             f"bound dense/sparse bytes = {dense_bytes / sparse_bytes:.3f}x")
       for n in jitted:
-        print(f"  {n:22s} {med[n] * 1e6:10.1f} us   dense/this = {med['dense'] / med[n]:6.3f}x"
-              if "dense" in med else f"  {n:22s} {med[n] * 1e6:10.1f} us")
+        print(f"  {n:22s} {med[n] * 1e6:10.1f} us   dense/this = {med['dense'] / med[n]:6.3f}x")
         results.append(dict(shape=shape, d=d, d_ff=d_ff, dtype=dtype_name, batch=args.batch, k=args.k,
-                            variant=n, median_s=med[n],
-                            speedup_vs_dense=(med["dense"] / med[n]) if "dense" in med else None,
+                            variant=n, median_s=med[n], speedup_vs_dense=med["dense"] / med[n],
                             bound=dense_bytes / sparse_bytes))
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(platform=jax.devices()[0].platform, results=results), f, indent=1)
+    common.write_json(args.json, dict(platform=host["platform"], machine=host, command=" ".join(argv),
+                                      results=results))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -1,7 +1,10 @@
-"""The paper's sparsity experiments at CPU scale (``scripts/run_experiments.py``, ``docs/reproduction.md``).
+#!/usr/bin/env python
+"""The paper's four sparsity experiments at CPU scale; results, figures and the comparison in README.md.
 
-Four experiments, each a few short training runs configured by gin files in
-``configs/experiments/`` and measured with :mod:`sparsity_report`:
+  python experiments/sparsity/run.py --experiment=emergence   --out=/tmp/sparsity_experiments
+  python experiments/sparsity/run.py --experiment=scale       --out=/tmp/sparsity_experiments
+  python experiments/sparsity/run.py --experiment=random_data --out=/tmp/sparsity_experiments
+  python experiments/sparsity/run.py --experiment=topk        --out=/tmp/sparsity_experiments
 
 * ``emergence``: a dense ReLU T5 pretrained on the embedded corpus; per-layer % nonzero
   at init and after training, on training and held-out data, and over training.
@@ -10,79 +13,43 @@ Four experiments, each a few short training runs configured by gin files in
   random images (uniform noise pixels with random labels).
 * ``topk``: dense vs Top-k T5 at several k, final losses side by side.
 
-Runs live in ``OUT/runs/<name>``; a run already trained to its step count is reused
-(the trainer resumes a stopped one), so experiments that share a run train it once.
-Every experiment writes ``OUT/<experiment>/<experiment>.json`` and its PNGs.
+Each run is a stack of this directory's gin files over the packaged configs, trained
+into ``OUT/runs/<name>``. A run already trained to its step count is reused (the
+trainer resumes a stopped one), so experiments that share a run train it once. Every
+experiment writes ``OUT/<experiment>/<experiment>.json`` (with the machine and its load
+average at the start) and its PNGs. ``--steps`` overrides every run's TRAIN_STEPS and
+``--eval_steps`` the batches measured per split (a quick check: ``--steps=20 --eval_steps=2``).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from topk_transformers import sparsity_report as report_lib
+from topk_transformers import startup
 
+startup.quiet_start()  # before the imports below bring in TensorFlow, so that it prints no banners
 
-# ---------------------------------------------------------------------------
-# Random images: the "not the data" control of the paper's Section 3
-# ---------------------------------------------------------------------------
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import gin  # noqa: E402
+import jax  # noqa: E402
 
-class RandomImageDataset:
-  """Fixed sets of uniform-noise images with uniformly random labels, with ``ImageDataset``'s interface.
+from topk_transformers import gin_utils, plotting, runs  # noqa: E402
+from topk_transformers import sparsity_report as report_lib  # noqa: E402
+from topk_transformers import train as train_lib  # noqa: E402
+from topk_transformers.benchmarks import machine  # noqa: E402
+from topk_transformers.commands import common  # noqa: E402
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
-  The training split has ``num_train`` images (digits has 1437), the eval split
-  ``num_eval`` others, every pixel drawn i.i.d. uniform in [-1, 1] (the range the
-  real pipelines produce) and every label uniform over ``num_classes``. Nothing in
-  an image says anything about its label, so all a model can do is memorise.
-  """
-
-  def __init__(self, num_train: int = 1437, num_eval: int = 360, image_size: int = 8, channels: int = 1,
-               num_classes: int = 10, seed: int = 0, train_split: str = "train", eval_split: str = "test"):
-    for name in ("num_train", "num_eval", "image_size", "channels", "num_classes"):
-      value = locals()[name]
-      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    self.train_split, self.eval_split = train_split, eval_split
-    self.num_classes = num_classes
-    rng = np.random.RandomState(seed)
-    self._data = {}
-    for split, n in ((train_split, num_train), (eval_split, num_eval)):
-      images = rng.uniform(-1.0, 1.0, (n, image_size, image_size, channels)).astype(np.float32)
-      self._data[split] = (images, rng.randint(0, num_classes, n).astype(np.int32))
-
-  def get_num_classes(self) -> int:
-    return self.num_classes
-
-  def num_examples(self, split: str) -> int:
-    return len(self._split(split)[1])
-
-  def _split(self, split: str):
-    if split not in self._data:
-      raise ValueError(f"RandomImageDataset has no split {split!r}; it has {sorted(self._data)}")
-    return self._data[split]
-
-  def get_dataset(self, split: str, batch_size: int, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
-                  shuffle: bool = True, repeat: bool = True):
-    """Per-host batches ``{"image", "label", "weight"}``; finite iteration pads the last batch with weight 0."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-    images, labels = self._split(split)
-    ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels,
-                                             "weight": np.ones(len(labels), np.float32)})
-    ds = ds.shard(num_shards, shard_id)
-    if shuffle:
-      ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-      return ds.repeat().batch(batch_size, drop_remainder=True).prefetch(2)
-    pad = tf.data.Dataset.from_tensors({"image": np.zeros(images.shape[1:], np.float32), "label": np.int32(0),
-                                        "weight": np.float32(0.0)}).repeat(batch_size - 1)
-    return ds.concatenate(pad).batch(batch_size, drop_remainder=True)
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # ---------------------------------------------------------------------------
@@ -91,30 +58,24 @@ class RandomImageDataset:
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-  """One training run: gin files (in order) and extra bindings."""
+  """One training run: this directory's gin files (in order) and extra bindings."""
 
   name: str
   """Directory name under ``OUT/runs`` (runs with the same name are the same run)."""
   gin_files: Tuple[str, ...]
+  """File names in this directory; each includes the packaged configs it builds on."""
   bindings: Tuple[str, ...] = ()
   label: str = ""
   """Legend text."""
 
-
-def _configure(spec: RunSpec, model_dir: Optional[str], steps: Optional[int]) -> None:
-  from topk_transformers import gin_utils  # pylint: disable=g-import-not-at-top
-
-  bindings = list(spec.bindings)
-  if model_dir is not None:
-    bindings.append(f"MODEL_DIR = '{model_dir}'")
-  if steps is not None:
-    bindings.append(f"TRAIN_STEPS = {int(steps)}")
-  gin_utils.configure(spec.gin_files, bindings)
-
-
-def _train_steps() -> int:
-  from topk_transformers import gin_utils  # pylint: disable=g-import-not-at-top
-  return int(gin_utils.get_macro("TRAIN_STEPS"))
+  def configuration(self, model_dir: Optional[str], steps: Optional[int]) -> Tuple[List[str], List[str]]:
+    """``(gin file paths, bindings)`` of this run, into ``model_dir`` for ``steps`` steps when given."""
+    bindings = list(self.bindings)
+    if model_dir is not None:
+      bindings.append(f"MODEL_DIR = '{model_dir}'")
+    if steps is not None:
+      bindings.append(f"TRAIN_STEPS = {int(steps)}")
+    return [os.path.join(HERE, f) for f in self.gin_files], bindings
 
 
 def train_run(spec: RunSpec, root: str, steps: Optional[int] = None) -> Tuple[str, Optional[float]]:
@@ -123,19 +84,17 @@ def train_run(spec: RunSpec, root: str, steps: Optional[int] = None) -> Tuple[st
   Returns ``(run_dir, seconds spent training)``; for a reused run, the seconds it took then
   (``run_dir/train_seconds.json``), or ``None`` if unknown.
   """
-  import gin  # pylint: disable=g-import-not-at-top
-  from topk_transformers import train as train_lib  # pylint: disable=g-import-not-at-top
-
   run_dir = os.path.join(root, "runs", spec.name)
   timing = os.path.join(run_dir, "train_seconds.json")
-  _configure(spec, run_dir, steps)
-  if _train_steps() in report_lib.checkpoint_steps(run_dir):
+  gin_utils.configure(*spec.configuration(run_dir, steps))
+  train_steps = int(gin_utils.get_macro("TRAIN_STEPS"))
+  if train_steps in report_lib.checkpoint_steps(run_dir):
     print(f"[{spec.name}] already trained ({run_dir})", flush=True)
     if os.path.exists(timing):
       with open(timing) as f:
         return run_dir, json.load(f)["train_seconds"]
     return run_dir, None
-  print(f"[{spec.name}] training {_train_steps()} steps into {run_dir}", flush=True)
+  print(f"[{spec.name}] training {train_steps} steps into {run_dir}", flush=True)
   os.makedirs(run_dir, exist_ok=True)
   with open(os.path.join(run_dir, "config.gin"), "w") as f:
     f.write(gin.config_str())
@@ -143,21 +102,19 @@ def train_run(spec: RunSpec, root: str, steps: Optional[int] = None) -> Tuple[st
   gin.get_configurable(train_lib.train)()
   seconds = time.time() - start  # compilation, periodic evals and checkpoints included
   with open(timing, "w") as f:
-    json.dump({"train_seconds": round(seconds, 1), "train_steps": _train_steps()}, f)
+    json.dump({"train_seconds": round(seconds, 1), "train_steps": train_steps}, f)
   return run_dir, seconds
 
 
 def measure_run(spec: RunSpec, run_dir: str, eval_steps: Optional[int], steps: Optional[int] = None,
                 with_init: bool = True) -> Tuple[List[report_lib.Measurement], int]:
   """Init (optional) and trained measurements of a run on its train and eval splits; also its parameter count."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  _configure(spec, None, steps)
-  trained = report_lib.load_run(run_dir)
+  gin_files, bindings = spec.configuration(None, steps)
+  trained = runs.load_run(run_dir, gin_files=gin_files, bindings=bindings)
   splits = list(dict.fromkeys([trained.dataset.train_split, trained.dataset.eval_split]))
-  runs = ([report_lib.with_params(trained, report_lib.INIT)] if with_init else []) + [trained]
+  loaded = ([trained.with_params(runs.INIT)] if with_init else []) + [trained]
   n_params = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(trained.params)))
-  return [report_lib.measure(r, split, eval_steps) for r in runs for split in splits], n_params
+  return [report_lib.measure(r, split, eval_steps) for r in loaded for split in splits], n_params
 
 
 def _scalar_curve(run_dir: str, tag: str) -> Tuple[List[int], List[float]]:
@@ -181,20 +138,18 @@ def _mean_curves(curves: report_lib.Curves, kind: str) -> Dict[str, Tuple[List[i
 # The experiments
 # ---------------------------------------------------------------------------
 
-T5_DENSE = RunSpec("t5_dense", ("configs/experiments/t5_dense.gin",), label="dense ReLU T5")
-_SHORT = ("configs/experiments/t5_dense.gin", "configs/experiments/t5_short.gin")
+T5_DENSE = RunSpec("t5_dense", ("t5_dense.gin",), label="dense ReLU T5")
+_SHORT = ("t5_dense.gin", "t5_short.gin")
 T5_SHORT_DENSE = RunSpec("t5_short_dense", _SHORT, label="dense")
 T5_SIZES = (
-    RunSpec("t5_size_small", _SHORT + ("configs/experiments/t5_size_small.gin",), label="small"),
+    RunSpec("t5_size_small", _SHORT + ("t5_size_small.gin",), label="small"),
     dataclasses.replace(T5_SHORT_DENSE, label="medium"),
-    RunSpec("t5_size_large", _SHORT + ("configs/experiments/t5_size_large.gin",), label="large"),
+    RunSpec("t5_size_large", _SHORT + ("t5_size_large.gin",), label="large"),
 )
 VIT_RUNS = (
-    RunSpec("vit_digits", ("configs/experiments/vit_dense.gin",), label="digits, true labels"),
-    RunSpec("vit_random_labels", ("configs/experiments/vit_dense.gin", "configs/experiments/vit_random_labels.gin"),
-            label="digits, random labels"),
-    RunSpec("vit_random_images", ("configs/experiments/vit_dense.gin", "configs/experiments/vit_random_images.gin"),
-            label="random images, random labels"),
+    RunSpec("vit_digits", ("vit_dense.gin",), label="digits, true labels"),
+    RunSpec("vit_random_labels", ("vit_dense.gin", "vit_random_labels.gin"), label="digits, random labels"),
+    RunSpec("vit_random_images", ("vit_dense.gin", "vit_random_images.gin"), label="random images, random labels"),
 )
 TOPK_VALUES = (16, 64, 256)
 
@@ -218,9 +173,10 @@ def _means(m: report_lib.Measurement) -> Dict[str, float]:
   return {k: round(v, 3) for k, v in report_lib.stack_means(m.percent_nonzero).items()}
 
 
-def emergence(out: str, steps: Optional[int] = None, eval_steps: int = 10) -> dict:
+def emergence(out: str, steps: Optional[int] = None, eval_steps: Optional[int] = 10) -> dict:
   """Experiment 1: a dense ReLU T5; init vs trained, train vs held-out, and over training."""
   spec = T5_DENSE
+  host = machine.machine_info()
   run_dir, seconds = train_run(spec, out, steps)
   measurements, n_params = measure_run(spec, run_dir, eval_steps, steps)
   curves = report_lib.read_event_sparsity(run_dir)
@@ -228,14 +184,16 @@ def emergence(out: str, steps: Optional[int] = None, eval_steps: int = 10) -> di
   report = report_lib.write_report(measurements, exp_dir, curves,
                                    title="Dense ReLU T5 on the embedded corpus",
                                    extra={"experiment": "emergence", "run_dir": run_dir, "parameters": n_params,
-                                          "train_seconds": _round(seconds), "eval_steps": eval_steps})
+                                          "train_seconds": _round(seconds), "eval_steps": eval_steps,
+                                          "machine": host})
   os.replace(os.path.join(exp_dir, "report.json"), os.path.join(exp_dir, "emergence.json"))
   print(report_lib.format_report(measurements))
   return report
 
 
-def scale(out: str, steps: Optional[int] = None, eval_steps: int = 10) -> dict:
+def scale(out: str, steps: Optional[int] = None, eval_steps: Optional[int] = 10) -> dict:
   """Experiment 2: three sizes of dense ReLU T5, same data and steps; larger should be sparser."""
+  host = machine.machine_info()
   results = []
   for spec in T5_SIZES:
     run_dir, seconds = train_run(spec, out, steps)
@@ -244,7 +202,7 @@ def scale(out: str, steps: Optional[int] = None, eval_steps: int = 10) -> dict:
     results.append({"spec": spec, "run_dir": run_dir, "seconds": seconds, "measurements": measurements,
                     "curves": curves, "params": n_params, "loss": _scalar_curve(run_dir, "eval/loss")})
   exp_dir = os.path.join(out, "scale")
-  payload = {"experiment": "scale", "eval_steps": eval_steps, "runs": []}
+  payload = {"experiment": "scale", "eval_steps": eval_steps, "machine": host, "runs": []}
   for r in results:
     payload["runs"].append({
         "name": r["spec"].name, "label": r["spec"].label, "gin_files": list(r["spec"].gin_files),
@@ -255,10 +213,10 @@ def scale(out: str, steps: Optional[int] = None, eval_steps: int = 10) -> dict:
         "over_steps": report_lib.curves_json(r["curves"]),
     })
   _write_json(os.path.join(exp_dir, "scale.json"), payload)
-  _plot_scale(results, os.path.join(exp_dir, "scale.png"))
+  plot_scale(results, os.path.join(exp_dir, "scale.png"))
   for r in results:
-    report_lib.plot_per_layer({f"{m.label}, {m.split}": m.percent_nonzero for m in r["measurements"]},
-                              os.path.join(exp_dir, f"per_layer_{r['spec'].name}.png"), r["spec"].label)
+    plotting.plot_per_layer({f"{m.label}, {m.split}": m.percent_nonzero for m in r["measurements"]},
+                            os.path.join(exp_dir, f"per_layer_{r['spec'].name}.png"), r["spec"].label)
   _print_table("mean % nonzero (all layers)", [
       (r["spec"].label, r["params"], {f"{m.label}/{m.split}": _means(m)["all"] for m in r["measurements"]})
       for r in results])
@@ -267,6 +225,7 @@ def scale(out: str, steps: Optional[int] = None, eval_steps: int = 10) -> dict:
 
 def random_data(out: str, steps: Optional[int] = None, eval_steps: Optional[int] = None) -> dict:
   """Experiment 3: dense ReLU ViT on digits with true labels, random labels, random images."""
+  host = machine.machine_info()
   results = []
   for spec in VIT_RUNS:
     run_dir, seconds = train_run(spec, out, steps)
@@ -275,7 +234,7 @@ def random_data(out: str, steps: Optional[int] = None, eval_steps: Optional[int]
                     "params": n_params, "curves": report_lib.read_event_sparsity(run_dir),
                     "train_accuracy": _scalar_curve(run_dir, "train/accuracy")})
   exp_dir = os.path.join(out, "random_data")
-  payload = {"experiment": "random_data", "runs": []}
+  payload = {"experiment": "random_data", "eval_steps": eval_steps, "machine": host, "runs": []}
   for r in results:
     payload["runs"].append({
         "name": r["spec"].name, "label": r["spec"].label, "gin_files": list(r["spec"].gin_files),
@@ -287,30 +246,35 @@ def random_data(out: str, steps: Optional[int] = None, eval_steps: Optional[int]
   _write_json(os.path.join(exp_dir, "random_data.json"), payload)
   # One colour per run: init (on its own training data) dashed, trained solid (train) and dotted (held out).
   series, styles = {}, {}
-  plt = report_lib._pyplot()  # pylint: disable=protected-access
-  for color, r in zip(plt.cm.tab10(np.arange(10)), results):
+  for color, r in zip(plotting.pyplot().cm.tab10(np.arange(10)), results):
+    train_split = r["measurements"][0].split
     for m in r["measurements"]:
-      trained = m.label != report_lib.INIT
-      if not trained and m.split != r["measurements"][0].split:
+      trained = m.label != runs.INIT
+      if not trained and m.split != train_split:
         continue  # init on the training split suffices
       key = f"{r['spec'].label}: {m.label}, {m.split}"
       series[key] = m.percent_nonzero
-      held_out = m.split != r["measurements"][0].split
+      held_out = m.split != train_split
       styles[key] = {"color": color, "linestyle": ":" if held_out else ("-" if trained else "--"),
                      "marker": "s" if held_out else ("o" if trained else "x")}
-  report_lib.plot_per_layer(series, os.path.join(exp_dir, "random_data.png"),
-                            "Dense ReLU ViT: % nonzero per layer", styles=styles)
-  _plot_curves({r["spec"].label: _mean_curves(r["curves"], "train") for r in results},
-               os.path.join(exp_dir, "random_data_over_steps.png"),
-               "ViT, mean % nonzero over layers (training batches)")
+  plotting.plot_per_layer(series, os.path.join(exp_dir, "random_data.png"),
+                          "Dense ReLU ViT: % nonzero per layer", styles=styles)
+  plot_mean_curves({r["spec"].label: _mean_curves(r["curves"], "train") for r in results},
+                   os.path.join(exp_dir, "random_data_over_steps.png"),
+                   "ViT, mean % nonzero over layers (training batches)")
   _print_table("mean % nonzero (all layers)", [
       (r["spec"].label, r["params"], {f"{m.label}/{m.split}": _means(m)["all"] for m in r["measurements"]})
       for r in results])
   return payload
 
 
-def topk(out: str, steps: Optional[int] = None, eval_steps: int = 10) -> dict:
-  """Experiment 4: dense vs Top-k T5 at several k; final train and eval loss side by side."""
+def topk(out: str, steps: Optional[int] = None, eval_steps: Optional[int] = None) -> dict:
+  """Experiment 4: dense vs Top-k T5 at several k; final train and eval loss side by side.
+
+  The losses are the trainer's (its periodic evals), so ``eval_steps`` is not used here.
+  """
+  del eval_steps
+  host = machine.machine_info()
   results = []
   for spec in topk_specs():
     run_dir, seconds = train_run(spec, out, steps)
@@ -320,8 +284,11 @@ def topk(out: str, steps: Optional[int] = None, eval_steps: int = 10) -> dict:
                     "eval_accuracy": _scalar_curve(run_dir, "eval/accuracy"),
                     "curves": report_lib.read_event_sparsity(run_dir)})
   exp_dir = os.path.join(out, "topk")
-  payload = {"experiment": "topk", "runs": []}
+  payload = {"experiment": "topk", "machine": host, "runs": []}
   for r in results:
+    if not (r["train_loss"][1] and r["eval_loss"][1] and r["eval_accuracy"][1]):
+      raise gin_utils.ConfigError(f"run {r['run_dir']} logged no train and eval losses: train it for at least "
+                                  "LOG_PERIOD and EVAL_PERIOD steps")
     eval_sp = _mean_curves(r["curves"], "eval")
     payload["runs"].append({
         "name": r["spec"].name, "label": r["spec"].label, "bindings": list(r["spec"].bindings),
@@ -333,7 +300,7 @@ def topk(out: str, steps: Optional[int] = None, eval_steps: int = 10) -> dict:
         "eval_loss": {"steps": r["eval_loss"][0], "values": r["eval_loss"][1]},
     })
   _write_json(os.path.join(exp_dir, "topk.json"), payload)
-  _plot_topk(results, os.path.join(exp_dir, "topk.png"))
+  plot_topk(results, os.path.join(exp_dir, "topk.png"))
   _print_table("final losses", [
       (r["label"], None, {"train loss": r["final_train_loss"], "eval loss": r["final_eval_loss"],
                           "eval acc": r["final_eval_accuracy"]}) for r in payload["runs"]])
@@ -344,7 +311,7 @@ EXPERIMENTS = {"emergence": emergence, "scale": scale, "random_data": random_dat
 
 
 # ---------------------------------------------------------------------------
-# Figures and tables
+# Figures and tables of these experiments (the per-layer ones are plotting.py's)
 # ---------------------------------------------------------------------------
 
 def _print_table(title: str, rows: Sequence[Tuple[str, Optional[int], Dict[str, float]]]) -> None:
@@ -357,8 +324,9 @@ def _print_table(title: str, rows: Sequence[Tuple[str, Optional[int], Dict[str, 
     print(f"{label:<{width}}  {p:>10}  " + "  ".join(f"{values.get(c, float('nan')):>16.3f}" for c in cols))
 
 
-def _plot_curves(curves: Dict[str, Dict[str, Tuple[List[int], List[float]]]], path: str, title: str) -> str:
-  plt = report_lib._pyplot()  # pylint: disable=protected-access
+def plot_mean_curves(curves: Dict[str, Dict[str, Tuple[List[int], List[float]]]], path: str, title: str) -> str:
+  """Mean % nonzero over layers against training step: one colour per run, one line style per stack."""
+  plt = plotting.pyplot()
   fig, ax = plt.subplots(figsize=(6.4, 4.0))
   styles = ["-", "--", ":", "-."]
   colors = plt.cm.tab10(np.arange(10))
@@ -366,39 +334,39 @@ def _plot_curves(curves: Dict[str, Dict[str, Tuple[List[int], List[float]]]], pa
     for j, (stack, (steps, values)) in enumerate(stacks.items()):
       name = label if len(stacks) == 1 else f"{label}, {stack}"
       ax.plot(steps, values, styles[j % len(styles)], color=colors[i % 10], label=name)
-  report_lib.log_axis(ax)
+  plotting.log_axis(ax)
   ax.set_xlabel("training step")
   ax.set_ylabel("% nonzero MLP activations")
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize="small")
   ax.set_title(title, fontsize="medium")
   fig.tight_layout()
-  return report_lib._save(fig, path)  # pylint: disable=protected-access
+  return plotting.save(fig, path)
 
 
-def _plot_scale(results: List[dict], path: str) -> str:
-  plt = report_lib._pyplot()  # pylint: disable=protected-access
+def plot_scale(results: List[dict], path: str) -> str:
+  """Left: mean % nonzero over training per size and stack; right: init vs trained on held-out data."""
+  plt = plotting.pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.0))
   colors = plt.cm.viridis(np.linspace(0.0, 0.8, len(results)))
   for color, r in zip(colors, results):
     for stack, style in (("encoder", "-"), ("decoder", "--")):
       steps, values = _mean_curves(r["curves"], "train").get(stack, ([], []))
       left.plot(steps, values, style, color=color, label=f"{r['spec'].label}, {stack}")
-  report_lib.log_axis(left)
+  plotting.log_axis(left)
   left.set_xlabel("training step")
   left.set_ylabel("% nonzero (mean over layers, training batches)")
   left.grid(True, which="both", alpha=0.3)
   left.legend(fontsize="x-small")
   labels = [f"{r['spec'].label}\n{r['params'] / 1e6:.1f}M" for r in results]
   x = np.arange(len(results))
-  kinds = [("init", None), ("trained", None)]
   width = 0.2
   offset = -1.5 * width
-  for kind, _ in kinds:
+  for kind in ("init", "trained"):
     for stack in ("encoder", "decoder"):
       values = []
       for r in results:
-        ms = [m for m in r["measurements"] if (m.label == report_lib.INIT) == (kind == "init")]
+        ms = [m for m in r["measurements"] if (m.label == runs.INIT) == (kind == "init")]
         held_out = ms[-1]  # the eval split
         values.append(report_lib.stack_means(held_out.percent_nonzero).get(stack, np.nan))
       right.bar(x + offset, values, width, label=f"{kind}, {stack}", hatch="//" if stack == "decoder" else None,
@@ -412,11 +380,12 @@ def _plot_scale(results: List[dict], path: str) -> str:
   right.grid(True, axis="y", which="both", alpha=0.3)
   fig.suptitle("Dense ReLU T5, three sizes, same data and steps")
   fig.tight_layout()
-  return report_lib._save(fig, path)  # pylint: disable=protected-access
+  return plotting.save(fig, path)
 
 
-def _plot_topk(results: List[dict], path: str) -> str:
-  plt = report_lib._pyplot()  # pylint: disable=protected-access
+def plot_topk(results: List[dict], path: str) -> str:
+  """Left: train and eval loss curves per MLP; right: the final losses as bars."""
+  plt = plotting.pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.0))
   colors = plt.cm.tab10(np.arange(10))
   for i, r in enumerate(results):
@@ -442,18 +411,63 @@ def _plot_topk(results: List[dict], path: str) -> str:
   right.legend(fontsize="x-small")
   fig.suptitle("Dense vs Top-k T5 (same model, data and steps)")
   fig.tight_layout()
-  return report_lib._save(fig, path)  # pylint: disable=protected-access
+  return plotting.save(fig, path)
 
 
-def run(names: Sequence[str], out: str, steps: Optional[int] = None) -> Dict[str, Any]:
-  """Runs the named experiments in order (never in parallel: they share 2 cores)."""
-  results = {}
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def run(names: Sequence[str], out: str, steps: Optional[int] = None,
+        eval_steps: Optional[int] = None) -> Dict[str, Any]:
+  """Runs the named experiments in order (never in parallel: they share the cores).
+
+  ``eval_steps`` overrides each experiment's number of measured batches per split.
+  """
   for name in names:
     if name not in EXPERIMENTS:
-      raise ValueError(f"unknown experiment {name!r}; choose from {sorted(EXPERIMENTS)}")
+      raise gin_utils.ConfigError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+  results = {}
   for name in names:
     start = time.time()
     logging.info("experiment %s -> %s", name, out)
-    results[name] = EXPERIMENTS[name](out, steps)
+    kwargs = {} if eval_steps is None else {"eval_steps": eval_steps}
+    results[name] = EXPERIMENTS[name](out, steps, **kwargs)
     print(f"experiment {name}: {time.time() - start:.0f} s, outputs in {os.path.join(out, name)}", flush=True)
   return results
+
+
+def parse_args(argv: Sequence[str]) -> Tuple[List[str], argparse.Namespace]:
+  """``(experiment names, arguments)``; a bad value is a ``ConfigError``."""
+  parser = common.ArgumentParser(prog="run.py", description=__doc__.splitlines()[0])
+  parser.add_argument("--experiment", required=True,
+                      help=f"comma-separated: {', '.join(EXPERIMENTS)} (or 'all')")
+  parser.add_argument("--out", required=True, help="output root (runs/ and one directory per experiment)")
+  parser.add_argument("--steps", type=int, default=None, help="override every run's TRAIN_STEPS")
+  parser.add_argument("--eval_steps", type=int, default=None,
+                      help="override the batches measured per split (default: each experiment's own)")
+  args = parser.parse_args(argv)
+  names = [n.strip() for n in args.experiment.split(",") if n.strip()]
+  if names == ["all"]:
+    names = list(EXPERIMENTS)
+  if not names:
+    raise gin_utils.ConfigError("--experiment names no experiment")
+  unknown = [n for n in names if n not in EXPERIMENTS]
+  if unknown:
+    raise gin_utils.ConfigError(f"unknown experiment {unknown[0]!r}; choose from {', '.join(EXPERIMENTS)}")
+  for flag in ("steps", "eval_steps"):
+    value = getattr(args, flag)
+    if value is not None and value <= 0:
+      raise gin_utils.ConfigError(f"--{flag} must be positive, got {value}")
+  return names, args
+
+
+@common.command
+def main(argv: Sequence[str]) -> int:
+  names, args = parse_args(argv)
+  run(names, os.path.abspath(args.out), args.steps, args.eval_steps)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
