@@ -9,14 +9,23 @@ The data position is saved per host next to the orbax step, so a restarted run
 reads exactly the batches it has not seen. Pipelines whose iterator cannot be
 checkpointed (e.g. ones built on Python generators) fall back to skipping the
 consumed batches on restore, which gives the same stream, only slower.
+
+A newest checkpoint that cannot be read (truncated or deleted files) stops the
+restore with an :class:`UnreadableCheckpointError` naming its step and path;
+with ``skip_unreadable=True`` the restore goes back to the newest readable step
+instead and moves the unreadable newer ones, state and data position, under
+``checkpoints_unreadable/``, so nothing is deleted and later saves of those
+step numbers do not collide with them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from typing import Any, Optional
+import re
+from typing import Any, Callable, List, Optional
 
 import jax
 import numpy as np
@@ -26,6 +35,50 @@ import tensorflow as tf
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used for this model (wrong shapes, unreadable files)."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+  """A checkpoint whose files cannot be read (truncated, deleted, corrupt); ``step`` and ``path`` name it."""
+
+  def __init__(self, message: str, step: Optional[int] = None, path: Optional[str] = None):
+    super().__init__(message)
+    self.step, self.path = step, path
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  text = text if len(text) <= limit else text[:limit - 3] + "..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _orbax_logs(demote: Callable[[logging.LogRecord, bool], bool]):
+  """Holds orbax's log records during the block; then ``demote(record, failed)`` ones go to DEBUG, the rest out.
+
+  A checkpoint that cannot be read becomes one error line (or one warning when
+  skipped); orbax's own ERROR lines about the same file would only bury it.
+  """
+  held: List[logging.LogRecord] = []
+
+  def hold(record):
+    held.append(record)
+    return False
+
+  loggers = [logging.getLogger(name) for name in ("absl", "orbax")]  # orbax logs through absl
+  for logger in loggers:
+    logger.addFilter(hold)
+  failed = True
+  try:
+    yield
+    failed = False
+  finally:
+    for logger in loggers:
+      logger.removeFilter(hold)
+    for record in held:
+      if demote(record, failed):
+        logging.debug("orbax: %s", record.getMessage())
+      else:
+        logging.getLogger(record.name).handle(record)
 
 
 def _key_str(path) -> str:
@@ -46,9 +99,16 @@ class CheckpointManager:
   def __init__(self, model_dir: str, keep: Optional[int] = 3, async_save: bool = True):
     self.directory = os.path.join(model_dir, "checkpoints")
     self._data_dir = os.path.join(model_dir, "checkpoints_data")
+    # Where restore_latest(skip_unreadable=True) moves unreadable steps: <step> and data/<step>.
+    self.unreadable_dir = os.path.join(model_dir, "checkpoints_unreadable")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-    self._mngr = ocp.CheckpointManager(self.directory, options=options,
-                                       item_handlers={"state": ocp.StandardCheckpointHandler()})
+    # orbax complains here about each step whose metadata it cannot read; restore_latest
+    # checks the steps it uses and names an unreadable one in one line.
+    step_file = re.compile(re.escape(self.directory.rstrip("/")) + r"/\d+/")
+    about_a_step = lambda record: record.levelno >= logging.WARNING and bool(step_file.search(record.getMessage()))
+    with _orbax_logs(lambda record, failed: not failed and about_a_step(record)):
+      self._mngr = ocp.CheckpointManager(self.directory, options=options,
+                                         item_handlers={"state": ocp.StandardCheckpointHandler()})
 
   def latest_step(self) -> Optional[int]:
     return self._mngr.latest_step()
@@ -92,31 +152,92 @@ class CheckpointManager:
         tf.io.gfile.rmtree(os.path.join(self._data_dir, name))
 
   # ---- restore
-  def restore_latest(self, abstract_state: Any, shardings: Any, data_iterator: Any = None) -> Optional[Any]:
-    """The newest checkpoint, restored with the given shardings; ``None`` if there is none."""
-    step = self._mngr.latest_step()
-    if step is None:
-      return None
-    self._check_compatible(step, abstract_state)
-    target = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-    try:
-      restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    except Exception as e:  # orbax raises many types; the user needs one line
-      raise CheckpointError(
-          f"checkpoint step {step} in {self.directory} cannot be read ({type(e).__name__}: "
-          f"{str(e).splitlines()[0] if str(e) else ''}); move it away to resume from an earlier one") from None
+  def restore_latest(self, abstract_state: Any, shardings: Any, data_iterator: Any = None,
+                     skip_unreadable: bool = False) -> Optional[Any]:
+    """The newest checkpoint, restored with the given shardings; ``None`` if there is none.
+
+    The data position of that step is restored into ``data_iterator`` too. An
+    unreadable newest step raises :class:`UnreadableCheckpointError`; with
+    ``skip_unreadable`` the newest readable step is restored instead, the
+    unreadable newer ones are logged and moved to ``unreadable_dir`` (nothing is
+    deleted), and only if no step can be read is it an error. A checkpoint of
+    another model is a :class:`CheckpointError` either way.
+    """
+    steps = sorted(self._mngr.all_steps(), reverse=True)
+    unreadable = []
+    for step in steps:
+      try:
+        state = self._restore_step(step, abstract_state, shardings, data_iterator)
+      except UnreadableCheckpointError as e:
+        if not skip_unreadable:
+          raise
+        logging.warning("skipping unreadable checkpoint: %s", e)
+        unreadable.append(step)
+        continue
+      if unreadable:
+        self._move_unreadable(unreadable)
+      return state
+    if unreadable:
+      raise UnreadableCheckpointError(
+          f"no checkpoint in {self.directory} can be read (steps {', '.join(map(str, unreadable))}); "
+          f"move them away to start afresh", step=unreadable[0], path=self.directory)
+    return None
+
+  def step_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _unreadable(self, step: int, cause: str) -> UnreadableCheckpointError:
+    return UnreadableCheckpointError(f"checkpoint step {step} at {self.step_path(step)} cannot be read ({cause})",
+                                     step=step, path=self.step_path(step))
+
+  def _restore_step(self, step: int, abstract_state: Any, shardings: Any, data_iterator: Any) -> Any:
+    with _orbax_logs(lambda record, failed: failed):
+      self._check_compatible(step, abstract_state)
+      target = jax.tree_util.tree_map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+      try:
+        restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+      except Exception as e:  # orbax raises many types; the user needs one line
+        raise self._unreadable(step, _first_line(e)) from None
     if data_iterator is not None:
-      self._restore_iterator(step, data_iterator)
+      try:
+        self._restore_iterator(step, data_iterator)
+      except (tf.errors.OpError, AssertionError, ValueError) as e:
+        raise self._unreadable(step, f"its data position: {_first_line(e)}") from None
     return restored["state"]
+
+  def _move_unreadable(self, steps: List[int]) -> None:
+    """Moves unreadable steps (orbax's directory and the data position) under ``unreadable_dir``."""
+    if jax.process_index() == 0:
+      for step in steps:
+        moved = []
+        data_dir = os.path.join(self._data_dir, str(step))
+        for src, dst in ((self.step_path(step), os.path.join(self.unreadable_dir, str(step))),
+                         (data_dir, os.path.join(self.unreadable_dir, "data", str(step)))):
+          if not tf.io.gfile.exists(src):
+            continue
+          n = 1
+          while tf.io.gfile.exists(dst if n == 1 else f"{dst}.{n}"):  # set aside before, by an earlier run
+            n += 1
+          dst = dst if n == 1 else f"{dst}.{n}"
+          tf.io.gfile.makedirs(os.path.dirname(dst))
+          try:
+            tf.io.gfile.rename(src, dst)
+          except tf.errors.OpError as e:
+            raise CheckpointError(f"cannot move the unreadable checkpoint {src} to {dst} ({_first_line(e)}); "
+                                  "move it away yourself") from None
+          moved.append(dst)
+        logging.warning("moved unreadable checkpoint step %d to %s", step, " and ".join(moved))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("topk_transformers.checkpoints.move_unreadable")
+    self._mngr.reload()
 
   def _check_compatible(self, step: int, abstract_state: Any) -> None:
     try:
       meta = self._mngr.item_metadata(step)["state"]
-    except Exception as e:
-      raise CheckpointError(
-          f"checkpoint step {step} in {self.directory} cannot be read (metadata: {type(e).__name__}); "
-          "move it away to resume from an earlier one") from None
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._unreadable(step, f"metadata: {_first_line(e)}") from None
     meta = getattr(meta, "tree", meta)
     want = {_key_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     have = {}
@@ -124,6 +245,8 @@ class CheckpointManager:
       shape = getattr(x, "shape", None)
       if shape is not None:
         have[_key_str(p)] = tuple(shape)
+    if not have:  # e.g. its files were deleted: orbax finds no metadata, not another model
+      raise self._unreadable(step, "no array metadata found")
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
     if missing or extra:

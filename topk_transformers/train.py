@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-
+import os
 import signal
 import time
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import flax
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,8 +32,12 @@ import optax
 import tensorflow as tf
 
 from topk_transformers import checkpoints as ckpt_lib
+from topk_transformers import eval_loop
+from topk_transformers import gin_utils
 from topk_transformers import partitioning
+from topk_transformers import runs
 from topk_transformers import sparsity
+from topk_transformers.gin_utils import ConfigError
 from topk_transformers.metrics import MetricLogger
 
 
@@ -115,45 +120,6 @@ class _Preemption:
     return self.requested
 
 
-def make_eval_step(model, partitioner, params_shardings, batch_shardings):
-  """The jitted, sharded ``model.eval_fn``: ``(params, batch) -> (metrics, intermediates)``."""
-
-  def eval_step(params, batch):
-    aux = model.eval_fn(params, batch)
-    return aux["metrics"], aux["intermediates"]
-
-  return jax.jit(eval_step, in_shardings=(params_shardings, batch_shardings))
-
-
-def evaluate_split(p_eval_step, params, dataset, split: str, host_batch: int, partitioner, eval_steps=None,
-                   seed: int = 0, on_batch: Optional[Callable[[dict, dict], None]] = None):
-  """Runs ``p_eval_step`` over (the first ``eval_steps`` batches of) a split.
-
-  Returns ``(metrics, sparsity_accumulator)``: metrics are averaged weighted by the
-  batch's ``num_tokens`` (T5) or ``num_examples`` (ViT), so padding does not count.
-  ``on_batch(batch, metrics)`` sees every host batch (e.g. to collect predictions).
-  """
-  shard_id, num_shards = partitioner.host_shard_info()
-  ds = dataset.get_dataset(split, host_batch, shard_id, num_shards, seed=seed, shuffle=False, repeat=False)
-  acc = sparsity.SparsityAccumulator()
-  sums: Dict[str, float] = {}
-  total_w = 0.0
-  for i, batch in enumerate(ds.as_numpy_iterator()):
-    if eval_steps is not None and i >= eval_steps:
-      break
-    m, inter = p_eval_step(params, partitioner.shard_batch(batch))
-    m = jax.device_get(m)
-    if on_batch is not None:
-      on_batch(batch, m)
-    w = float(m.get("num_tokens", m.get("num_examples", 1.0)))
-    for k, v in m.items():
-      if np.ndim(v) == 0 and not k.startswith("num_"):  # counts weight the averages, they are not averaged
-        sums[k] = sums.get(k, 0.0) + float(v) * w
-    total_w += w
-    acc.add(inter)
-  return {k: v / max(total_w, 1e-9) for k, v in sums.items()}, acc
-
-
 @dataclasses.dataclass
 class TrainResult:
   state: TrainState
@@ -183,6 +149,7 @@ def train(
     seed: int = 0,
     multi_host: Optional[bool] = None,
     end_of_training: Optional[Callable[..., None]] = None,
+    resume_from_readable: bool = False,
 ) -> TrainResult:
   """Trains ``model`` on ``dataset`` for ``train_steps`` steps of global batch ``batch_size``.
 
@@ -202,17 +169,16 @@ def train(
       keeping the newest ``keep_checkpoints``; one is always written at the end.
     end_of_training: called as ``end_of_training(model=, params=, dataset=, partitioner=)``
       (e.g. decode a held-out example), on process 0's console.
+    resume_from_readable: if the newest checkpoint cannot be read, resume from the newest one that can
+      (params, optimizer state, data position) and move the unreadable newer ones to
+      ``model_dir/checkpoints_unreadable/`` (nothing is deleted); by default that is an error.
   """
-  if batch_size <= 0:
-    raise ValueError(f"batch_size must be positive, got batch_size={batch_size}")
   if train_steps < 0:
-    raise ValueError(f"train_steps must be >= 0, got train_steps={train_steps}")
+    raise ConfigError(f"train_steps must be >= 0, got train_steps={train_steps}")
   partitioning.maybe_initialize_distributed(multi_host)
   partitioner = partitioner or partitioning.Partitioner()
+  runs.check_batch_size(batch_size, partitioner)
   shard_id, num_shards = partitioner.host_shard_info()
-  if batch_size % num_shards or batch_size % partitioner.data_parallel_size:
-    raise ValueError(f"batch_size={batch_size} must divide over {num_shards} hosts and "
-                     f"{partitioner.data_parallel_size} data-parallel devices")
   host_batch = batch_size // num_shards
   tf.io.gfile.makedirs(model_dir)
 
@@ -223,11 +189,8 @@ def train(
   train_iter = iter(train_ds)
 
   # ---- abstract state and its shardings
-  rng = jax.random.PRNGKey(seed)
-  init_rng, dropout_base = jax.random.split(rng)
-  abstract_vars = jax.eval_shape(lambda r: model.get_initial_variables(r, input_shapes), init_rng)
-  params_shardings = partitioner.logical_shardings(abstract_vars["params"])
-  abstract_params = nn.meta.unbox(abstract_vars["params"])
+  init_rng, dropout_base = jax.random.split(jax.random.PRNGKey(seed))  # runs.init_rng is the first half
+  abstract_params, params_shardings = runs.abstract_params(model, input_shapes, partitioner)
   tx = optimizer(learning_rate=learning_rate)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_shardings = partitioning.opt_state_shardings(abstract_opt, abstract_params, params_shardings,
@@ -242,13 +205,21 @@ def train(
 
   manager = ckpt_lib.CheckpointManager(model_dir, keep=keep_checkpoints)
   abstract_state = jax.eval_shape(init_state, init_rng)
-  restored = manager.restore_latest(abstract_state, state_shardings, train_iter)
+  try:
+    restored = manager.restore_latest(abstract_state, state_shardings, train_iter,
+                                      skip_unreadable=resume_from_readable)
+  except ckpt_lib.UnreadableCheckpointError as e:
+    if resume_from_readable:
+      raise
+    raise ckpt_lib.UnreadableCheckpointError(
+        f"{e}; to resume from the newest readable checkpoint instead, run again with "
+        f"--gin.train.train.resume_from_readable=True (it moves unreadable ones to {manager.unreadable_dir})",
+        step=e.step, path=e.path) from None
   if restored is not None:
     state = restored
     logging.info("Restored step %d from %s", int(state.step), manager.directory)
   else:
-    with jax.sharding.use_mesh(partitioner.mesh) if hasattr(jax.sharding, "use_mesh") else _nullcontext():
-      state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+    state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
   start_step = int(state.step)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract_params))
   logging.info("Model: %s parameters; mesh %s", f"{n_params:,}", dict(partitioner.mesh.shape))
@@ -276,12 +247,12 @@ def train(
   p_train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
 
-  p_eval_step = make_eval_step(model, partitioner, params_shardings, batch_shardings)
+  p_eval_step = eval_loop.make_eval_step(model, params_shardings, batch_shardings)
 
   def evaluate(params) -> tuple:
-    metrics, acc = evaluate_split(p_eval_step, params, dataset, dataset.eval_split, host_batch, partitioner,
-                                  eval_steps, seed=seed)
-    return metrics, (acc.percent_nonzero() if acc else {})
+    result = eval_loop.evaluate_split(p_eval_step, params, model, dataset, dataset.eval_split, host_batch,
+                                      partitioner, eval_steps, seed=seed)
+    return result.metrics, result.sparsity.percent_nonzero()
 
   # ---- the loop
   logger = MetricLogger(model_dir, total_steps=train_steps, start_step=start_step)
@@ -298,6 +269,9 @@ def train(
     if bad >= 0:
       manager.wait_until_finished()  # an async save in flight is the last good checkpoint
       good = manager.latest_step()
+      if good is None:
+        raise NonFiniteLossError(f"loss or gradients became NaN/inf at step {bad}; training stopped and no "
+                                 "checkpoint was written yet, so there is none to resume from")
       raise NonFiniteLossError(
           f"loss or gradients became NaN/inf at step {bad}; training stopped, parameters kept from step {bad} "
           f"and the last good checkpoint is step {good} in {manager.directory}")
@@ -343,9 +317,11 @@ def train(
                      sparsity=eval_sparsity, preempted=preempted, log=train_log)
 
 
-class _nullcontext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
+def train_from_gin() -> TrainResult:
+  """Runs :func:`train` as the current gin configuration binds it; ``MODEL_DIR/config.gin`` records that config."""
+  model_dir = gin_utils.get_macro("MODEL_DIR")
+  if jax.process_index() == 0:
+    tf.io.gfile.makedirs(model_dir)
+    with tf.io.gfile.GFile(os.path.join(model_dir, "config.gin"), "w") as f:
+      f.write(gin.config_str())
+  return gin.get_configurable(train)()

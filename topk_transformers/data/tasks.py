@@ -23,7 +23,10 @@ the current bindings::
 
 A missing dataset raises :class:`MissingDataError`, whose one-line message
 says what is missing and how to get it; :func:`check_task_data` raises it
-before any training starts.
+before any training starts. A local text file that is missing, empty or not
+UTF-8 is a configuration mistake: a one-line ``ConfigError`` that names the file
+(and the offset of its first bad byte), raised when the files are first listed,
+before anything is read for training.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import tensorflow as tf
 from topk_transformers.data import corpus as corpus_lib
 from topk_transformers.data import vocab as vocab_lib
 from topk_transformers.data.span_corruption import span_corruption
+from topk_transformers.gin_utils import ConfigError
 
 C4_TASK = "c4_span_corruption"
 LOCAL_TEXT_TASK = "local_text_span_corruption"
@@ -50,6 +54,10 @@ Files = Union[str, Sequence[str]]
 
 class MissingDataError(FileNotFoundError):
   """A Task's data or vocabulary is not there; the message says how to get it."""
+
+
+class MissingTextFilesError(MissingDataError, ConfigError):
+  """A local text Task's files are not where its bindings say: a configuration mistake."""
 
 
 def output_features(vocabulary: seqio.Vocabulary) -> Dict[str, seqio.Feature]:
@@ -168,12 +176,24 @@ class LocalTextSource(seqio.TextLineDataSource):
     patterns = self._split_to_filepattern.get(split)
     files = seqio.utils.list_files(patterns) if patterns else []
     # list_files returns a pattern without wildcards as is, existing or not.
-    files = [f for f in files if tf.io.gfile.exists(f)]
-    if not files:
-      raise MissingDataError(
-          f"task {self._task_name!r}: no text file for split {split!r} (patterns: {patterns!r}); bind "
-          f"tasks.register_local_text_task.{split}_files = ['/path/to/{split}.txt'] (one document per line)")
+    missing = [f for f in files if not tf.io.gfile.exists(f)]
+    bind = f"bind tasks.register_local_text_task.{split}_files = ['/path/to/{split}.txt'] (one document per line)"
+    if len(missing) == len(files):
+      raise MissingTextFilesError(
+          f"task {self._task_name!r}: no text file for split {split!r} (patterns: {patterns!r}); {bind}")
+    if missing:
+      raise MissingTextFilesError(f"task {self._task_name!r}: {split} file {missing[0]} does not exist; {bind}")
+    for path in files:
+      _check_file(path, f"{split} file")
     return files
+
+
+def _check_file(path: str, what: str) -> None:
+  """A local file must be non-empty UTF-8 (read once, see ``vocab.check_text_file``); a remote one non-empty."""
+  if "://" not in path:
+    vocab_lib.check_text_file(path, what)
+  elif tf.io.gfile.stat(path).length == 0:
+    raise ConfigError(f"{what} {path} is empty: it needs one document per line")
 
 
 @seqio.map_over_dataset

@@ -14,6 +14,11 @@
   training the first time it is used (not when it is constructed), so a Task
   can be registered at import time for free.
 
+* :func:`check_text_file` rejects a training text file that is missing, empty
+  (or only blank lines) or not UTF-8, with a one-line :class:`ConfigError`
+  naming the file (and the offset of the first bad byte), before anything reads
+  it for training.
+
 The cache root is :func:`cache_dir`: a gin binding
 (``vocab.cache_dir.path = '...'``), else ``$TOPK_TRANSFORMERS_CACHE``, else
 ``~/.cache/topk_transformers``.
@@ -21,6 +26,7 @@ The cache root is :func:`cache_dir`: a gin binding
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
@@ -34,11 +40,66 @@ import gin
 import seqio
 import sentencepiece as spm
 
+from topk_transformers.gin_utils import ConfigError
+
 DEFAULT_T5_VOCABULARY_PATH = "gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model"
 DEFAULT_EXTRA_IDS = 100
 CACHE_ENV_VAR = "TOPK_TRANSFORMERS_CACHE"
 
 TextFiles = Union[Sequence[str], Callable[[], Sequence[str]]]
+
+
+class MissingTextFileError(ConfigError, FileNotFoundError):
+  """A text file that does not exist: a configuration mistake, and a ``FileNotFoundError``."""
+
+
+# (path, size, mtime) of the local files check_text_file has accepted: each is read once per process.
+_accepted_files: set = set()
+_READ_BLOCK = 1 << 20
+
+
+def check_text_file(path: str, what: str = "text file") -> None:
+  """Raises a one-line :class:`ConfigError` unless ``path`` holds some UTF-8 text.
+
+  Missing (:class:`MissingTextFileError`), empty or only whitespace, or not
+  valid UTF-8 (the message gives the byte offset and line of the first bad
+  byte). Reads the file once, in blocks; a file already accepted and not
+  changed since is not read again. ``what`` names the file's role in the
+  message, e.g. ``"train file"``.
+  """
+  path = os.fspath(path)
+  try:
+    stat = os.stat(path)
+  except FileNotFoundError:
+    raise MissingTextFileError(f"{what} {path} does not exist") from None
+  if os.path.isdir(path):
+    raise ConfigError(f"{what} {path} is a directory, not a text file")
+  key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+  if key in _accepted_files:
+    return
+  if stat.st_size == 0:
+    raise ConfigError(f"{what} {path} is empty: it needs one document per line")
+  carry = b""  # the start of a character cut by the block boundary
+  offset = 0  # file offset of carry + block
+  newlines = 0
+  has_text = False
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(_READ_BLOCK), b""):
+      data = carry + block
+      try:
+        _, consumed = codecs.utf_8_decode(data, "strict", False)
+      except UnicodeDecodeError as e:
+        line = newlines + data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{what} {path} is not UTF-8: byte 0x{data[e.start]:02x} at byte offset {offset + e.start} "
+                          f"(line {line}); convert it to UTF-8, e.g. with iconv -f latin1 -t utf-8") from None
+      has_text = has_text or bool(data.strip())
+      newlines += block.count(b"\n")
+      carry, offset = data[consumed:], offset + consumed
+  if carry:
+    raise ConfigError(f"{what} {path} is not UTF-8: it ends inside a character, at byte offset {offset}")
+  if not has_text:
+    raise ConfigError(f"{what} {path} has no text, only blank lines: it needs one document per line")
+  _accepted_files.add(key)
 
 
 @gin.configurable
@@ -105,7 +166,9 @@ def train_sentencepiece(text_files: Sequence[str],
   """Trains (or reuses) ``<model_prefix>.model``; returns its path.
 
   Args:
-    text_files: one document per line, UTF-8.
+    text_files: one document per line, UTF-8; a missing, empty or non-UTF-8 file
+      is a :class:`ConfigError` (see :func:`check_text_file`), raised before
+      anything is written.
     model_prefix: writes ``<model_prefix>.model`` and ``<model_prefix>.json``
       (the fingerprint of corpus and settings that makes the cache valid).
     vocab_size: number of SentencePiece pieces, pad/eos/unk included; seqio adds
@@ -132,8 +195,7 @@ def train_sentencepiece(text_files: Sequence[str],
   if not text_files:
     raise ValueError("train_sentencepiece needs at least one text file, got none")
   for path in text_files:
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"SentencePiece training file not found: {path}")
+    check_text_file(path, "SentencePiece training file")
   if vocab_size < 8:
     raise ValueError(f"vocab_size must be >= 8, got {vocab_size!r}")
   if seed_sentencepiece_size is None:
@@ -159,23 +221,32 @@ def train_sentencepiece(text_files: Sequence[str],
   model = io.BytesIO()
   # model_writer keeps the output path out of the model proto, so equal corpora
   # give byte-identical models wherever they are trained.
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=_sentences(text_files, max_sentence_chars),
-      model_writer=model,
-      vocab_size=vocab_size,
-      model_type=model_type,
-      character_coverage=character_coverage,
-      input_sentence_size=input_sentence_size,
-      shuffle_input_sentence=True,
-      seed_sentencepiece_size=seed_sentencepiece_size,
-      shrinking_factor=shrinking_factor,
-      num_sub_iterations=num_sub_iterations,
-      max_sentence_length=4 * max_sentence_chars + 16,  # bytes; UTF-8 is at most 4 per char
-      hard_vocab_limit=hard_vocab_limit,
-      # T5's ids: 0 pad, 1 eos, 2 unk, no bos. seqio relies on pad=0, eos=1.
-      pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-      num_threads=num_threads or os.cpu_count() or 1,
-      minloglevel=2)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_sentences(text_files, max_sentence_chars),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        seed_sentencepiece_size=seed_sentencepiece_size,
+        shrinking_factor=shrinking_factor,
+        num_sub_iterations=num_sub_iterations,
+        max_sentence_length=4 * max_sentence_chars + 16,  # bytes; UTF-8 is at most 4 per char
+        hard_vocab_limit=hard_vocab_limit,
+        # T5's ids: 0 pad, 1 eos, 2 unk, no bos. seqio relies on pad=0, eos=1.
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        num_threads=num_threads or os.cpu_count() or 1,
+        minloglevel=2)
+  except RuntimeError as e:
+    # A corpus too small for vocab_size; SentencePiece says how many pieces it can give.
+    too_high = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", str(e))
+    if not too_high:
+      raise
+    raise ConfigError(f"the text of {', '.join(text_files)} is too little for a vocabulary of {vocab_size} pieces "
+                      f"(SentencePiece can give at most {too_high.group(1)}): lower vocab_size, e.g. "
+                      "tasks.register_local_text_task.vocab_size, or add text") from None
   seconds = time.time() - start
   _write_atomic(model_path, model.getvalue())
   # The sidecar goes last: it is what marks the model as complete.
