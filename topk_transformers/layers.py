@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from topk_transformers import topk as topk_lib
+from topk_transformers.errors import ConfigError
 
 Array = jax.Array
 DType = Any
@@ -85,7 +86,7 @@ def resolve_activation(fn_or_string: Union[str, Callable]) -> Callable:
     return functools.partial(nn.gelu, approximate=False)
   if hasattr(nn, fn_or_string):
     return getattr(nn, fn_or_string)
-  raise ValueError(f"unknown MLP activation {fn_or_string!r}")
+  raise ConfigError(f"unknown MLP activation {fn_or_string!r}")
 
 
 class MlpBlock(nn.Module):
@@ -94,6 +95,11 @@ class MlpBlock(nn.Module):
   One activation gives T5 v1.0 / ViT (``wi``, ``wo``); several give the gated
   T5 v1.1 MLP (``wi_0``, ``wi_1``, ``wo``), whose Top-k acts on the product and
   ranks by magnitude since the product can be negative.
+
+  ``top_k_method`` (``topk.METHODS``; default ``"auto"``, the fastest exact
+  method for the backend and shape) chooses how the k units are found; every
+  exact method keeps the same units, so training, evaluation and the sown
+  statistics below do not depend on it.
 
   Sows into the ``intermediates`` collection (when it is mutable), per call:
   ``nonzero_count`` (nonzero hidden activations summed over the counted tokens),
@@ -120,7 +126,7 @@ class MlpBlock(nn.Module):
   use_bias: bool = False
   bias_init: Initializer = nn.initializers.zeros
   top_k: Optional[int] = None
-  top_k_method: str = "exact"
+  top_k_method: str = topk_lib.DEFAULT_METHOD
   top_k_recall_target: float = topk_lib.DEFAULT_RECALL_TARGET
   sparse_decode: Optional[bool] = None
 

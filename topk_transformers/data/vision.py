@@ -40,6 +40,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from topk_transformers.data import corruptions as corruptions_lib
+from topk_transformers.errors import ConfigError
 
 AUGMENTATIONS = ("inception_crop", "random_crop_flip", "random_crop", "none")
 
@@ -147,7 +148,7 @@ def augment_image(image: tf.Tensor, augment: str, size: int, seed: tf.Tensor) ->
     return random_crop(image, size, crop_seed)
   if augment == "none":
     return resize_and_center_crop(image, size)
-  raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+  raise ConfigError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
 
 
 def _normalize(image: tf.Tensor) -> tf.Tensor:
@@ -247,11 +248,11 @@ class ImageDataset:
 
   def __post_init__(self):
     if not 0.0 <= float(self.label_noise) <= 1.0:
-      raise ValueError(f"label_noise must be in [0, 1], got {self.label_noise!r}")
+      raise ConfigError(f"label_noise must be in [0, 1], got {self.label_noise!r}")
     if self.augment not in AUGMENTATIONS:
-      raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
+      raise ConfigError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
     if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size <= 0:
-      raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}")
+      raise ConfigError(f"image_size must be a positive integer, got {self.image_size!r}")
     if not 0.0 < float(self.eval_crop_fraction) <= 1.0:
       raise ValueError(f"eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction!r}")
     if self.corruption_constants not in corruptions_lib.SEVERITY_CONSTANTS:

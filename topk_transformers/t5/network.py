@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from topk_transformers import layers
 from topk_transformers import topk as topk_lib
+from topk_transformers.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +64,9 @@ class T5Config:
   """Compute attention logits and softmax in float32 whatever ``dtype`` is."""
   top_k: Optional[int] = None
   """Keep the k largest MLP hidden activations per token; ``None`` (or ``k >= mlp_dim``) is the dense MLP."""
-  top_k_method: str = "exact"
-  """``'exact'`` (``lax.top_k``) or ``'approx'`` (``lax.approx_max_k``)."""
+  top_k_method: str = topk_lib.DEFAULT_METHOD
+  """``'auto'`` (the fastest exact method for the backend and shape), ``'exact'`` (``lax.top_k``), ``'threshold'``
+  (sort-free, exact) or ``'approx'`` (``lax.approx_max_k``); see ``topk.py``."""
   top_k_recall_target: float = topk_lib.DEFAULT_RECALL_TARGET
   """Recall target of the approximate method."""
   sparse_decode: Optional[bool] = None
@@ -80,16 +82,16 @@ class T5Config:
     for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"T5Config.{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"T5Config.{name} must be a positive integer, got {value!r}")
     for name in ("num_encoder_layers", "num_decoder_layers"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"T5Config.{name} must be a non-negative integer, got {value!r}")
+        raise ConfigError(f"T5Config.{name} must be a non-negative integer, got {value!r}")
     if not 0.0 <= float(self.dropout_rate) < 1.0:
-      raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
+      raise ConfigError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
     activations = (self.mlp_activations,) if isinstance(self.mlp_activations, str) else tuple(self.mlp_activations)
     if not activations:
-      raise ValueError("T5Config.mlp_activations must name at least one activation")
+      raise ConfigError("T5Config.mlp_activations must name at least one activation")
     for act in activations:
       layers.resolve_activation(act)  # unknown name -> ValueError
     # Hashable, canonical values (gin may hand over lists or dtype names).

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from topk_transformers import layers
 from topk_transformers import topk as topk_lib
+from topk_transformers.errors import ConfigError
 
 Array = jax.Array
 
@@ -65,7 +66,7 @@ def decode_variant(variant: str) -> dict:
   """``"B/16"`` -> ``dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)``."""
   match = re.fullmatch(r"([A-Za-z]+)/(\d+)", variant) if isinstance(variant, str) else None
   if match is None or match.group(1) not in VARIANTS or int(match.group(2)) <= 0:
-    raise ValueError(f"ViT variant must look like 'B/16' with size in {tuple(VARIANTS)}, got {variant!r}")
+    raise ConfigError(f"ViT variant must look like 'B/16' with size in {tuple(VARIANTS)}, got {variant!r}")
   width, depth, mlp_dim, num_heads = VARIANTS[match.group(1)]
   return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads, patch_size=int(match.group(2)))
 
@@ -191,18 +192,18 @@ class ViT(nn.Module):
     decode_variant(self.variant)
     topk_lib.validate_top_k(self.top_k, self.top_k_method, self.top_k_recall_target)
     if self.mlp_activation not in MLP_ACTIVATIONS:
-      raise ValueError(f"mlp_activation must be one of {MLP_ACTIVATIONS}, got {self.mlp_activation!r}")
+      raise ConfigError(f"mlp_activation must be one of {MLP_ACTIVATIONS}, got {self.mlp_activation!r}")
     if self.pool_type not in POOL_TYPES:
-      raise ValueError(f"pool_type must be one of {POOL_TYPES}, got {self.pool_type!r}")
+      raise ConfigError(f"pool_type must be one of {POOL_TYPES}, got {self.pool_type!r}")
     for name in ("num_classes", "representation_size", "image_size"):
       value = getattr(self, name)
       if value is None and name != "num_classes":
         continue
       if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     for name in ("dropout_rate", "attention_dropout_rate"):
       if not 0.0 <= getattr(self, name) < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
     super().__post_init__()
 
   @property
