@@ -59,3 +59,25 @@ def test_restarted_pretraining_reaches_the_same_parameters(tmp_path):
   assert len(a) == len(b)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_eval_command_reads_a_t5_run_and_agrees_with_the_trainers_last_evaluation(tmp_path):
+  import json
+
+  import numpy as np
+
+  from topk_transformers.commands import eval as eval_command
+
+  bindings = TINY + [f"MODEL_DIR = '{tmp_path / 'run'}'", "TRAIN_STEPS = 4", "EVAL_PERIOD = 4", "EVAL_STEPS = 2"]
+  gin_utils.configure(["t5/runs/cpu_smoke.gin"], bindings)
+  result = gin.get_configurable(train_lib.train)()
+  out = tmp_path / "eval.json"
+  flags = ["--gin_file=t5/runs/cpu_smoke.gin", *(f"--gin_bindings={b}" for b in bindings)]
+  assert eval_command.main([*flags, f"--checkpoint={tmp_path / 'run'}", "--eval_steps=2", f"--json={out}"]) == 0
+  evaluated = json.loads(out.read_text())
+  assert evaluated["step"] == 4 and evaluated["split"] == "validation" and evaluated["evaluators"] == []
+  for name in ("loss", "cross_ent_loss", "accuracy", "z_loss"):
+    np.testing.assert_allclose(evaluated["metrics"][name], result.eval_metrics[name], rtol=1e-5, atol=1e-6)
+  assert evaluated["percent_nonzero"] == pytest.approx(result.sparsity, rel=1e-6)
+  assert all(0 < p <= 100 * 8 / 64 + 1e-6 for p in evaluated["percent_nonzero"].values())
