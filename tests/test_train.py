@@ -110,3 +110,13 @@ def test_train_command_turns_a_bad_mesh_binding_into_one_line_and_exit_2(tmp_pat
                              "--gin.NUM_PARTITIONS=3"]) == 2
   err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
   assert err == [f"error: num_partitions=3 does not divide the {jax.device_count()} devices"]
+
+
+@pytest.mark.parametrize("binding, message", [("--gin.TOP_K=0", "top_k must be a positive integer or None, got 0"),
+                                              ("--gin.TOP_K_METHOD='sorted'", "top_k_method must be one of")])
+def test_train_command_turns_a_bad_top_k_into_one_line_and_exit_2(tmp_path, capsys, binding, message):
+  from topk_transformers.commands import train as train_command
+
+  assert train_command.main(["--gin_file=t5/runs/cpu_smoke.gin", f"--gin.MODEL_DIR='{tmp_path}'", binding]) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err

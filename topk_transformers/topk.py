@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from topk_transformers.errors import ConfigError
+
 METHODS = ("auto", "exact", "approx", "threshold")
 DEFAULT_METHOD = "auto"
 DEFAULT_RECALL_TARGET = 0.95
@@ -52,16 +54,16 @@ _logged_noop: set = set()
 
 
 def validate_top_k(top_k, method: str = DEFAULT_METHOD, recall_target: float = DEFAULT_RECALL_TARGET) -> None:
-  """Raises a one-line ``ValueError`` naming the bad setting; ``None`` is fine."""
+  """Raises a one-line ``ConfigError`` (a ``ValueError``) naming the bad setting; ``None`` is fine."""
   if top_k is not None:
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
-      raise ValueError(f"top_k must be a positive integer or None, got {top_k!r} ({type(top_k).__name__})")
+      raise ConfigError(f"top_k must be a positive integer or None, got {top_k!r} ({type(top_k).__name__})")
     if top_k <= 0:
-      raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+      raise ConfigError(f"top_k must be a positive integer or None, got {top_k!r}")
   if method not in METHODS:
-    raise ValueError(f"top_k_method must be one of {METHODS}, got {method!r}")
+    raise ConfigError(f"top_k_method must be one of {METHODS}, got {method!r}")
   if not 0.0 < float(recall_target) <= 1.0:
-    raise ValueError(f"top_k_recall_target must be in (0, 1], got {recall_target!r}")
+    raise ConfigError(f"top_k_recall_target must be in (0, 1], got {recall_target!r}")
 
 
 def is_active(top_k: Optional[int], hidden_dim: int) -> bool:
