@@ -70,7 +70,7 @@ def test_every_config_parses_builds_and_has_the_published_shape(name):
   assert cfg.vocab_size == 32128
   assert cfg.mlp_activations == (("gelu", "linear") if v11 else ("relu",))
   assert cfg.logits_via_embedding is (not v11)
-  assert cfg.top_k is None and cfg.top_k_method == "exact"
+  assert cfg.top_k is None and cfg.top_k_method == "auto"
   assert model.z_loss == 1e-4
   for vocab in (model.input_vocabulary, model.output_vocabulary):  # lazily loaded: nothing read from GCS here
     assert vocab.sentencepiece_model_file == "gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model"
@@ -99,7 +99,7 @@ def test_every_published_size_by_eval_shape():
 
 def test_topk_layer_sets_k_and_method():
   cfg = build(["t5_1_0/base", "topk"]).module.config
-  assert cfg.top_k == 128 and cfg.top_k_method == "exact"
+  assert cfg.top_k == 128 and cfg.top_k_method == "auto"
   cfg = build(["t5_1_1/xl", "topk"], ["TOP_K_METHOD = 'approx'", "TOP_K = 64"]).module.config
   assert (cfg.top_k, cfg.top_k_method, cfg.mlp_dim) == (64, "approx", 5120)
   # Macros let a run shrink the tiny model's vocabulary.

@@ -240,7 +240,7 @@ def test_gin_model_files_build(name, layer):
   model = _build_from_gin(files)
   vit = model.module
   assert vit.variant == MODEL_FILES[name]
-  assert (vit.num_classes, vit.image_size, vit.pool_type, vit.top_k_method) == (1000, 224, "token", "exact")
+  assert (vit.num_classes, vit.image_size, vit.pool_type, vit.top_k_method) == (1000, 224, "token", "auto")
   assert vit.top_k == (256 if layer == "topk.gin" else None)
   assert vit.mlp_activation == ("gelu" if layer is None else "relu")
   if name == "b16" and layer is None:  # one full shape check; the counts of every variant are pinned above

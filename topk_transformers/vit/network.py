@@ -86,7 +86,7 @@ class EncoderBlock(nn.Module):
   num_heads: int
   mlp_activation: str = "gelu"
   top_k: Optional[int] = None
-  top_k_method: str = "exact"
+  top_k_method: str = topk_lib.DEFAULT_METHOD
   top_k_recall_target: float = topk_lib.DEFAULT_RECALL_TARGET
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
@@ -137,7 +137,7 @@ class Encoder(nn.Module):
   num_heads: int
   mlp_activation: str = "gelu"
   top_k: Optional[int] = None
-  top_k_method: str = "exact"
+  top_k_method: str = topk_lib.DEFAULT_METHOD
   top_k_recall_target: float = topk_lib.DEFAULT_RECALL_TARGET
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
