@@ -12,13 +12,6 @@ from __future__ import annotations
 from topk_transformers.commands import common
 
 
-def _list(text: str, kind=str):
-  try:
-    return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
-  except ValueError:
-    raise common.ConfigError(f"expected a comma list of {kind.__name__}s, got {text!r}") from None
-
-
 @common.command(tensorflow=False)
 def main(argv) -> int:
   from topk_transformers.benchmarks import decoding  # pylint: disable=g-import-not-at-top
@@ -40,9 +33,10 @@ def main(argv) -> int:
   p.add_argument("--json", default=None, help="write results here")
   p.add_argument("--plot", default=None, help="write a PNG of latency and speedup against k here")
   args = p.parse_args(argv)
+  items = common.comma_list
   settings = decoding.Settings(
-      sizes=_list(args.sizes), version=args.version, ks=_list(args.k, int), methods=_list(args.method),
-      dtypes=_list(args.dtype), num_layers=args.num_layers, encoder_layers=args.encoder_layers, steps=args.steps,
+      sizes=items(args.sizes), version=args.version, ks=items(args.k, int), methods=items(args.method),
+      dtypes=items(args.dtype), num_layers=args.num_layers, encoder_layers=args.encoder_layers, steps=args.steps,
       reps=args.reps, input_length=args.input_length, dense_topk=args.dense_topk, seed=args.seed)
   result = decoding.run(settings, command=" ".join(["topk-bench-decode", *argv]))
   common.write_json(args.json, result)

@@ -11,13 +11,6 @@ from __future__ import annotations
 from topk_transformers.commands import common
 
 
-def _list(text: str, kind=str):
-  try:
-    return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
-  except ValueError:
-    raise common.ConfigError(f"expected a comma list of {kind.__name__}s, got {text!r}") from None
-
-
 @common.command(tensorflow=False)
 def main(argv) -> int:
   from topk_transformers.benchmarks import training  # pylint: disable=g-import-not-at-top
@@ -41,8 +34,9 @@ def main(argv) -> int:
   p.add_argument("--json", default=None, help="write results here")
   p.add_argument("--markdown", default=None, help="write the tables here")
   args = p.parse_args(argv)
+  items = common.comma_list
   settings = training.Settings(
-      models=_list(args.models), sizes=_list(args.sizes), ks=_list(args.k, int), methods=_list(args.methods),
+      models=items(args.models), sizes=items(args.sizes), ks=items(args.k, int), methods=items(args.methods),
       num_layers=args.num_layers or None, batch_size=args.batch_size, input_length=args.input_length,
       target_length=args.target_length, image_size=args.image_size, vocab_size=args.vocab_size, dtype=args.dtype,
       reps=args.reps,

@@ -96,3 +96,11 @@ def read_lines(path: str) -> List[str]:
   except UnicodeDecodeError as e:
     raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
   return [line for line in text.splitlines() if line.strip()]
+
+
+def comma_list(text: str, kind=str) -> tuple:
+  """``'a,b'`` -> ``('a', 'b')``, each converted by ``kind``; a bad item is a one-line ``ConfigError``."""
+  try:
+    return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+  except ValueError:
+    raise ConfigError(f"expected a comma list of {kind.__name__}s, got {text!r}") from None
