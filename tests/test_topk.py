@@ -272,3 +272,78 @@ def test_threshold_trains_on_an_8_device_host_mesh(tmp_path):
   assert r["threshold"]["devices"] == 8
   assert abs(r["threshold"]["loss"] - r["reference_loss"]) <= 1e-5 * abs(r["reference_loss"]), r
   assert r["threshold"]["max_grad_diff"] < 1e-5, r
+
+
+# ---------------------------------------------------------------------------
+# top_k_method is honoured: the primitive that does the selection, counted in the jaxpr.
+# On CPU "approx" finds the same set as "exact", so only the program tells them apart.
+# ---------------------------------------------------------------------------
+
+SELECTION_PRIMITIVES = ("top_k", "approx_top_k", "population_count")
+
+
+def primitive_counts(fn, *args) -> dict:
+  """How often each selection primitive occurs in ``fn``'s jaxpr, sub-jaxprs (jit, cond, loops) included."""
+  counts = dict.fromkeys(SELECTION_PRIMITIVES, 0)
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in counts:
+        counts[eqn.primitive.name] += 1
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return counts
+
+
+def selection_primitives(fn, *args) -> set:
+  return {name for name, n in primitive_counts(fn, *args).items() if n}
+
+
+@pytest.mark.parametrize("by_magnitude", [False, True], ids=["value", "magnitude"])
+def test_top_k_method_chooses_the_selection_primitive(by_magnitude):
+  small, large = jnp.ones((2, 64)), jnp.ones((16, 2048))
+  want = {"exact": {"top_k"}, "approx": {"approx_top_k"}, "threshold": {"population_count"}}
+  for method, prims in want.items():
+    for x in (small, large):
+      assert selection_primitives(lambda x: topk.topk(x, 4, method, by_magnitude=by_magnitude), x) == prims, method
+  assert selection_primitives(lambda x: topk.topk(x, 4, "auto"), small) == {"top_k"}  # the CPU rule's small side
+  for fn in (topk.select, topk.select_f32):  # the decoding path: every exact method is lax.top_k
+    for method in ("exact", "threshold", "auto"):
+      assert selection_primitives(lambda x: fn(x, 4, method, by_magnitude=by_magnitude), small) == {"top_k"}
+    assert selection_primitives(lambda x: fn(x, 4, "approx", by_magnitude=by_magnitude), small) == {"approx_top_k"}
+
+
+@pytest.mark.parametrize("acts", [("relu",), ("gelu", "linear")], ids=["v1.0", "v1.1"])
+def test_mlp_block_t5_and_vit_pass_top_k_method_down(acts):
+  from topk_transformers.t5 import network
+  from topk_transformers.vit import network as vit_network
+
+  x = jnp.ones((1, 4, 8))
+  tokens = jnp.ones((1, 4), jnp.int32)
+  image = jnp.ones((1, 8, 8, 3))
+  for method in ("exact", "approx", "threshold"):
+    one = primitive_counts(lambda x: topk.topk(x, 4, method), jnp.ones((4, 32)))  # one selection's primitives
+    block = layers.MlpBlock(intermediate_dim=32, activations=acts, top_k=4, top_k_method=method,
+                            intermediate_dropout_rate=0.0)
+    params = jax.eval_shape(lambda: block.init(jax.random.PRNGKey(0), x, deterministic=True))
+    assert primitive_counts(lambda p: block.apply(p, x, deterministic=True), params) == one, method
+    for sparse in (True, False):  # a decoding step, sparse or dense: approx stays approx
+      dec = block.clone(sparse_decode=sparse)
+      counts = primitive_counts(lambda p: dec.apply(p, x[:, :1], decode=True, deterministic=True), params)
+      assert counts["approx_top_k"] == (method == "approx"), (method, sparse)
+
+    cfg = network.T5Config(vocab_size=16, emb_dim=8, num_heads=2, head_dim=4, num_encoder_layers=2,
+                           num_decoder_layers=1, mlp_dim=32, mlp_activations=acts, dropout_rate=0.0, top_k=4,
+                           top_k_method=method)
+    t5 = network.Transformer(cfg)
+    t5_params = jax.eval_shape(lambda: t5.init(jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False))
+    counts = primitive_counts(lambda p: t5.apply(p, tokens, tokens, tokens, enable_dropout=False), t5_params)
+    assert counts == {n: 3 * c for n, c in one.items()}, (method, counts)  # 2 encoder + 1 decoder MLPs
+
+    if len(acts) == 1:  # ViT's MLP is not gated
+      vit = vit_network.ViT(variant="Test/4", num_classes=3, top_k=4, top_k_method=method, mlp_activation="relu")
+      vit_params = jax.eval_shape(lambda: vit.init(jax.random.PRNGKey(0), image, train=False))
+      counts = primitive_counts(lambda p: vit.apply(p, image, train=False), vit_params)
+      assert counts == {n: 2 * c for n, c in one.items()}, (method, counts)  # "Test": 2 blocks
