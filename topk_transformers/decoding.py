@@ -17,8 +17,12 @@ leading axis are batch-major (``cached_key [batch, length, heads, head_dim]``);
 scalar leaves (``cache_index``) are shared by the batch.
 
 :func:`predict_batch` wires these to ``t5.network.Transformer``: encode once,
+compute every decoder layer's cross-attention keys and values once
+(``Transformer.cross_attention_kv``; beams and samples of one input share them),
 create the cache, decode. When the Top-k MLPs are active, the decoder steps use
-the sparse product of ``topk.sparse_matmul`` (``T5Config.sparse_decode``).
+the sparse product of ``topk.sparse_matmul`` (``T5Config.sparse_decode``); with
+predictors (``predictors.py``, ``T5Config.decode_candidates``) they compute only
+the candidate units the predictors propose.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from topk_transformers import predictors as predictors_lib
+from topk_transformers.errors import ConfigError
 
 NEG_INF = -1.0e7  # finite, so sums of dead beams' scores never become NaN
 METHODS = ("greedy", "sample", "beam")
@@ -302,32 +309,59 @@ def init_cache(module, params, encoded: jax.Array, encoder_input_tokens: jax.Arr
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(create))
 
 
-def make_tokens_to_logits(module, params, encoded: jax.Array, encoder_input_tokens: jax.Array,
-                          max_decode_length: int) -> TokensToLogits:
-  """The decoder step of ``module`` as a ``tokens_to_logits`` callback (no dropout)."""
+def make_tokens_to_logits(module, params, encoded: Optional[jax.Array], encoder_input_tokens: jax.Array,
+                          max_decode_length: int, *, cross_kv: Any = None,
+                          predictors: Any = None) -> TokensToLogits:
+  """The decoder step of ``module`` as a ``tokens_to_logits`` callback (no dropout).
+
+  Args:
+    module, params: the ``t5.network.Transformer`` and its parameters.
+    encoded: ``[rows, in_length, emb_dim]`` encoder output, one row per decoder row; the step then projects it to
+      cross-attention keys and values itself. ``None`` with ``cross_kv``.
+    encoder_input_tokens: ``[rows, in_length]``, or with ``cross_kv`` ``[batch, in_length]`` (one row per input).
+    max_decode_length: the cache length.
+    cross_kv: the cross-attention keys and values (``Transformer.cross_attention_kv``), computed once per input:
+      the step reads only the ``query`` and ``out`` kernels of each cross-attention, and the ``rows = batch * n``
+      decoder rows (row ``b * n + j``) share their input's keys and values.
+    predictors: the ``predictors`` collection (``predictors.prepare``) for predicted-neuron MLPs
+      (``T5Config.decode_candidates``); ``None``: the exact path.
+  """
+  variables = {"params": params}
+  if predictors is not None:
+    variables["predictors"] = predictors
 
   def tokens_to_logits(state: DecodingState):
-    logits, variables = module.apply(
-        {"params": params, "cache": state.cache}, encoded, encoder_input_tokens, state.cur_token,
+    logits, new = module.apply(
+        {**variables, "cache": state.cache}, encoded, encoder_input_tokens, state.cur_token,
         state.cur_token, enable_dropout=False, decode=True, max_decode_length=max_decode_length,
-        mutable=["cache"], method=module.decode)
-    return logits[:, 0, :], variables["cache"]
+        cross_kv=cross_kv, mutable=["cache"], method=module.decode)
+    return logits[:, 0, :], new["cache"]
 
   return tokens_to_logits
 
 
+def encode_for_decoding(module, params, encoder_input_tokens: jax.Array, max_decode_length: int):
+  """Encodes once: ``(cross_kv, cache)``, the cross-attention keys and values of every decoder layer and the zero
+  self-attention cache, both for the ``batch`` inputs (not yet expanded to beams or samples)."""
+  encoded = module.apply({"params": params}, encoder_input_tokens, enable_dropout=False, method=module.encode)
+  cross_kv = module.apply({"params": params}, encoded, method=module.cross_attention_kv)
+  cache = init_cache(module, params, encoded, encoder_input_tokens, max_decode_length)
+  return cross_kv, cache
+
+
 @functools.partial(jax.jit, static_argnames=("module", "method", "num_decodes", "topk", "topp",
                                              "max_decode_length"))
-def _predict(params, encoder_input_tokens, rng, alpha, temperature, eos_id, *, module, method, num_decodes, topk,
-             topp, max_decode_length):
+def _predict(params, predictors, encoder_input_tokens, rng, alpha, temperature, eos_id, *, module, method,
+             num_decodes, topk, topp, max_decode_length):
   # alpha, temperature and eos_id are traced: changing them does not recompile (eos_id -1 = no EOS).
   batch = encoder_input_tokens.shape[0]
-  encoded = module.apply({"params": params}, encoder_input_tokens, enable_dropout=False, method=module.encode)
-  cache = init_cache(module, params, encoded, encoder_input_tokens, max_decode_length)
-  # Every decode of an example sees the same encoder output; rows are b*n .. b*n+n-1.
-  encoded = expand_batch(encoded, num_decodes)
-  tokens = expand_batch(encoder_input_tokens, num_decodes)
-  step = make_tokens_to_logits(module, params, encoded, tokens, max_decode_length)
+  # Explicitly once per input, before the loop: the cross-attention keys and values (shared by the num_decodes
+  # rows b*n .. b*n+n-1 of each input, never copied per beam) and, with predictors, wi in row layout.
+  cross_kv, cache = encode_for_decoding(module, params, encoder_input_tokens, max_decode_length)
+  if predictors is not None:
+    predictors = predictors_lib.prepare(params, predictors)
+  step = make_tokens_to_logits(module, params, None, encoder_input_tokens, max_decode_length, cross_kv=cross_kv,
+                               predictors=predictors)
   if method == "beam":
     return beam_search(step, cache, batch, num_decodes, max_decode_length, alpha=alpha, eos_id=eos_id)
   cache = expand_batch(cache, num_decodes)
@@ -356,6 +390,7 @@ def predict_batch(
     eos_id: Optional[int] = 1,
     return_all_decodes: bool = False,
     return_scores: bool = False,
+    predictors: Any = None,
 ):
   """Decodes ``batch['encoder_input_tokens']`` with a T5 ``Transformer`` (or a model wrapping it as ``.module``).
 
@@ -376,6 +411,8 @@ def predict_batch(
     eos_id: end-of-sequence id (T5: 1); ``None`` decodes to full length.
     return_all_decodes: return all ``num_decodes`` per example (best first) instead of the best.
     return_scores: also return the scores (beam: penalised log p; else log p).
+    predictors: decode with predicted-neuron MLPs: a predictor tree (``predictors.restore``) for the module's
+      decoder MLPs, whose config sets ``decode_candidates``. ``None``: the exact (sparse) path.
 
   Returns:
     ``tokens [batch, length]`` (or ``[batch, num_decodes, length]``), and with
@@ -401,8 +438,12 @@ def predict_batch(
   if alpha < 0 or temperature <= 0 and decode_method == "sample":
     raise ValueError(f"need alpha >= 0 and, for sampling, temperature > 0; got alpha={alpha!r}, "
                      f"temperature={temperature!r}")
+  if predictors is not None:
+    if getattr(module.config, "decode_candidates", None) is None:
+      raise ConfigError("predicted decoding needs network.T5Config.decode_candidates (the candidates per MLP step)")
+    predictors_lib.check(params, predictors)
   seqs, scores = _predict(
-      params, jnp.asarray(batch["encoder_input_tokens"], jnp.int32), rng, jnp.float32(alpha),
+      params, predictors, jnp.asarray(batch["encoder_input_tokens"], jnp.int32), rng, jnp.float32(alpha),
       jnp.float32(temperature), jnp.int32(-1 if eos_id is None else eos_id), module=module, method=decode_method,
       num_decodes=int(num_decodes), topk=int(topk), topp=float(topp), max_decode_length=int(max_decode_length))
   if not return_all_decodes:

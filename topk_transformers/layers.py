@@ -116,6 +116,18 @@ class MlpBlock(nn.Module):
   ``tokens * k <= d_ff / 4`` (tokens = all positions of the call, e.g. batch x
   beams in a decoding step), ``True`` / ``False`` force it on / off. It is never
   taken while dropout is active, nor by ``init``.
+
+  Predicted-neuron decoding: with ``decode=True``, an active Top-k,
+  ``decode_candidates = c`` and a predictor in this block's ``predictors``
+  collection (``predictors.py``: ``a [embed, r]``, ``b [branches, r, mlp]`` and,
+  from ``predictors.prepare``, ``wi_rows [branches, mlp, embed]``, the ``wi``
+  kernels in row layout), the block scores every unit with the low-rank
+  ``x @ a @ b``, takes the ``c`` best as candidates, computes the hidden
+  activations of those alone from their contiguous rows of ``wi_rows`` (both
+  branches for v1.1), selects the Top-k among them and reads those k rows of
+  ``wo``. With ``c >= d_ff``, or a predictor that ranks the units as they are,
+  the result is that of the exact sparse path. Without a predictor (or with
+  ``c = None``) nothing changes.
   """
 
   intermediate_dim: int = 2048
@@ -129,6 +141,7 @@ class MlpBlock(nn.Module):
   top_k_method: str = topk_lib.DEFAULT_METHOD
   top_k_recall_target: float = topk_lib.DEFAULT_RECALL_TARGET
   sparse_decode: Optional[bool] = None
+  decode_candidates: Optional[int] = None
 
   def __post_init__(self):
     # Bad k is an error when the model is built, not deep inside a jitted step.
@@ -139,6 +152,8 @@ class MlpBlock(nn.Module):
   def __call__(self, inputs: Array, decode: bool = False, deterministic: bool = False,
                mask: Optional[Array] = None) -> Array:
     gated = len(self.activations) > 1
+    if decode and self._use_predicted(deterministic):
+      return self._predicted_output(inputs, mask, by_magnitude=gated)
     branches = []
     for i, act in enumerate(self.activations):
       name = f"wi_{i}" if gated else "wi"
@@ -199,6 +214,59 @@ class MlpBlock(nn.Module):
     kernel = nn.meta.unbox(params["wo"]["kernel"])
     if kernel.shape != (x.shape[-1], features):
       raise ValueError(f"'wo' kernel has shape {kernel.shape}, expected {(x.shape[-1], features)}")
+    y = topk_lib.sparse_matmul(vals, idx, kernel, dtype=self.dtype)
+    if self.use_bias:
+      y = y + jnp.asarray(nn.meta.unbox(params["wo"]["bias"]), self.dtype)
+    return y
+
+  def _use_predicted(self, deterministic: bool) -> bool:
+    """Whether this decoding call takes the predicted-neuron path (static: settings and variables present)."""
+    if self.decode_candidates is None or not self.has_variable("predictors", "a"):
+      return False
+    if not topk_lib.is_active(self.top_k, self.intermediate_dim) or self.is_initializing():
+      return False
+    if not deterministic and self.intermediate_dropout_rate > 0.0:
+      raise ValueError(f"predicted decoding needs deterministic=True (intermediate dropout "
+                       f"{self.intermediate_dropout_rate} is active)")
+    return True
+
+  def _predicted_output(self, inputs: Array, mask: Optional[Array], by_magnitude: bool) -> Array:
+    """``wo(TopK(h))`` from the candidates the predictor proposes: ``c`` rows of each ``wi``, ``k`` rows of ``wo``."""
+    params = self.variables.get("params", {})
+    preds = self.variables["predictors"]
+    if "wi_rows" not in preds:
+      raise ValueError("predicted decoding needs the 'wi_rows' layout of the predictors (predictors.prepare)")
+    ff, c = self.intermediate_dim, min(self.decode_candidates, self.intermediate_dim)
+    n = len(self.activations)
+    a, b, wi_rows = preds["a"], preds["b"], preds["wi_rows"]
+    if b.shape[0] != n or b.shape[2] != ff or wi_rows.shape != (n, ff, inputs.shape[-1]):
+      raise ValueError(f"predictor shapes b {b.shape}, wi_rows {wi_rows.shape} do not fit an MLP of {n} branch(es), "
+                       f"{ff} units, width {inputs.shape[-1]}")
+    x = jnp.asarray(inputs, self.dtype)
+    acts = [resolve_activation(act) for act in self.activations]
+    if c < ff:
+      low = jnp.einsum("...d,dr->...r", x, jnp.asarray(a, self.dtype))
+      pred = jnp.einsum("...r,nrf->n...f", low, jnp.asarray(b, self.dtype))
+      # v1.0 ranks by the predicted pre-activation (ReLU is monotone); gated v1.1 by the predicted |product|.
+      score = pred[0] if n == 1 else jnp.abs(functools.reduce(lambda u, v: u * v, [f(p) for f, p in zip(acts, pred)]))
+      _, cand = jax.lax.top_k(score.astype(jnp.float32), c)
+      # In position order, so that ties among the candidates break as the exact path breaks them.
+      cand = jnp.sort(cand, axis=-1)
+    else:
+      cand = jnp.broadcast_to(jnp.arange(ff, dtype=jnp.int32), x.shape[:-1] + (ff,))
+    hs = []
+    for i, f in enumerate(acts):
+      rows = jnp.asarray(wi_rows[i], self.dtype).at[cand].get(mode="promise_in_bounds")  # [..., c, embed]
+      h = jnp.einsum("...d,...cd->...c", x, rows)
+      if self.use_bias:
+        name = f"wi_{i}" if n > 1 else "wi"
+        h = h + jnp.take(jnp.asarray(nn.meta.unbox(params[name]["bias"]), self.dtype), cand)
+      hs.append(f(h))
+    h = functools.reduce(lambda u, v: u * v, hs)
+    vals, j = topk_lib.select_f32(h, self.top_k, self.top_k_method, self.top_k_recall_target, by_magnitude)
+    idx = jnp.take_along_axis(cand, j, axis=-1)
+    self._sow_sparse_stats(vals, idx, ff, mask)
+    kernel = nn.meta.unbox(params["wo"]["kernel"])
     y = topk_lib.sparse_matmul(vals, idx, kernel, dtype=self.dtype)
     if self.use_bias:
       y = y + jnp.asarray(nn.meta.unbox(params["wo"]["bias"]), self.dtype)

@@ -18,6 +18,14 @@ Decoding with the KV cache (see ``Transformer.decode``)::
                           enable_dropout=False, decode=True, max_decode_length=L, mutable=['cache'],
                           method=Transformer.decode)
   cache = v['cache']
+
+Cross-attention keys and values are computed once per input, explicitly, and passed to every step (the step then
+reads only the ``query`` and ``out`` kernels of the cross-attention)::
+
+  cross_kv = model.apply({'params': params}, encoded, method=Transformer.cross_attention_kv)
+  logits, v = model.apply({'params': params, 'cache': cache}, None, enc_tokens, tokens, tokens, enable_dropout=False,
+                          decode=True, max_decode_length=L, cross_kv=cross_kv, mutable=['cache'],
+                          method=Transformer.decode)
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import numbers
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from topk_transformers import layers
@@ -72,6 +81,10 @@ class T5Config:
   sparse_decode: Optional[bool] = None
   """Decoding steps compute each Top-k MLP from the k selected rows of ``wo`` (``MlpBlock.sparse_decode``):
   ``None`` = when ``tokens * top_k <= mlp_dim / 4``, ``True`` / ``False`` = always / never."""
+  decode_candidates: Optional[int] = None
+  """Predicted-neuron decoding: with predictors in the ``predictors`` collection (``predictors.py``), each decoder
+  MLP step computes only the ``decode_candidates`` units its predictor proposes, then the Top-k among them
+  (``MlpBlock.decode_candidates``). ``None``, or no predictors given: the exact path."""
   relpos_num_buckets: int = 32
   """Relative-position buckets (T5: 32)."""
   relpos_max_distance: int = 128
@@ -83,6 +96,12 @@ class T5Config:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ConfigError(f"T5Config.{name} must be a positive integer, got {value!r}")
+    if self.decode_candidates is not None:
+      c = self.decode_candidates
+      if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c <= 0:
+        raise ConfigError(f"T5Config.decode_candidates must be a positive integer or None, got {c!r}")
+      if self.top_k is not None and c < self.top_k:
+        raise ConfigError(f"T5Config.decode_candidates ({c}) must be at least top_k ({self.top_k})")
     for name in ("num_encoder_layers", "num_decoder_layers"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
@@ -103,7 +122,7 @@ def _mlp(cfg: T5Config) -> layers.MlpBlock:
   return layers.MlpBlock(
       intermediate_dim=cfg.mlp_dim, activations=cfg.mlp_activations, intermediate_dropout_rate=cfg.dropout_rate,
       dtype=cfg.dtype, top_k=cfg.top_k, top_k_method=cfg.top_k_method, top_k_recall_target=cfg.top_k_recall_target,
-      sparse_decode=cfg.sparse_decode, name="mlp",
+      sparse_decode=cfg.sparse_decode, decode_candidates=cfg.decode_candidates, name="mlp",
   )
 
 
@@ -142,20 +161,67 @@ class EncoderLayer(nn.Module):
     return _dropout(cfg, y, deterministic) + x
 
 
+class CachedCrossAttention(nn.Module):
+  """Attention to the encoder from keys and values computed once per input (:meth:`Transformer.cross_attention_kv`).
+
+  Same parameters as the ``MultiHeadDotProductAttention`` it replaces in decoding steps (``query``, ``out``; the
+  ``key`` and ``value`` kernels were applied at encode time), same result. The cached ``key`` / ``value`` are
+  ``[batch, in_length, heads, head_dim]``, one per input; the step's ``rows = batch * n`` queries (beams or samples,
+  row ``b * n + j`` for decode ``j`` of input ``b``, as ``decoding.expand_batch`` lays them out) attend to their
+  input's keys as ``n`` query positions of one attention, so the beams share them: nothing is copied per beam, and
+  beam search never reorders them.
+  """
+
+  num_heads: int
+  head_dim: int
+  dtype: Any = jnp.float32
+  float32_logits: bool = False
+  kernel_init: Any = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+
+  @nn.compact
+  def __call__(self, inputs_q, key, value, key_mask):
+    """``inputs_q [rows, q_len, embed]``, ``key``/``value [batch, in_length, heads, head_dim]``, ``key_mask
+    [batch, in_length]`` (nonzero: a real input token) -> ``[rows, q_len, embed]``."""
+    joined = self.num_heads * self.head_dim
+    depth_scaling = jnp.sqrt(self.head_dim).astype(jnp.float32)
+    query = layers.DenseGeneral(joined, dtype=self.dtype, kernel_init=lambda *a: self.kernel_init(*a) / depth_scaling,
+                                kernel_axes=("embed", "joined_kv"), name="query")(inputs_q)
+    rows, qlen = inputs_q.shape[:2]
+    batch = key.shape[0]
+    if rows % batch:
+      raise ValueError(f"{rows} decoder rows do not divide over the {batch} inputs of the cross-attention cache")
+    query = query.reshape(batch, rows // batch * qlen, self.num_heads, self.head_dim)
+    bias = jnp.where(key_mask[:, None, None, :] > 0, 0.0, -1e10).astype(self.dtype)
+    x = layers.dot_product_attention(query, key, value, bias=bias, deterministic=True, dtype=self.dtype,
+                                     float32_logits=self.float32_logits)
+    x = x.reshape(rows, qlen, joined)
+    return layers.DenseGeneral(inputs_q.shape[-1], dtype=self.dtype, kernel_init=self.kernel_init,
+                               kernel_axes=("joined_kv", "embed"), name="out")(x)
+
+
 class DecoderLayer(nn.Module):
-  """Causal self-attention, attention to the encoder, MLP; pre-norm with residuals."""
+  """Causal self-attention, attention to the encoder, MLP; pre-norm with residuals.
+
+  ``cross_kv`` (decoding steps): this layer's ``{'key', 'value'}`` from :meth:`Transformer.cross_attention_kv`;
+  ``encoded`` is then unused and ``encoder_decoder_mask`` is the ``[batch, in_length]`` mask of real input tokens.
+  """
 
   config: T5Config
 
   @nn.compact
   def __call__(self, inputs, encoded, decoder_mask=None, encoder_decoder_mask=None, decoder_bias=None,
-               deterministic=False, decode=False, token_mask=None):
+               deterministic=False, decode=False, token_mask=None, cross_kv=None):
     cfg = self.config
     x = layers.LayerNorm(dtype=cfg.dtype, name="pre_self_attention_layer_norm")(inputs)
     x = _attention(cfg, "self_attention")(x, x, decoder_mask, decoder_bias, deterministic=deterministic, decode=decode)
     x = _dropout(cfg, x, deterministic) + inputs
     y = layers.LayerNorm(dtype=cfg.dtype, name="pre_cross_attention_layer_norm")(x)
-    y = _attention(cfg, "encoder_decoder_attention")(y, encoded, encoder_decoder_mask, deterministic=deterministic)
+    if cross_kv is not None:
+      y = CachedCrossAttention(num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=cfg.dtype,
+                               float32_logits=cfg.float32_attention_logits, name="encoder_decoder_attention")(
+                                   y, cross_kv["key"], cross_kv["value"], encoder_decoder_mask)
+    else:
+      y = _attention(cfg, "encoder_decoder_attention")(y, encoded, encoder_decoder_mask, deterministic=deterministic)
     y = _dropout(cfg, y, deterministic) + x
     z = layers.LayerNorm(dtype=cfg.dtype, name="pre_mlp_layer_norm")(y)
     z = _mlp(cfg)(z, decode=decode, deterministic=deterministic, mask=token_mask)
@@ -192,7 +258,7 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, encoded, decoder_input_tokens, decoder_positions=None, decoder_mask=None,
                encoder_decoder_mask=None, deterministic=False, decode=False, max_decode_length=None,
-               token_mask=None):
+               token_mask=None, cross_kv=None):
     cfg = self.config
     length = decoder_input_tokens.shape[-1]
     relpos = _relpos(cfg)
@@ -209,7 +275,8 @@ class Decoder(nn.Module):
     for i in range(cfg.num_decoder_layers):
       y = DecoderLayer(config=cfg, name=f"layers_{i}")(
           y, encoded, decoder_mask=decoder_mask, encoder_decoder_mask=encoder_decoder_mask, decoder_bias=bias,
-          deterministic=deterministic, decode=decode, token_mask=token_mask)
+          deterministic=deterministic, decode=decode, token_mask=token_mask,
+          cross_kv=None if cross_kv is None else cross_kv[f"layers_{i}"])
     y = layers.LayerNorm(dtype=cfg.dtype, name="decoder_norm")(y)
     y = _dropout(cfg, y, deterministic)
     if cfg.logits_via_embedding:
@@ -252,15 +319,30 @@ class Transformer(nn.Module):
 
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
              encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None, enable_dropout=True,
-             decode=False, max_decode_length=None):
+             decode=False, max_decode_length=None, cross_kv=None):
     """Logits ``[batch, length, vocab]`` (float32) for the decoder inputs, attending to ``encoded``.
 
     ``encoder_input_tokens`` only gives the padding mask. With ``decode=True`` and
     no cache yet, this creates the cache for ``decoder_input_tokens.shape[1]``
     positions; with a cache, ``decoder_input_tokens`` is the one next token
     ``[batch, 1]`` (``decoder_target_tokens`` is then only used for its shape).
+
+    ``cross_kv`` (decoding steps only): the cross-attention keys and values of
+    :meth:`cross_attention_kv`, computed once per input; ``encoded`` is then not
+    used (pass ``None``), and ``encoder_input_tokens`` stays ``[batch, in_length]``
+    while the decoder rows may be ``batch * n`` (beams or samples, row ``b * n + j``),
+    which share their input's keys and values.
     """
     cfg = self.config
+    if cross_kv is not None:
+      if not decode:
+        raise ValueError("cross_kv is for decoding steps (decode=True)")
+      if encoder_segment_ids is not None or decoder_segment_ids is not None:
+        raise ValueError("packed inputs (segment ids) cannot be decoded incrementally")
+      return self.decoder(
+          None, decoder_input_tokens, decoder_positions=decoder_positions, decoder_mask=None,
+          encoder_decoder_mask=encoder_input_tokens > 0, deterministic=not enable_dropout, decode=True,
+          max_decode_length=max_decode_length, token_mask=jnp.ones_like(decoder_target_tokens), cross_kv=cross_kv)
     if decode:
       if encoder_segment_ids is not None or decoder_segment_ids is not None:
         raise ValueError("packed inputs (segment ids) cannot be decoded incrementally")
@@ -279,6 +361,28 @@ class Transformer(nn.Module):
         encoded, decoder_input_tokens, decoder_positions=decoder_positions, decoder_mask=decoder_mask,
         encoder_decoder_mask=encoder_decoder_mask, deterministic=not enable_dropout, decode=decode,
         max_decode_length=max_decode_length, token_mask=token_mask)
+
+  def cross_attention_kv(self, encoded):
+    """Every decoder layer's cross-attention keys and values for ``encoded [batch, in_length, emb_dim]``.
+
+    ``{'layers_i': {'key', 'value'}}``, each ``[batch, in_length, heads, head_dim]``: the projections of the encoder
+    output by that layer's ``encoder_decoder_attention/{key,value}`` kernels, as its attention computes them. Computed
+    once per input when it is encoded, then passed to every decoding step (``decode(..., cross_kv=...)``), so a step
+    reads neither kernel.
+    """
+    cfg = self.config
+    decoder = nn.meta.unbox(self.variables["params"]["decoder"])
+    x = jnp.asarray(encoded, cfg.dtype)
+    out = {}
+    for i in range(cfg.num_decoder_layers):
+      attention = decoder[f"layers_{i}"]["encoder_decoder_attention"]
+      kv = {}
+      for name in ("key", "value"):
+        kernel = jnp.asarray(attention[name]["kernel"], cfg.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        kv[name] = y.reshape(y.shape[:-1] + (cfg.num_heads, cfg.head_dim))
+      out[f"layers_{i}"] = kv
+    return out
 
   def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, encoder_segment_ids=None,
                decoder_segment_ids=None, encoder_positions=None, decoder_positions=None, *,
