@@ -22,17 +22,28 @@ speedup is the ratio of the medians; the median of per-repetition ratios,
 ``paired``, and the ratio of the best runs, ``best``, are printed as checks on
 the noise). The sparse tokens are checked against the dense Top-k model's (same function).
 
+* ``predicted/<method>/<k>/r<r>/c<c>`` (with ``--predicted``): Top-k MLPs on the
+  predicted-neuron path (``T5Config.decode_candidates = c``, random rank-``r``
+  predictors from ``predictors.random_predictors``: the cost does not depend on
+  their values): each decoder MLP scores its units with ``x @ a @ b``, computes
+  the ``c`` best from their rows of ``wi`` (``[mlp, embed]`` layout, prepared
+  once before timing), and reads the k rows of ``wo`` of the Top-k among them.
+  Its tokens are not expected to match (the predictors are random).
+
 The memory-traffic bound is the ratio of the weight bytes one decoder step
-reads, dense over sparse. Per decoder layer: self-attention ``q, k, v, o``;
-cross-attention ``q, o`` (the network, like T5X, projects the encoder output to
-keys and values inside every step, but that projection depends only on loop
-invariants and XLA hoists it out of the decoding ``while`` loop, as the
-compiled HLO shows, so a step does not read those two kernels); the MLP (``wi``
-branches in full, then ``wo`` in full or ``k`` of its rows); three layer-norm
-scales. Once per step: the token's embedding row, the final norm and the logits
-matrix (``vocab x d``, tied or not). Activations, the KV cache and the projected
-encoder keys and values are not counted (``2 * (steps + input_length) * heads *
-head_dim`` values per layer, under 1% of the bytes here).
+reads, dense over the variant. Per decoder layer: self-attention ``q, k, v, o``;
+cross-attention ``q, o`` (the keys and values of the encoder output are
+computed once per input by ``decoding.encode_for_decoding``, before the
+decoding loop, and passed to every step, which never touches the ``key`` and
+``value`` kernels: ``Transformer.decode(..., cross_kv=...)``); the MLP (dense
+and sparse: ``wi`` branches in full, then ``wo`` in full or ``k`` of its rows;
+predicted: the predictor's ``a`` and ``b``, ``c`` rows of each ``wi`` branch and
+``k`` rows of ``wo``); three layer-norm scales. Once per step: the token's
+embedding row, the final norm and the logits matrix (``vocab x d``, tied or
+not). Activations, the KV cache and the cached encoder keys and values are not
+counted (``2 * (steps + input_length) * heads * head_dim`` values per layer,
+under 1% of the bytes here). The encoder and the cross-attention keys and
+values are computed once per input, outside the timed loop.
 
 bfloat16 on a CPU: XLA:CPU computes bfloat16 dots in float32 and hoists the
 conversion of the weights out of the loop, so each call first converts the
@@ -61,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from topk_transformers import decoding
+from topk_transformers import predictors
 from topk_transformers import topk
 from topk_transformers.benchmarks import machine
 from topk_transformers.errors import ConfigError
@@ -69,9 +81,14 @@ from topk_transformers.t5 import sizes
 
 METHODS = topk.METHODS
 DTYPES = ("float32", "bfloat16")
-COUNTED = ("weights read per decoder step: self-attention q,k,v,o; cross-attention q,o (the key/value projection "
-           "of the encoder output is loop-invariant and XLA hoists it out of the decoding loop); MLP wi in full "
-           "and wo in full (dense) or k rows (sparse); layer norms; embedding row; logits matrix")
+COUNTED = ("weights read per decoder step: self-attention q,k,v,o; cross-attention q,o (its keys and values are "
+           "computed once per input, explicitly, by decoding.encode_for_decoding and passed to every step); MLP: wi "
+           "in full and wo in full (dense) or k rows (sparse), or (predicted) the rank-r predictor a, b, c rows of "
+           "each wi branch and k rows of wo; layer norms; embedding row; logits matrix")
+DEFAULT_RANK = 32
+"""``--predictor_rank``'s default (the README's headline setting)."""
+DEFAULT_CANDIDATES = 512
+"""``--candidates``' default (the README's headline setting)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +111,10 @@ class Settings:
   input_length: int = 32
   dense_topk: bool = False
   """Also time the Top-k model on the dense path."""
+  predicted: bool = False
+  """Also time the predicted-neuron path for every rank and candidate count."""
+  predictor_ranks: Tuple[int, ...] = (DEFAULT_RANK,)
+  candidates: Tuple[int, ...] = (DEFAULT_CANDIDATES,)
   seed: int = 0
 
   def __post_init__(self):
@@ -111,6 +132,12 @@ class Settings:
     for name in ("steps", "reps", "input_length"):
       if getattr(self, name) <= 0:
         raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+    if not self.predictor_ranks or min(self.predictor_ranks) <= 0:
+      raise ConfigError(f"--predictor_rank must list positive integers, got {self.predictor_ranks}")
+    if not self.candidates or min(self.candidates) <= 0:
+      raise ConfigError(f"--candidates must list positive integers, got {self.candidates}")
+    if self.predicted and min(self.candidates) < max(self.ks):
+      raise ConfigError(f"--candidates must be at least k ({max(self.ks)}), got {self.candidates}")
     for name in ("num_layers", "encoder_layers"):
       if getattr(self, name) is not None and getattr(self, name) <= 0:
         raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -121,15 +148,24 @@ class Settings:
 # ---------------------------------------------------------------------------
 
 
-def weight_bytes_per_token(cfg: network.T5Config, k: Optional[int], itemsize: int) -> Dict[str, int]:
-  """Weight bytes one decoder step reads, by part; ``k=None`` for the dense MLP (see module docstring)."""
+def weight_bytes_per_token(cfg: network.T5Config, k: Optional[int], itemsize: int, rank: Optional[int] = None,
+                           candidates: Optional[int] = None) -> Dict[str, int]:
+  """Weight bytes one decoder step reads, by part (see module docstring).
+
+  ``k=None``: the dense MLP; ``k``: the sparse MLP (``wi`` in full, k rows of ``wo``); ``k``, ``rank`` and
+  ``candidates``: the predicted MLP (``predictors.weight_values_per_step``).
+  """
   d, hd, ff, n_wi = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim, len(cfg.mlp_activations)
   layers_ = cfg.num_decoder_layers
   wo_rows = ff if k is None or k >= ff else k
+  if candidates is not None:
+    mlp = sum(predictors.weight_values_per_step(d, ff, n_wi, k, rank, candidates).values())
+  else:
+    mlp = n_wi * d * ff + wo_rows * d
   per_layer = {
       "self_attention": 4 * d * hd,
-      "cross_attention": 2 * d * hd,  # q and o; k, v of the encoder output are hoisted out of the loop
-      "mlp": n_wi * d * ff + wo_rows * d,
+      "cross_attention": 2 * d * hd,  # q and o; the keys and values are cached once per input
+      "mlp": mlp,
       "layer_norms": 3 * d,
   }
   parts = {name: layers_ * n * itemsize for name, n in per_layer.items()}
@@ -171,11 +207,16 @@ def random_params(module: nn.Module, dtype, seed: int = 0) -> Any:
 
 
 def make_decoder(module: nn.Module, steps: int):
-  """Jitted ``(params, cache, encoded, enc_tokens) -> tokens [1, steps]``: greedy, no EOS stop."""
+  """Jitted ``(params, cache, cross_kv, enc_tokens, predictors) -> tokens [1, steps]``: greedy, no EOS stop.
+
+  ``cross_kv`` and ``cache`` come from ``decoding.encode_for_decoding`` (once per input, not timed); ``predictors``
+  is the prepared collection (``predictors.prepare``) or ``None``.
+  """
 
   @jax.jit
-  def run(params, cache, encoded, enc_tokens):
-    step = decoding.make_tokens_to_logits(module, params, encoded, enc_tokens, steps)
+  def run(params, cache, cross_kv, enc_tokens, preds):
+    step = decoding.make_tokens_to_logits(module, params, None, enc_tokens, steps, cross_kv=cross_kv,
+                                          predictors=preds)
     tokens, _ = decoding.greedy_decode(step, cache, enc_tokens.shape[0], steps, eos_id=None)
     return tokens
 
@@ -211,15 +252,26 @@ def bench_size(version: str, size: str, dtype_name: str, ks: List[int], methods:
       topk_cfg = dataclasses.replace(base, top_k=k, top_k_method=method)
       variants[f"sparse/{method}/{k}"] = dataclasses.replace(topk_cfg, sparse_decode=True)
       variants[f"dense_topk/{method}/{k}"] = dataclasses.replace(topk_cfg, sparse_decode=False)
+      if settings.predicted:
+        for r in settings.predictor_ranks:
+          for c in settings.candidates:
+            variants[f"predicted/{method}/{k}/r{r}/c{c}"] = dataclasses.replace(
+                topk_cfg, sparse_decode=True, decode_candidates=c)
+
+  prepared = {}
+  if settings.predicted:
+    for r in settings.predictor_ranks:
+      prepared[r] = jax.block_until_ready(jax.jit(predictors.prepare)(
+          params, predictors.random_predictors(params, r, seed=settings.seed, dtype=jnp.dtype(dtype_name))))
 
   runs, tokens = {}, {}
+  encode = jax.jit(lambda p, e, m: decoding.encode_for_decoding(m, p, e, settings.steps), static_argnums=2)
   for name, cfg in variants.items():
     module = network.Transformer(cfg)
-    encoded = jax.jit(lambda p, e, m=module: m.apply({"params": p}, e, enable_dropout=False, method=m.encode))(
-        params, enc_tokens)
-    cache = decoding.init_cache(module, params, encoded, enc_tokens, settings.steps)
+    cross_kv, cache = encode(params, enc_tokens, module)
     decoder = make_decoder(module, settings.steps)
-    call = functools.partial(decoder, params, cache, encoded, enc_tokens)
+    preds = prepared[int(name.split("/")[3][1:])] if name.startswith("predicted") else None
+    call = functools.partial(decoder, params, cache, cross_kv, enc_tokens, preds)
     t0 = time.perf_counter()
     tokens[name] = np.asarray(jax.block_until_ready(call()))  # compiles, warms up
     print(f"   compiled {name} in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -236,7 +288,7 @@ def bench_size(version: str, size: str, dtype_name: str, ks: List[int], methods:
 
   shared = dict(size=size, version=version, dtype=dtype_name, num_decoder_layers=layers_,
                 published_decoder_layers=published.num_decoder_layers, num_encoder_layers=enc_layers,
-                truncated=truncated)
+                truncated=truncated, load_average_after_timing=machine.load_average())
 
   def timing(name, nbytes):
     s = statistics.median(times[name])
@@ -247,18 +299,21 @@ def bench_size(version: str, size: str, dtype_name: str, ks: List[int], methods:
   dense_bytes = weight_bytes_per_token(base, None, itemsize)
   dense = dict(shared, variant="dense", method=None, k=None, **timing("dense", dense_bytes))
   rows = [dense]
-  print(f"   {'variant':22s} {'ms/token':>9s} {'(best)':>8s} {'tok/s':>6s} {'GB/s':>5s} {'speedup':>7s} "
+  print(f"   {'variant':30s} {'ms/token':>9s} {'(best)':>8s} {'tok/s':>6s} {'GB/s':>5s} {'speedup':>7s} "
         f"{'(paired)':>8s} {'(best)':>7s} {'bound':>6s} {'sp/bound':>8s} {'saving/possible':>15s}  "
         f"tokens==dense_topk")
-  print(f"   {'dense':22s} {dense['s_per_token'] * 1e3:9.2f} {dense['min_s_per_token'] * 1e3:8.2f} "
+  print(f"   {'dense':30s} {dense['s_per_token'] * 1e3:9.2f} {dense['min_s_per_token'] * 1e3:8.2f} "
         f"{dense['tokens_per_s']:6.2f} {dense['weight_gb_per_s']:5.2f}")
   for name in runs:
     if name == "dense":
       continue
-    kind, method, k = name.split("/")
+    kind, method, k, *rc = name.split("/")
     k = int(k)
-    row = dict(shared, variant=kind, method=method, k=k,
-               **timing(name, weight_bytes_per_token(variants[name], k if kind == "sparse" else None, itemsize)))
+    r, c = (int(rc[0][1:]), int(rc[1][1:])) if rc else (None, None)
+    nbytes = weight_bytes_per_token(variants[name], k if kind != "dense_topk" else None, itemsize, r, c)
+    row = dict(shared, variant=kind, method=method, k=k, **timing(name, nbytes))
+    if kind == "predicted":
+      row.update(predictor_rank=r, candidates=c)
     bound = dense_bytes["total"] / row["weight_bytes_per_token"]
     speedup = dense["s_per_token"] / row["s_per_token"]
     # The share of the time saving that reading fewer bytes allows which was realised (1: all of it).
@@ -269,7 +324,7 @@ def bench_size(version: str, size: str, dtype_name: str, ks: List[int], methods:
                best_speedup=dense["min_s_per_token"] / row["min_s_per_token"],
                tokens_match_dense_topk=bool(np.array_equal(tokens[name], tokens[f"dense_topk/{method}/{k}"])))
     rows.append(row)
-    print(f"   {name:22s} {row['s_per_token'] * 1e3:9.2f} {row['min_s_per_token'] * 1e3:8.2f} "
+    print(f"   {name:30s} {row['s_per_token'] * 1e3:9.2f} {row['min_s_per_token'] * 1e3:8.2f} "
           f"{row['tokens_per_s']:6.2f} {row['weight_gb_per_s']:5.2f} {speedup:7.3f} {row['paired_speedup']:8.3f} "
           f"{row['best_speedup']:7.3f} {bound:6.3f} {speedup / bound:8.3f} {realised:15.3f}  "
           f"{row['tokens_match_dense_topk']}", flush=True)

@@ -2,6 +2,7 @@
 
   topk-bench-decode --sizes=large --version=1.0 --k=128 --method=exact --dtype=float32 --steps=16 --reps=11 \
       --json=benchmarks/decode_k128_v1.0_large.json [--plot=benchmarks/decode.png]
+  topk-bench-decode --sizes=large --predicted --predictor_rank=32 --candidates=256,512 ...
 
 Needs only jax and flax (``benchmarks/decoding.py`` says what it measures and counts).
 """
@@ -29,6 +30,11 @@ def main(argv) -> int:
   p.add_argument("--reps", type=int, default=5, help="timed runs per variant (median reported)")
   p.add_argument("--input_length", type=int, default=32, help="encoder input tokens")
   p.add_argument("--dense_topk", action="store_true", help="also time the Top-k model on the dense path")
+  p.add_argument("--predicted", action="store_true",
+                 help="also time the predicted-neuron path (random predictors: the cost does not depend on them)")
+  p.add_argument("--predictor_rank", default=str(decoding.DEFAULT_RANK), help="comma list of predictor ranks r")
+  p.add_argument("--candidates", default=str(decoding.DEFAULT_CANDIDATES),
+                 help="comma list of candidate counts c per MLP step (c >= k)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="write results here")
   p.add_argument("--plot", default=None, help="write a PNG of latency and speedup against k here")
@@ -37,7 +43,8 @@ def main(argv) -> int:
   settings = decoding.Settings(
       sizes=items(args.sizes), version=args.version, ks=items(args.k, int), methods=items(args.method),
       dtypes=items(args.dtype), num_layers=args.num_layers, encoder_layers=args.encoder_layers, steps=args.steps,
-      reps=args.reps, input_length=args.input_length, dense_topk=args.dense_topk, seed=args.seed)
+      reps=args.reps, input_length=args.input_length, dense_topk=args.dense_topk, predicted=args.predicted,
+      predictor_ranks=items(args.predictor_rank, int), candidates=items(args.candidates, int), seed=args.seed)
   result = decoding.run(settings, command=" ".join(["topk-bench-decode", *argv]))
   common.write_json(args.json, result)
   if args.json:
