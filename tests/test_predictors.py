@@ -1,0 +1,184 @@
+"""Predicted-neuron decoding: predictors, the MLP's candidate path, and their fit, save and restore."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from topk_transformers import decoding
+from topk_transformers import layers
+from topk_transformers import predictors
+from topk_transformers.errors import ConfigError
+from topk_transformers.t5 import network
+
+V10 = ("relu",)
+V11 = ("gelu", "linear")
+D, FF, K = 16, 64, 8
+
+
+def mlp(acts, candidates=None):
+  return layers.MlpBlock(intermediate_dim=FF, activations=acts, top_k=K, top_k_method="exact",
+                         intermediate_dropout_rate=0.0, sparse_decode=True, decode_candidates=candidates)
+
+
+def mlp_params(acts, seed=0):
+  return mlp(acts).init(jax.random.PRNGKey(seed), jnp.ones((1, 1, D)))["params"]
+
+
+def block_predictors(params, a, b):
+  """The prepared collection of a lone MlpBlock (``predictors.prepare`` works on whole T5 trees)."""
+  keys = ["wi"] if "wi" in params else ["wi_0", "wi_1"]
+  rows = jnp.stack([params[k]["kernel"].T for k in keys])
+  return {"a": a, "b": b, "wi_rows": rows}
+
+
+def run_block(acts, params, x, candidates=None, preds=None):
+  variables = {"params": params}
+  if preds is not None:
+    variables["predictors"] = preds
+  return jax.jit(lambda v, x: mlp(acts, candidates).apply(v, x, decode=True, deterministic=True,
+                                                          mutable=["intermediates"]))(variables, x)
+
+
+@pytest.mark.parametrize("acts", [V10, V11], ids=["v1.0", "v1.1"])
+def test_mlp_block_candidates_of_all_units_or_perfect_predictor_equal_exact_sparse(acts):
+  params = nn.meta.unbox(mlp_params(acts))
+  x = jnp.asarray(np.random.RandomState(1).randn(3, 1, D), jnp.float32)
+  exact, exact_stats = run_block(acts, params, x)
+  n = len(acts)
+  rng = np.random.RandomState(2)
+  bad = block_predictors(params, jnp.asarray(rng.randn(D, 4), jnp.float32),
+                         jnp.asarray(rng.randn(n, 4, FF), jnp.float32))
+  # c = d_ff: every unit is a candidate, whatever the predictor says.
+  out, stats = run_block(acts, params, x, FF, bad)
+  np.testing.assert_allclose(out, exact, rtol=1e-6, atol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, stats, exact_stats)
+  # A perfect predictor (a = I, b = wi) with only c = k candidates.
+  wi = jnp.stack([params["wi"]["kernel"]] if n == 1 else [params["wi_0"]["kernel"], params["wi_1"]["kernel"]])
+  perfect = block_predictors(params, jnp.eye(D), wi)
+  out, stats = run_block(acts, params, x, K, perfect)
+  np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, stats, exact_stats)
+  # A bad predictor with few candidates gives another result, still from exactly k units per token.
+  out, stats = run_block(acts, params, x, K, bad)
+  assert not np.allclose(out, exact, atol=1e-3)
+  assert float(stats["intermediates"]["nonzero_count"][0]) <= 3 * K
+
+
+def test_predicted_step_reads_candidate_rows_not_whole_kernels():
+  params = nn.meta.unbox(mlp_params(V10))
+  x = jnp.ones((1, 1, D))
+  preds = block_predictors(params, jnp.ones((D, 4)), jnp.ones((1, 4, FF)))
+  fn = lambda v, x: mlp(V10, 16).apply(v, x, decode=True, deterministic=True)  # noqa: E731
+  jaxpr = jax.make_jaxpr(fn)({"params": params, "predictors": preds}, x).jaxpr
+  shapes = [tuple(v.aval.shape) for e in jaxpr.eqns if e.primitive.name == "dot_general" for v in e.invars]
+  # x @ a, (x a) @ b, the 16 gathered rows of wi, the 8 gathered rows of wo; never wi [16, 64] or wo [64, 16].
+  assert (D, FF) not in shapes and (FF, D) not in shapes and (1, 1, 16, D) in shapes and (1, 1, K, D) in shapes
+  # Without predictors (or without candidates) the block is the exact sparse path, unchanged.
+  no_preds = jax.make_jaxpr(lambda p, x: mlp(V10, 16).apply({"params": p}, x, decode=True, deterministic=True))
+  exact = jax.make_jaxpr(lambda p, x: mlp(V10).apply({"params": p}, x, decode=True, deterministic=True))
+  assert str(no_preds(params, x)) == str(exact(params, x))
+  with pytest.raises(ValueError, match="wi_rows"):
+    fn({"params": params, "predictors": {"a": preds["a"], "b": preds["b"]}}, x)
+
+
+def t5(acts=V10, candidates=None, layers_=2):
+  return network.Transformer(network.T5Config(
+      vocab_size=40, emb_dim=D, num_heads=2, head_dim=8, mlp_dim=FF, num_encoder_layers=1,
+      num_decoder_layers=layers_, mlp_activations=acts, dropout_rate=0.0, top_k=K, top_k_method="exact",
+      sparse_decode=True, decode_candidates=candidates))
+
+
+def t5_params(module, seed=2):
+  enc = jnp.ones((1, 4), jnp.int32)
+  shapes = nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), enc, enc, enc,
+                                                            enable_dropout=False)))["params"]
+  r = np.random.RandomState(seed)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: jnp.asarray(r.randn(*s.shape) / (np.sqrt(s.shape[0]) if path[-1].key == "kernel" else 1.0),
+                                  jnp.float32), shapes)
+
+
+ENC = jnp.array([[5, 6, 7, 8, 9, 0], [10, 11, 12, 0, 0, 0]], jnp.int32)
+
+
+@pytest.mark.parametrize("acts", [V10, pytest.param(V11, marks=pytest.mark.slow)], ids=["v1.0", "v1.1"])
+def test_t5_predicted_decoding_with_all_candidates_or_perfect_predictors_equals_exact(acts):
+  exact = t5(acts)
+  params = t5_params(exact)
+  batch = {"encoder_input_tokens": ENC}
+  ref, ref_scores = decoding.predict_batch(exact, params, batch, max_decode_length=6, eos_id=None,
+                                           return_scores=True)
+  assert len(np.unique(ref)) > 2, "degenerate decodes would make this test weak"
+  rand = predictors.random_predictors(params, 3, seed=1)
+  for candidates, preds in ((FF, rand), (K, predictors.perfect_predictors(params))):
+    tokens, scores = decoding.predict_batch(t5(acts, candidates), params, batch, max_decode_length=6, eos_id=None,
+                                            return_scores=True, predictors=preds)
+    np.testing.assert_array_equal(tokens, ref)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+  # Random rank-3 predictors with c = k change the decodes: the predicted path is really taken.
+  tokens, scores = decoding.predict_batch(t5(acts, K), params, batch, max_decode_length=6, eos_id=None,
+                                          return_scores=True, predictors=rand)
+  assert not np.allclose(scores, ref_scores, atol=1e-3)
+  with pytest.raises(ConfigError, match="decode_candidates"):
+    decoding.predict_batch(exact, params, batch, max_decode_length=6, predictors=rand)
+
+
+def test_fit_is_least_squares_and_exact_at_full_rank():
+  module = t5(V11, layers_=1)
+  params = t5_params(module)
+  wi = predictors.mlp_kernels(params)["layers_0"]  # [2, D, FF]
+  # Correlated inputs: the activation-weighted fit must beat the plain SVD of wi on them.
+  rng = np.random.RandomState(0)
+  x = rng.randn(500, D) @ (rng.randn(D, D) * np.logspace(0, -2, D)[:, None])
+  moments = predictors.Moments()
+  moments.add("layers_0", x[:300].reshape(10, 30, D))
+  moments.add("layers_0", np.concatenate([x[300:], np.full((50, D), 1e3)]), weights=np.r_[np.ones(200), np.zeros(50)])
+  assert moments.count["layers_0"] == 500  # the 50 padded rows were skipped
+  fits = predictors.fit(params, moments, [4, D])
+  w = np.concatenate(list(wi), 1)
+
+  def err(pred):
+    p = predictors.layers_of(pred)["layers_0"]
+    ab = np.concatenate(list(np.einsum("dr,nrf->ndf", p["a"], p["b"])), 1)
+    return np.sum((x @ (w - ab)) ** 2)
+
+  assert err(fits[D]) < 1e-6 * np.sum((x @ w) ** 2)
+  u, s, vt = np.linalg.svd(w, full_matrices=False)
+  plain = {"decoder": {"layers_0": {"mlp": {"a": u[:, :4], "b": (s[:4, None] * vt[:4]).reshape(4, 2, FF)
+                                                .transpose(1, 0, 2)}}}}
+  assert err(fits[4]) < 0.9 * err(plain)
+  with pytest.raises(ConfigError, match="ranks"):
+    predictors.fit(params, moments, [D + 1])
+
+
+def test_predictors_survive_save_and_restore(tmp_path):
+  module = t5(V10, K)
+  params = t5_params(module)
+  preds = predictors.random_predictors(params, 4, seed=3)
+  path = predictors.save(str(tmp_path / "run" / "predictors" / "r4.npz"), preds, {"step": 7})
+  restored, meta = predictors.restore(path, params)
+  assert meta["step"] == 7 and meta["rank"] == 4 and predictors.rank(restored) == 4
+  jax.tree.map(np.testing.assert_array_equal, restored, preds)
+  batch = {"encoder_input_tokens": ENC}
+  kwargs = dict(max_decode_length=5, eos_id=None, return_scores=True)
+  before = decoding.predict_batch(module, params, batch, predictors=preds, **kwargs)
+  after = decoding.predict_batch(module, params, batch, predictors=restored, **kwargs)
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+  # Predictors of another model, or no predictors file, are one clear error.
+  other = t5_params(t5(V10, K, layers_=1))
+  with pytest.raises(ConfigError, match="decoder layers"):
+    predictors.restore(path, other)
+  with pytest.raises(ConfigError, match="no predictors file"):
+    predictors.restore(str(tmp_path / "missing.npz"))
+  (tmp_path / "bad.npz").write_bytes(b"not a zip")
+  with pytest.raises(ConfigError, match="not a predictors file"):
+    predictors.restore(str(tmp_path / "bad.npz"))
+
+
+def test_decode_candidates_is_validated():
+  with pytest.raises(ConfigError, match="at least top_k"):
+    t5(V10, K - 1)
+  with pytest.raises(ConfigError, match="positive integer"):
+    t5(V10, 0)
