@@ -111,7 +111,7 @@ def test_sparsity_runner_all_names_the_four_experiments(sparsity):
 
 
 def _all_specs(sparsity):
-  return (sparsity.T5_DENSE,) + sparsity.T5_SIZES + sparsity.VIT_RUNS + sparsity.topk_specs()
+  return (sparsity.T5_DENSE, sparsity.T5_LONG) + sparsity.T5_SIZES + sparsity.VIT_RUNS + sparsity.topk_specs()
 
 
 def test_every_runs_gin_stack_is_in_the_experiment_directory_and_parses(sparsity):
@@ -124,9 +124,14 @@ def test_every_runs_gin_stack_is_in_the_experiment_directory_and_parses(sparsity
                        gin_utils.get_macro("MODEL_DIR"))
   # The step counts and Top-k of README.md's tables; runs that share a name share a configuration.
   assert seen["t5_dense"] == (400, None, "/tmp/model_dir")
+  assert seen["t5_dense_long"][:2] == (20000, None)
   assert seen["t5_short_dense"][:2] == seen["t5_size_small"][:2] == (300, None)
   assert [seen[f"t5_short_top{k}"][:2] for k in (16, 64, 256)] == [(300, 16), (300, 64), (300, 256)]
   assert seen["vit_digits"][:2] == seen["vit_random_images"][:2] == (4000, None)
+  # The long run changes only bookkeeping: its first steps are t5_dense's (same rsqrt schedule, seed, data).
+  gin_utils.configure(*sparsity.T5_LONG.configuration(None, None))
+  assert (gin_utils.get_macro("CHECKPOINT_PERIOD"), gin_utils.get_macro("KEEP_CHECKPOINTS")) == (500, None)
+  assert (gin_utils.get_macro("LOG_PERIOD"), gin_utils.get_macro("EVAL_PERIOD")) == (20, 100)
   gin_utils.configure(*sparsity.VIT_RUNS[1].configuration(None, 7))
   assert gin_utils.get_macro("LABEL_NOISE") == 1.0 and gin_utils.get_macro("TRAIN_STEPS") == 7
   assert not set(os.listdir(os.path.join(EXPERIMENTS, "sparsity"))) - {
@@ -163,6 +168,33 @@ def test_random_data_experiment_end_to_end_on_random_images(sparsity, tmp_path, 
   assert again["runs"][0]["train_seconds"] == first["runs"][0]["train_seconds"]
 
 
+def test_sparsity_runner_long_run_is_named_explicitly(sparsity, capsys):
+  names, args = sparsity.parse_args(["--experiment=emergence_long", "--out=/tmp/x", "--measure_only"])
+  assert names == ["emergence_long"] and args.measure_only
+  assert sparsity.main(["--experiment=emergence", "--out=/tmp/x", "--measure_only"]) == 2
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      "error: --measure_only applies to --experiment=emergence_long alone")
+
+
+def test_training_segments_split_a_resumed_run_at_long_gaps(sparsity, tmp_path):
+  """Wall time of a run stopped and resumed: logged training time per stretch, the pause left out."""
+  import tensorflow as tf
+  from tensorboard.compat.proto import event_pb2, summary_pb2
+
+  def write(name, points):
+    with tf.io.TFRecordWriter(str(tmp_path / f"events.out.tfevents.{name}")) as w:
+      for step, wall in points:
+        value = summary_pb2.Summary.Value(tag="train/loss", simple_value=1.0)
+        w.write(event_pb2.Event(wall_time=wall, step=step, summary=summary_pb2.Summary(value=[value]))
+                .SerializeToString())
+
+  write("1000.a", [(20, 1000.0), (40, 1030.0), (60, 1075.0)])
+  write("9000.b", [(60, 9000.0), (80, 9020.0)])  # resumed from the step-60 checkpoint hours later
+  assert sparsity.training_segments(str(tmp_path)) == [
+      {"first_step": 20, "last_step": 60, "seconds": 75.0}, {"first_step": 60, "last_step": 80, "seconds": 20.0}]
+  assert sparsity.training_segments(str(tmp_path / "none")) == []
+
+
 def test_sparsity_figures_of_the_experiments(sparsity, tmp_path):
   """plot_scale / plot_topk / plot_mean_curves from hand-made results (no training)."""
   from topk_transformers import sparsity_report
@@ -194,7 +226,10 @@ def test_sparsity_figures_of_the_experiments(sparsity, tmp_path):
     (["--gin_file=vit/relu.gin"], "error: the models' gin files are fixed"),
     (["--label_noise", "0", "1.5"], "error: --label_noise values must be in [0, 1], got 1.5"),
     (["--seeds", "1", "1"], "error: --seeds repeats a value: 1 1"),
-    (["--models", "bogus"], "error: run.py: argument --models: invalid choice: 'bogus'"),
+    (["--models", "bogus"], "error: run.py: argument --models: invalid model 'bogus'"),
+    (["--models", "top0"], "error: run.py: argument --models: invalid model 'top0'"),
+    (["--setting=long"], "error: run.py: argument --setting: invalid choice: 'long'"),
+    (["--name=a/b"], "error: --name must be a plain file name, got 'a/b'"),
     (["--gin.TRAIN_STEPS"], "error: malformed gin flag '--gin.TRAIN_STEPS'"),
 ])
 def test_robustness_runner_argument_errors_are_one_line_and_exit_2(robustness_runner, argv, message, tmp_path,
@@ -213,6 +248,81 @@ def test_robustness_runs_are_paired_by_seed(robustness_runner):
   assert not any("corruptions" in b for b in clean)
   assert robustness_runner.run_name("dense", 0.4, 2) == "dense_noise0.4_seed2"
   assert robustness_runner.MODELS["dense"] == robustness_runner.MODELS["topk"] + ["vit/relu.gin"]
+
+
+def test_robustness_models_and_settings(robustness_runner):
+  files, bindings = robustness_runner.model_gin("top20", "memorisation")
+  assert files == ["vit/runs/cpu_smoke.gin", os.path.join(EXPERIMENTS, "robustness", "memorisation.gin")]
+  assert bindings == ["TOP_K = 20"]
+  assert robustness_runner.model_gin("dense") == (["vit/runs/cpu_smoke.gin", "vit/relu.gin"], [])
+  args, _ = robustness_runner.parse_args(["--setting=memorisation"])
+  assert args.models == ["dense", "top5"] and args.name == "table"
+  assert robustness_runner.parse_args([])[0].models == ["dense", "topk"]
+  for model, top_k in (("dense", None), ("top20", 20), ("top5", 5)):
+    files, bindings = robustness_runner.model_gin(model, "memorisation")
+    gin_utils.configure(files, bindings)
+    assert gin_utils.get_macro("TOP_K") == top_k
+    assert (gin_utils.get_macro("TRAIN_STEPS"), gin_utils.get_macro("EVAL_PERIOD"),
+            gin_utils.get_macro("CHECKPOINT_PERIOD"), gin_utils.get_macro("KEEP_CHECKPOINTS")) == (3000, 100, 100, None)
+    assert gin.query_parameter("vision.ImageDataset.augment") == "none"
+  gin_utils.configure(*robustness_runner.model_gin("topk"))
+  assert gin.query_parameter("vision.ImageDataset.augment") == "random_crop" and gin_utils.get_macro("TOP_K") == 5
+
+
+def _memo(seed, best_step, best, final, fit):
+  layer = {"Transformer/encoderblock_0": 30.0 + seed}
+  at = {"accuracy_noisy_labels": fit, "accuracy_true_labels": 0.6, "memorised": fit - 0.1,
+        "percent_nonzero_train": layer, "percent_nonzero_test": layer}
+  return {"seed": seed, "best_step": best_step, "best_test_accuracy": best, "final_test_accuracy": final,
+          "final": at, "best": at}
+
+
+def test_memorisation_summary_and_paired_differences(robustness_runner):
+  memo = {("dense", 0.4, 0): _memo(0, 200, 0.77, 0.61, 1.0), ("dense", 0.4, 1): _memo(1, 300, 0.75, 0.59, 0.98),
+          ("top5", 0.4, 0): _memo(0, 400, 0.80, 0.70, 0.9)}
+  (dense, top5) = robustness_runner.memorisation_summary(memo, ["dense", "top5"], [0.4], [0, 1])
+  assert dense["seeds"] == [0, 1] and dense["best_step"]["mean"] == 250 and dense["best_step"]["n"] == 2
+  assert dense["final_test_accuracy"]["values"] == [0.61, 0.59]
+  assert dense["final_train_accuracy_noisy_labels"]["mean"] == pytest.approx(0.99)
+  assert dense["final_percent_nonzero_test"]["Transformer/encoderblock_0"]["mean"] == 30.5
+  assert top5["seeds"] == [0] and top5["best_test_accuracy"]["std"] is None
+  results = {("dense", 0.4, 0): {"accuracy": 0.61}, ("dense", 0.4, 1): {"accuracy": 0.59},
+             ("top5", 0.4, 0): {"accuracy": 0.70}, ("top5", 0.4, 1): {"accuracy": 0.65},
+             ("dense", 0.0, 0): {"accuracy": 0.9, "ece": 0.05, "corruptions": {"shot_noise": {"mean": 0.7}}},
+             ("top5", 0.0, 0): {"accuracy": 0.92, "ece": 0.03, "corruptions": {"shot_noise": {"mean": 0.6}}}}
+  diffs = robustness_runner.paired_differences(results, ["dense", "top5"], [0.0, 0.4], [0, 1])
+  assert list(diffs) == ["accuracy", "label_noise_0.4", "corruption_shot_noise", "ece"]
+  noisy = diffs["label_noise_0.4"]["top5"]
+  assert noisy["per_seed"] == {0: pytest.approx(0.09), 1: pytest.approx(0.06)} and noisy["n"] == 2
+  assert noisy["mean"] == pytest.approx(0.075)
+  assert diffs["corruption_shot_noise"]["top5"]["values"] == [pytest.approx(-0.1)]
+  assert diffs["ece"]["top5"]["n"] == 1 and "dense" not in diffs["ece"]
+
+
+@pytest.mark.slow
+def test_robustness_memorisation_setting_tiny(robustness_runner, tmp_path):
+  """Two 4-step runs in the memorisation setting: curves, best step, exact training-set fit, tables, figures."""
+  out = tmp_path / "out"
+  assert robustness_runner.main([f"--out={out}", "--setting=memorisation", "--seeds", "0", "--label_noise", "0.4",
+                                 "--models", "top5", "top2", "--name=k", "--gin.TRAIN_STEPS=4",
+                                 "--gin.EVAL_PERIOD=2", "--gin.CHECKPOINT_PERIOD=2"]) == 0
+  memo = json.loads((out / "top2_noise0.4_seed0" / "memorisation.json").read_text())
+  assert memo["train_steps"] == 4 and memo["seed"] == 0 and memo["top_k"] == 2
+  assert memo["curves"]["test_accuracy"]["steps"] == [2, 4]
+  assert memo["best_test_accuracy"] == max(memo["curves"]["test_accuracy"]["values"])
+  best = json.loads((out / "top2_noise0.4_seed0" / "best" / "eval_results.json").read_text())
+  assert best["step"] == memo["best_step"] and best["accuracy"] == pytest.approx(memo["best_test_accuracy"])
+  final = memo["final"]
+  assert final["step"] == 4 and final["num_examples"] == 1437
+  assert 0.3 < final["num_labels_changed"] / 1437 < 0.42  # 40% redrawn over 10 classes: 36% change
+  for split in ("train", "test"):  # Top-2 of 64: at most 3.125% nonzero on either split
+    assert all(0.0 < v <= 100 * 2 / 64 + 1e-6 for v in final[f"percent_nonzero_{split}"].values())
+  table = json.loads((out / "k.json").read_text())
+  assert table["train_steps"] == 4 and table["seeds"] == [0] and table["models"] == ["top5", "top2"]
+  assert [r["model"] for r in table["memorisation"]] == ["top5", "top2"]
+  assert set(table["figures"]) == {"curves", "per_layer", "k"}
+  assert all(_is_png(out / f) for f in table["figures"].values())
+  assert "Table 1 at the step of best test accuracy" in (out / "k.md").read_text()
 
 
 @pytest.mark.slow

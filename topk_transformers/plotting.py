@@ -144,11 +144,13 @@ def plot_firing_histogram(histograms: Mapping[str, Tuple[np.ndarray, np.ndarray]
   return save(fig, path)
 
 
-def plot_over_steps(curves: Mapping[str, Mapping[str, Curve]], path: str, title: str = "") -> str:
+def plot_over_steps(curves: Mapping[str, Mapping[str, Curve]], path: str, title: str = "",
+                    log_x: bool = False) -> str:
   """Figure 1 of the paper: % nonzero (log axis) against training step, one line per layer.
 
   ``curves`` is ``{kind: {layer: (steps, percents)}}`` with kinds such as ``'train'`` and
-  ``'eval'``; there is one panel per kind and stack.
+  ``'eval'``; there is one panel per kind and stack. ``log_x`` puts the steps on a log axis too
+  (for runs of many thousand steps, whose early fall would otherwise be squeezed to the left).
   """
   plt = pyplot()
   panels = []
@@ -163,6 +165,8 @@ def plot_over_steps(curves: Mapping[str, Mapping[str, Curve]], path: str, title:
     for color, (name, (steps, values)) in zip(colors, layers.items()):
       ax.plot(steps, values, color=color, marker="." if len(steps) < 30 else None, label=f"layer {_short(name)}")
     log_axis(ax)
+    if log_x:
+      ax.set_xscale("log")
     ax.set_xlabel("training step")
     ax.set_title(f"{stack} ({kind})")
     ax.grid(True, which="both", alpha=0.3)

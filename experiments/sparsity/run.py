@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -76,6 +77,11 @@ class RunSpec:
     if steps is not None:
       bindings.append(f"TRAIN_STEPS = {int(steps)}")
     return [os.path.join(HERE, f) for f in self.gin_files], bindings
+
+
+def out_dir_of(run_dir: str) -> str:
+  """``OUT`` of a run directory ``OUT/runs/<name>``."""
+  return os.path.dirname(os.path.dirname(os.path.abspath(run_dir)))
 
 
 def train_run(spec: RunSpec, root: str, steps: Optional[int] = None) -> Tuple[str, Optional[float]]:
@@ -139,6 +145,7 @@ def _mean_curves(curves: report_lib.Curves, kind: str) -> Dict[str, Tuple[List[i
 # ---------------------------------------------------------------------------
 
 T5_DENSE = RunSpec("t5_dense", ("t5_dense.gin",), label="dense ReLU T5")
+T5_LONG = RunSpec("t5_dense_long", ("t5_dense.gin", "t5_long.gin"), label="dense ReLU T5, long")
 _SHORT = ("t5_dense.gin", "t5_short.gin")
 T5_SHORT_DENSE = RunSpec("t5_short_dense", _SHORT, label="dense")
 T5_SIZES = (
@@ -173,20 +180,25 @@ def _means(m: report_lib.Measurement) -> Dict[str, float]:
   return {k: round(v, 3) for k, v in report_lib.stack_means(m.percent_nonzero).items()}
 
 
-def emergence(out: str, steps: Optional[int] = None, eval_steps: Optional[int] = 10) -> dict:
+def emergence(out: str, steps: Optional[int] = None, eval_steps: Optional[int] = 10,
+              spec: RunSpec = T5_DENSE, name: str = "emergence") -> dict:
   """Experiment 1: a dense ReLU T5; init vs trained, train vs held-out, and over training."""
-  spec = T5_DENSE
-  host = machine.machine_info()
   run_dir, seconds = train_run(spec, out, steps)
+  return _measure_emergence(spec, run_dir, seconds, eval_steps, steps, name)
+
+
+def _measure_emergence(spec: RunSpec, run_dir: str, seconds: Optional[float], eval_steps: Optional[int],
+                       steps: Optional[int], name: str) -> dict:
+  host = machine.machine_info()
   measurements, n_params = measure_run(spec, run_dir, eval_steps, steps)
   curves = report_lib.read_event_sparsity(run_dir)
-  exp_dir = os.path.join(out, "emergence")
+  exp_dir = os.path.join(out_dir_of(run_dir), name)
   report = report_lib.write_report(measurements, exp_dir, curves,
                                    title="Dense ReLU T5 on the embedded corpus",
-                                   extra={"experiment": "emergence", "run_dir": run_dir, "parameters": n_params,
+                                   extra={"experiment": name, "run_dir": run_dir, "parameters": n_params,
                                           "train_seconds": _round(seconds), "eval_steps": eval_steps,
                                           "machine": host})
-  os.replace(os.path.join(exp_dir, "report.json"), os.path.join(exp_dir, "emergence.json"))
+  os.replace(os.path.join(exp_dir, "report.json"), os.path.join(exp_dir, f"{name}.json"))
   print(report_lib.format_report(measurements))
   return report
 
@@ -307,7 +319,74 @@ def topk(out: str, steps: Optional[int] = None, eval_steps: Optional[int] = None
   return payload
 
 
-EXPERIMENTS = {"emergence": emergence, "scale": scale, "random_data": random_data, "topk": topk}
+def training_segments(run_dir: str, tag: str = "train/loss", gap: float = 900.0) -> List[Dict[str, float]]:
+  """The stretches a (resumed) run trained in, from the wall times of its logged ``tag`` events.
+
+  Consecutive events more than ``gap`` seconds apart start a new segment (a stop and a resume).
+  Each segment is ``{"first_step", "last_step", "seconds"}``: its training time between its first
+  and last logged step (start-up and compilation before the first one are not counted).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  points = []  # (wall time, step): a resumed run logs again the steps after its checkpoint
+  for path in sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))):
+    try:
+      for event in tf.compat.v1.train.summary_iterator(path):
+        if any(v.tag == tag for v in event.summary.value):
+          points.append((float(event.wall_time), int(event.step)))
+    except tf.errors.DataLossError:  # a file cut short by a killed run: keep what was read
+      continue
+  segments: List[Dict[str, float]] = []
+  previous = None
+  for wall, step in sorted(points):
+    if previous is None or wall - previous[1] > gap:
+      segments.append({"first_step": step, "last_step": step, "seconds": 0.0})
+    else:
+      segments[-1]["last_step"] = step
+      segments[-1]["seconds"] = round(segments[-1]["seconds"] + wall - previous[1], 1)
+    previous = (step, wall)
+  return segments
+
+
+def emergence_long(out: str, steps: Optional[int] = None, eval_steps: Optional[int] = 10,
+                   measure_only: bool = False) -> dict:
+  """Experiment 1's model for 20,000 steps (t5_long.gin); resumable: the same command continues a stopped run.
+
+  ``measure_only`` measures the run's newest checkpoint without training (e.g. while it trains).
+  Adds the over-steps figure on a log step axis and the training segments (wall time per resume).
+  """
+  spec = T5_LONG
+  run_dir = os.path.join(out, "runs", spec.name)
+  if measure_only:
+    if not report_lib.checkpoint_steps(run_dir):
+      raise gin_utils.ConfigError(f"--measure_only: no checkpoint in {run_dir} yet")
+    report = _measure_emergence(spec, run_dir, None, eval_steps, steps, "emergence_long")
+  else:
+    report = emergence(out, steps, eval_steps, spec=spec, name="emergence_long")
+  exp_dir = os.path.join(out, "emergence_long")
+  curves = report_lib.read_event_sparsity(run_dir)
+  plotting.plot_over_steps(curves, os.path.join(exp_dir, "over_steps_log.png"),
+                           "Dense ReLU T5, % nonzero per layer (log steps)", log_x=True)
+  segments = training_segments(run_dir)
+  loss = {tag: _scalar_curve(run_dir, tag) for tag in ("train/loss", "eval/loss")}
+  report.update({
+      "steps_reached": max(report_lib.checkpoint_steps(run_dir)),
+      "train_steps": int(gin_utils.get_macro("TRAIN_STEPS")),
+      "seed": int(gin_utils.get_macro("RANDOM_SEED", default=0)),
+      "training_segments": segments,
+      "training_seconds_logged": round(sum(s["seconds"] for s in segments), 1),
+      "loss": {tag: {"steps": c[0], "values": c[1]} for tag, c in loss.items()},
+  })
+  _write_json(os.path.join(exp_dir, "emergence_long.json"), report)
+  print(f"steps reached {report['steps_reached']} of {report['train_steps']}; "
+        f"{report['training_seconds_logged'] / 3600:.2f} h of logged training in {len(segments)} segment(s)")
+  return report
+
+
+EXPERIMENTS = {"emergence": emergence, "emergence_long": emergence_long, "scale": scale, "random_data": random_data,
+               "topk": topk}
+LONG_EXPERIMENTS = ("emergence_long",)
+"""Hours of training: named explicitly, never part of ``all``."""
 
 
 # ---------------------------------------------------------------------------
@@ -419,11 +498,14 @@ def plot_topk(results: List[dict], path: str) -> str:
 # ---------------------------------------------------------------------------
 
 def run(names: Sequence[str], out: str, steps: Optional[int] = None,
-        eval_steps: Optional[int] = None) -> Dict[str, Any]:
+        eval_steps: Optional[int] = None, measure_only: bool = False) -> Dict[str, Any]:
   """Runs the named experiments in order (never in parallel: they share the cores).
 
-  ``eval_steps`` overrides each experiment's number of measured batches per split.
+  ``eval_steps`` overrides each experiment's number of measured batches per split;
+  ``measure_only`` (``emergence_long`` only) measures its newest checkpoint without training.
   """
+  if measure_only and list(names) != ["emergence_long"]:
+    raise gin_utils.ConfigError("--measure_only applies to --experiment=emergence_long alone")
   for name in names:
     if name not in EXPERIMENTS:
       raise gin_utils.ConfigError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
@@ -432,6 +514,8 @@ def run(names: Sequence[str], out: str, steps: Optional[int] = None,
     start = time.time()
     logging.info("experiment %s -> %s", name, out)
     kwargs = {} if eval_steps is None else {"eval_steps": eval_steps}
+    if measure_only:
+      kwargs["measure_only"] = True
     results[name] = EXPERIMENTS[name](out, steps, **kwargs)
     print(f"experiment {name}: {time.time() - start:.0f} s, outputs in {os.path.join(out, name)}", flush=True)
   return results
@@ -441,15 +525,17 @@ def parse_args(argv: Sequence[str]) -> Tuple[List[str], argparse.Namespace]:
   """``(experiment names, arguments)``; a bad value is a ``ConfigError``."""
   parser = common.ArgumentParser(prog="run.py", description=__doc__.splitlines()[0])
   parser.add_argument("--experiment", required=True,
-                      help=f"comma-separated: {', '.join(EXPERIMENTS)} (or 'all')")
+                      help=f"comma-separated: {', '.join(EXPERIMENTS)} (or 'all': all but {', '.join(LONG_EXPERIMENTS)})")
   parser.add_argument("--out", required=True, help="output root (runs/ and one directory per experiment)")
   parser.add_argument("--steps", type=int, default=None, help="override every run's TRAIN_STEPS")
   parser.add_argument("--eval_steps", type=int, default=None,
                       help="override the batches measured per split (default: each experiment's own)")
+  parser.add_argument("--measure_only", action="store_true",
+                      help="emergence_long: measure the newest checkpoint without training (a run in progress)")
   args = parser.parse_args(argv)
   names = [n.strip() for n in args.experiment.split(",") if n.strip()]
   if names == ["all"]:
-    names = list(EXPERIMENTS)
+    names = [n for n in EXPERIMENTS if n not in LONG_EXPERIMENTS]
   if not names:
     raise gin_utils.ConfigError("--experiment names no experiment")
   unknown = [n for n in names if n not in EXPERIMENTS]
@@ -465,7 +551,7 @@ def parse_args(argv: Sequence[str]) -> Tuple[List[str], argparse.Namespace]:
 @common.command
 def main(argv: Sequence[str]) -> int:
   names, args = parse_args(argv)
-  run(names, os.path.abspath(args.out), args.steps, args.eval_steps)
+  run(names, os.path.abspath(args.out), args.steps, args.eval_steps, args.measure_only)
   return 0
 
 
