@@ -155,11 +155,14 @@ def load_run(checkpoint: str = INIT, *, gin_files: Optional[Sequence[str]] = Non
   """
   if gin_files is not None:
     gin_utils.configure(gin_files, bindings)
-  if checkpoint != INIT:
-    checkpoints.locate(checkpoint)  # a missing checkpoint is found before any data is prepared
+  ckpt_dir = checkpoints.locate(checkpoint)[0] if checkpoint != INIT else None  # missing: found before any data
   # A caller that hands over the model (and no gin files) sets up the rest itself: gin is not read.
   from_gin = model is None or gin_files is not None
   model = gin_utils.get_macro("MODEL") if model is None else model
+  if ckpt_dir is not None:
+    # topk-convert's checkpoints record their T5Config: a model that disagrees is named by field.
+    from topk_transformers.t5 import convert  # pylint: disable=g-import-not-at-top
+    convert.check_recorded_config(ckpt_dir, getattr(getattr(model, "module", None), "config", None))
   if dataset is None and input_shapes is None:
     dataset = build_from_gin("train.train.dataset")
   if partitioner is None:
