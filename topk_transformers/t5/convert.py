@@ -33,6 +33,7 @@ torch only to read a ``pytorch_model.bin``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -92,13 +93,20 @@ def unflatten(flat: Mapping[str, Any]) -> Params:
 
 def expected_shapes(config: network.T5Config) -> Dict[str, Tuple[int, ...]]:
   """``{'encoder/layers_0/mlp/wi/kernel': (emb, mlp), ...}`` of the network ``config`` builds (nothing computed)."""
+  # Only the architecture decides the shapes: one trace per architecture.
+  return dict(_shapes(dataclasses.replace(config, top_k=None, dropout_rate=0.0, dtype="float32",
+                                          sparse_decode=None)))
+
+
+@functools.lru_cache(maxsize=16)
+def _shapes(config: network.T5Config) -> Tuple[Tuple[str, Tuple[int, ...]], ...]:
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  module = network.Transformer(dataclasses.replace(config, top_k=None))
+  module = network.Transformer(config)
   ones = jnp.ones((1, 1), jnp.int32)
   boxed = jax.eval_shape(lambda r: module.init(r, ones, ones, ones, enable_dropout=False), jax.random.PRNGKey(0))
-  return {k: tuple(v.shape) for k, v in flatten(nn.meta.unbox(boxed["params"])).items()}
+  return tuple((k, tuple(v.shape)) for k, v in flatten(nn.meta.unbox(boxed["params"])).items())
 
 
 def check_params(flat: Mapping[str, Any], config: network.T5Config, source: str) -> None:
@@ -375,7 +383,8 @@ def read_hf_state(path: str) -> Dict[str, np.ndarray]:
 def from_hf(path: str) -> Tuple[network.T5Config, Params]:
   """``(config, params)`` of a Hugging Face T5 directory (``config.json`` and its weights)."""
   if not os.path.isdir(path):
-    raise ConfigError(f"Hugging Face checkpoint {path} is not a directory")
+    raise ConfigError(f"Hugging Face checkpoint {path} "
+                      f"{'is not a directory' if os.path.exists(path) else 'does not exist'}")
   config_path = os.path.join(path, "config.json")
   config = hf_config_to_t5(_read_json(config_path, "Hugging Face config"), config_path)
   return config, hf_state_to_params(read_hf_state(path), config, path)
@@ -568,6 +577,19 @@ def _project_step_dir(path: str) -> Tuple[str, str]:
   if not steps:
     raise ConfigError(f"{path} is not a project checkpoint (no checkpoints/<step>/state)")
   return path, os.path.join(ckpt_dir, str(steps[-1]), "state")
+
+
+def check_recorded_config(checkpoints_dir: str, model_config: Any) -> None:
+  """If the run directory of ``checkpoints_dir`` records a ``t5_config.json``, ``model_config`` must agree with it.
+
+  ``checkpoints_dir`` is ``RUN/checkpoints`` (``checkpoints.locate``'s first value). Training runs record none.
+  """
+  run_dir = os.path.dirname(checkpoints_dir.rstrip("/"))
+  config_path = os.path.join(run_dir, PROJECT_CONFIG)
+  if not os.path.exists(config_path) or not isinstance(model_config, network.T5Config):
+    return
+  recorded = config_from_json(_read_json(config_path, "project config"), config_path)
+  check_config(model_config, recorded, config_path)
 
 
 def project_config(path: str) -> Optional[network.T5Config]:
