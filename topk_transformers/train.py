@@ -150,6 +150,8 @@ def train(
     multi_host: Optional[bool] = None,
     end_of_training: Optional[Callable[..., None]] = None,
     resume_from_readable: bool = False,
+    initial_checkpoint_path: Optional[str] = None,
+    initial_checkpoint_format: str = "auto",
 ) -> TrainResult:
   """Trains ``model`` on ``dataset`` for ``train_steps`` steps of global batch ``batch_size``.
 
@@ -172,6 +174,9 @@ def train(
     resume_from_readable: if the newest checkpoint cannot be read, resume from the newest one that can
       (params, optimizer state, data position) and move the unreadable newer ones to
       ``model_dir/checkpoints_unreadable/`` (nothing is deleted); by default that is an error.
+    initial_checkpoint_path, initial_checkpoint_format: start from these params (a Hugging Face, T5X or
+      project checkpoint, ``'hf'``/``'t5x'``/``'project'`` or ``'auto'``) with a fresh optimizer state at
+      step 0, as T5X's ``initial_checkpoint_path``; only when ``model_dir`` holds no checkpoint to resume.
   """
   if train_steps < 0:
     raise ConfigError(f"train_steps must be >= 0, got train_steps={train_steps}")
@@ -218,6 +223,13 @@ def train(
   if restored is not None:
     state = restored
     logging.info("Restored step %d from %s", int(state.step), manager.directory)
+  elif initial_checkpoint_path:
+    params = load_initial_params(model, initial_checkpoint_path, initial_checkpoint_format, abstract_params,
+                                 params_shardings)
+    fresh = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                                 nonfinite_step=jnp.full((), -1, jnp.int32))
+    state = jax.jit(fresh, out_shardings=state_shardings)(params)
+    logging.info("Initial params from %s; fresh optimizer state at step 0", initial_checkpoint_path)
   else:
     state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
   start_step = int(state.step)
@@ -315,6 +327,24 @@ def train(
                                                if k.startswith("sparsity/")})
   return TrainResult(state=state, train_metrics=train_metrics, eval_metrics=eval_metrics,
                      sparsity=eval_sparsity, preempted=preempted, log=train_log)
+
+
+def load_initial_params(model: Any, path: str, fmt: str, abstract_params: Any, shardings: Any) -> Any:
+  """The params of ``path`` for ``model``, placed with ``shardings``; a checkpoint of another model is a one-line error.
+
+  A T5 model reads any format through ``t5.convert`` (its architecture checked field by field); other
+  models read the params of a project checkpoint.
+  """
+  from topk_transformers.t5 import convert  # pylint: disable=g-import-not-at-top
+  from topk_transformers.t5 import network  # pylint: disable=g-import-not-at-top
+
+  config = getattr(getattr(model, "module", None), "config", None)
+  if isinstance(config, network.T5Config):
+    _, params = convert.load(path, fmt, config)
+    return jax.device_put(params, shardings)
+  if fmt not in ("auto", "project"):
+    raise ConfigError(f"initial_checkpoint_format={fmt!r} needs a T5 model; this model reads project checkpoints")
+  return ckpt_lib.restore_params(path, abstract_params, shardings)[0]
 
 
 def train_from_gin() -> TrainResult:
