@@ -111,7 +111,8 @@ def test_sparsity_runner_all_names_the_four_experiments(sparsity):
 
 
 def _all_specs(sparsity):
-  return (sparsity.T5_DENSE, sparsity.T5_LONG) + sparsity.T5_SIZES + sparsity.VIT_RUNS + sparsity.topk_specs()
+  return ((sparsity.T5_DENSE, sparsity.T5_LONG) + sparsity.T5_SIZES + sparsity.VIT_RUNS + sparsity.topk_specs()
+          + sparsity.scale_long_specs())
 
 
 def test_every_runs_gin_stack_is_in_the_experiment_directory_and_parses(sparsity):
@@ -125,6 +126,10 @@ def test_every_runs_gin_stack_is_in_the_experiment_directory_and_parses(sparsity
   # The step counts and Top-k of README.md's tables; runs that share a name share a configuration.
   assert seen["t5_dense"] == (400, None, "/tmp/model_dir")
   assert seen["t5_dense_long"][:2] == (20000, None)
+  assert [seen[f"t5_scale_long_{size}_seed1"][:2] for size in ("small", "medium", "large")] == [(3000, None)] * 3
+  gin_utils.configure(*sparsity.scale_long_specs()[-1].configuration(None, None))
+  assert gin_utils.get_macro("RANDOM_SEED") == 1 and gin.query_parameter("network.T5Config.emb_dim") == 192
+  assert gin_utils.get_macro("TASK_FEATURE_LENGTHS") == {"inputs": 64, "targets": 16}
   assert seen["t5_short_dense"][:2] == seen["t5_size_small"][:2] == (300, None)
   assert [seen[f"t5_short_top{k}"][:2] for k in (16, 64, 256)] == [(300, 16), (300, 64), (300, 256)]
   assert seen["vit_digits"][:2] == seen["vit_random_images"][:2] == (4000, None)
@@ -216,6 +221,10 @@ def test_sparsity_figures_of_the_experiments(sparsity, tmp_path):
   assert _is_png(sparsity.plot_topk(losses, str(tmp_path / "topk.png")))
   mean = sparsity.plot_mean_curves({"a": {"encoder": ([1, 2], [50.0, 40.0])}}, str(tmp_path / "mean.png"), "t")
   assert _is_png(mean)
+  rows = [{"seed": seed, "size": size, "parameters": p, "final_eval_loss": loss,
+           "mean_percent_nonzero": {"encoder": pct, "decoder": pct - 5, "all": pct - 2.5}}
+          for seed in (0, 1) for size, p, loss, pct in (("small", 4e5, 5.6, 43.0), ("large", 5e6, 5.2, 35.0))]
+  assert _is_png(sparsity.plot_scale_long(rows, str(tmp_path / "scale_long.png")))
 
 
 # ---------------------------------------------------------------------------

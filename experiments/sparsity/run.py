@@ -113,11 +113,13 @@ def train_run(spec: RunSpec, root: str, steps: Optional[int] = None) -> Tuple[st
 
 
 def measure_run(spec: RunSpec, run_dir: str, eval_steps: Optional[int], steps: Optional[int] = None,
-                with_init: bool = True) -> Tuple[List[report_lib.Measurement], int]:
-  """Init (optional) and trained measurements of a run on its train and eval splits; also its parameter count."""
+                with_init: bool = True, splits: str = "both") -> Tuple[List[report_lib.Measurement], int]:
+  """Init (optional) and trained measurements of a run on its train and eval splits (``splits='eval'``:
+  the eval split only); also its parameter count."""
   gin_files, bindings = spec.configuration(None, steps)
   trained = runs.load_run(run_dir, gin_files=gin_files, bindings=bindings)
-  splits = list(dict.fromkeys([trained.dataset.train_split, trained.dataset.eval_split]))
+  splits = list(dict.fromkeys(([trained.dataset.train_split] if splits == "both" else [])
+                              + [trained.dataset.eval_split]))
   loaded = ([trained.with_params(runs.INIT)] if with_init else []) + [trained]
   n_params = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(trained.params)))
   return [report_lib.measure(r, split, eval_steps) for r in loaded for split in splits], n_params
@@ -159,6 +161,18 @@ VIT_RUNS = (
     RunSpec("vit_random_images", ("vit_dense.gin", "vit_random_images.gin"), label="random images, random labels"),
 )
 TOPK_VALUES = (16, 64, 256)
+SCALE_LONG_SEEDS = (0, 1)
+
+
+def scale_long_specs(seeds: Sequence[int] = SCALE_LONG_SEEDS) -> Tuple[RunSpec, ...]:
+  """Experiment 2's three sizes with t5_scale_long.gin, one run per size and seed."""
+  specs = []
+  for seed in seeds:
+    for size in T5_SIZES:
+      extra = size.gin_files[len(_SHORT):]
+      specs.append(RunSpec(f"t5_scale_long_{size.label}_seed{seed}", _SHORT + extra + ("t5_scale_long.gin",),
+                           (f"RANDOM_SEED = {seed}",), label=size.label))
+  return tuple(specs)
 
 
 def topk_specs() -> Tuple[RunSpec, ...]:
@@ -232,6 +246,30 @@ def scale(out: str, steps: Optional[int] = None, eval_steps: Optional[int] = 10)
   _print_table("mean % nonzero (all layers)", [
       (r["spec"].label, r["params"], {f"{m.label}/{m.split}": _means(m)["all"] for m in r["measurements"]})
       for r in results])
+  return payload
+
+
+def scale_long(out: str, steps: Optional[int] = None, eval_steps: Optional[int] = 10) -> dict:
+  """Experiment 2 on a ten times larger token budget and 2 seeds: % nonzero against size and held-out loss."""
+  host = machine.machine_info()
+  rows = []
+  for spec in scale_long_specs():
+    run_dir, seconds = train_run(spec, out, steps)
+    (m,), n_params = measure_run(spec, run_dir, eval_steps, steps, with_init=False, splits="eval")
+    loss = _scalar_curve(run_dir, "eval/loss")
+    rows.append({"name": spec.name, "size": spec.label, "seed": int(gin_utils.get_macro("RANDOM_SEED")),
+                 "gin_files": list(spec.gin_files), "parameters": n_params, "train_seconds": _round(seconds),
+                 "train_steps": int(gin_utils.get_macro("TRAIN_STEPS")), "final_eval_loss": loss[1][-1],
+                 "eval_loss": {"steps": loss[0], "values": loss[1]}, "split": m.split,
+                 "percent_nonzero": m.percent_nonzero, "mean_percent_nonzero": _means(m)})
+  exp_dir = os.path.join(out, "scale_long")
+  payload = {"experiment": "scale_long", "eval_steps": eval_steps, "seeds": list(SCALE_LONG_SEEDS),
+             "machine": host, "runs": rows}
+  _write_json(os.path.join(exp_dir, "scale_long.json"), payload)
+  plot_scale_long(rows, os.path.join(exp_dir, "scale_long.png"))
+  _print_table("held-out loss and mean % nonzero (held-out data)", [
+      (f"{r['size']} seed {r['seed']}", r["parameters"],
+       {"eval loss": r["final_eval_loss"], **r["mean_percent_nonzero"]}) for r in rows])
   return payload
 
 
@@ -383,9 +421,9 @@ def emergence_long(out: str, steps: Optional[int] = None, eval_steps: Optional[i
   return report
 
 
-EXPERIMENTS = {"emergence": emergence, "emergence_long": emergence_long, "scale": scale, "random_data": random_data,
-               "topk": topk}
-LONG_EXPERIMENTS = ("emergence_long",)
+EXPERIMENTS = {"emergence": emergence, "emergence_long": emergence_long, "scale": scale, "scale_long": scale_long,
+               "random_data": random_data, "topk": topk}
+LONG_EXPERIMENTS = ("emergence_long", "scale_long")
 """Hours of training: named explicitly, never part of ``all``."""
 
 
@@ -458,6 +496,32 @@ def plot_scale(results: List[dict], path: str) -> str:
   right.legend(fontsize="x-small", ncol=2, loc="upper center")
   right.grid(True, axis="y", which="both", alpha=0.3)
   fig.suptitle("Dense ReLU T5, three sizes, same data and steps")
+  fig.tight_layout()
+  return plotting.save(fig, path)
+
+
+def plot_scale_long(rows: List[dict], path: str) -> str:
+  """Mean % nonzero on held-out data (per stack) against parameters (left) and held-out loss (right), per seed."""
+  plt = plotting.pyplot()
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.0), sharey=True)
+  for stack, marker in (("encoder", "o"), ("decoder", "s")):
+    for seed in sorted({r["seed"] for r in rows}):
+      rs = sorted((r for r in rows if r["seed"] == seed), key=lambda r: r["parameters"])
+      ys = [r["mean_percent_nonzero"].get(stack, np.nan) for r in rs]
+      style = "-" if stack == "encoder" else "--"
+      left.plot([r["parameters"] / 1e6 for r in rs], ys, style, marker=marker, label=f"{stack}, seed {seed}")
+      right.plot([r["final_eval_loss"] for r in rs], ys, style, marker=marker, label=f"{stack}, seed {seed}")
+      for r, y in zip(rs, ys):
+        right.annotate(r["size"], (r["final_eval_loss"], y), fontsize="x-small", textcoords="offset points",
+                       xytext=(3, 3))
+  left.set_xscale("log")
+  left.set_xlabel("parameters (millions)")
+  left.set_ylabel("% nonzero on held-out data (mean over layers)")
+  right.set_xlabel("held-out loss (final evaluation)")
+  for ax in (left, right):
+    ax.grid(True, which="both", alpha=0.3)
+  left.legend(fontsize="x-small")
+  fig.suptitle("Dense ReLU T5, three sizes, one token budget")
   fig.tight_layout()
   return plotting.save(fig, path)
 
