@@ -249,3 +249,62 @@ def test_decode_command_reads_a_checkpoint(tmp_path, capsys):
   assert "checkpoint step 5" in capsys.readouterr().out
   # No input is a usage error: one line, exit 2.
   assert decode_command.main([*gin_flags, f"--checkpoint={tmp_path / 'run'}"]) == 2
+
+
+def predict_recomputing_cross_kv(module, params, enc, method, n, length, rng=None):
+  """The decoding of ``predict_batch`` before the cross-attention cache: every step projects the (expanded) encoder
+  output to keys and values itself."""
+  encoded = module.apply({"params": params}, enc, enable_dropout=False, method=module.encode)
+  cache = decoding.init_cache(module, params, encoded, enc, length)
+  step = decoding.make_tokens_to_logits(module, params, decoding.expand_batch(encoded, n),
+                                        decoding.expand_batch(enc, n), length)
+  if method == "beam":
+    return decoding.beam_search(step, cache, enc.shape[0], n, length, alpha=0.6, eos_id=None)
+  seqs, logp = decoding.temperature_sample(step, decoding.expand_batch(cache, n), enc.shape[0] * n, length, rng,
+                                           temperature=0.0 if method == "greedy" else 1.0, eos_id=None)
+  return seqs.reshape(enc.shape[0], n, length), logp.reshape(enc.shape[0], n)
+
+
+@pytest.mark.parametrize("method,n", [("greedy", 1), ("sample", 2), ("beam", 3)])
+def test_cross_attention_cache_gives_the_decodes_of_recomputed_keys_and_values(t5, method, n):
+  module, params, enc = t5
+  rng = jax.random.PRNGKey(4)
+  ref_seqs, ref_scores = jax.jit(predict_recomputing_cross_kv, static_argnums=(0, 3, 4, 5))(
+      module, params, enc, method, n, 6, rng)
+  seqs, scores = decoding.predict_batch(module, params, {"encoder_input_tokens": enc}, decode_method=method,
+                                        num_decodes=n, max_decode_length=6, eos_id=None, rng=rng,
+                                        return_all_decodes=True, return_scores=True)
+  if method == "sample":  # predict_batch orders the samples best first
+    order = np.argsort(-np.asarray(ref_scores), axis=1)
+    ref_seqs, ref_scores = (np.take_along_axis(np.asarray(ref_seqs), order[..., None], 1),
+                            np.take_along_axis(np.asarray(ref_scores), order, 1))
+  np.testing.assert_array_equal(seqs, ref_seqs)
+  np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+  assert len(np.unique(np.asarray(seqs))) > 2, "degenerate decodes would make this test weak"
+
+
+def test_cross_attention_cache_step_logits_and_shared_keys(t5):
+  module, params, enc = t5
+  encoded = module.apply({"params": params}, enc, enable_dropout=False, method=module.encode)
+  cross_kv = module.apply({"params": params}, encoded, method=module.cross_attention_kv)
+  # One set of keys and values per input, per decoder layer, whatever the beams.
+  assert sorted(cross_kv) == ["layers_0", "layers_1"] and cross_kv["layers_0"]["key"].shape == (3, 6, 2, 16)
+  n, length = 2, 4
+  cache = decoding.expand_batch(decoding.init_cache(module, params, encoded, enc, length), n)
+  old = decoding.make_tokens_to_logits(module, params, decoding.expand_batch(encoded, n),
+                                       decoding.expand_batch(enc, n), length)
+  new = decoding.make_tokens_to_logits(module, params, None, enc, length, cross_kv=cross_kv)
+  tokens = jnp.asarray(np.random.RandomState(0).randint(2, 32, (3 * n, length)), jnp.int32)
+  both = jax.jit(lambda i, t, c0, c1: (old(decoding.DecodingState(i, t, None, c0)),
+                                       new(decoding.DecodingState(i, t, None, c1))))
+  caches = [cache, cache]
+  for i in range(length):
+    (l_old, c_old), (l_new, c_new) = both(jnp.int32(i), tokens[:, i:i + 1], *caches)
+    np.testing.assert_allclose(l_new, l_old, rtol=1e-5, atol=1e-5)
+    caches = [c_old, c_new]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), *caches)
+  with pytest.raises(ValueError, match="do not divide"):  # 6 rows cannot be beams of 4 inputs
+    module.apply({"params": params, "cache": cache}, None, jnp.concatenate([enc, enc[:1]]), tokens[:, :1],
+                 tokens[:, :1], enable_dropout=False, decode=True, max_decode_length=length,
+                 cross_kv=jax.tree.map(lambda x: jnp.concatenate([x, x[:1]]), cross_kv), mutable=["cache"],
+                 method=module.decode)
