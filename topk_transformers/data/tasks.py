@@ -1,6 +1,6 @@
-"""seqio Tasks for T5 span-corruption pretraining: C4, and local text files.
+"""seqio Tasks: T5 span-corruption pretraining on C4 and local text files; GLUE for fine-tuning.
 
-Two Tasks are registered when this module is imported (cheaply: nothing is read
+These Tasks are registered when this module is imported (cheaply: nothing is read
 until a dataset is asked for):
 
 * ``c4_span_corruption``: tfds ``c4/en:3.1.0``, T5's vocabulary
@@ -12,7 +12,11 @@ until a dataset is asked for):
   gensim (see ``corpus.py``) and the vocabulary a SentencePiece model trained on
   its train split at first use and cached (``vocab.py``).
 
-Both come from gin-configurable functions; a run binds their arguments and asks
+The GLUE classification Tasks ``glue_<benchmark>_v2`` (sst2, cola, mrpc, ...;
+:func:`register_glue_task`) give fine-tuning a real downstream task in T5's text
+format ("sst2 sentence: ..." -> "positive").
+
+All come from gin-configurable functions; a run binds their arguments and asks
 for the Task with :func:`get_task`, which re-registers the built-in names with
 the current bindings::
 
@@ -260,7 +264,90 @@ def register_local_text_task(name: str = LOCAL_TEXT_TASK,
   return _add_task(name, source, vocabulary, preprocessors)
 
 
+# ------------------------------------------------------------------------------------------------------ GLUE
+# T5's GLUE format (Raffel et al., 2020, appendix D): "<benchmark> <key>: <text> <key>: <text>" over the
+# text features in sorted order -> the label's name. tfds prepares GLUE itself (`tfds build glue/sst2`).
+GLUE_LABELS = {
+    "cola": ("unacceptable", "acceptable"), "sst2": ("negative", "positive"),
+    "mrpc": ("not_equivalent", "equivalent"), "qqp": ("not_duplicate", "duplicate"),
+    "mnli": ("entailment", "neutral", "contradiction"), "qnli": ("entailment", "not_entailment"),
+    "rte": ("entailment", "not_entailment"), "wnli": ("not_entailment", "entailment"),
+}
+GLUE_TEXT_FEATURES = {
+    "cola": ("sentence",), "sst2": ("sentence",), "mrpc": ("sentence1", "sentence2"),
+    "qqp": ("question1", "question2"), "mnli": ("hypothesis", "premise"), "qnli": ("question", "sentence"),
+    "rte": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2"),
+}
+GLUE_TFDS_VERSION = "2.0.0"
+
+
+class GlueSource(seqio.TfdsDataSource):
+  """GLUE from tfds; before tfds has prepared it (or under ``tfds.testing.mock_data``) size and files are unknown."""
+
+  def num_input_examples(self, split):
+    if not self.tfds_dataset.info.splits:
+      return None
+    return super().num_input_examples(split)
+
+  def list_shards(self, split):
+    if not self.tfds_dataset.info.splits:
+      return [split]  # files unknown yet (tfds prepares GLUE at first use): hosts shard the examples
+    return super().list_shards(split)
+
+
+def glue_task_name(benchmark: str) -> str:
+  return f"glue_{benchmark}_v2"
+
+
+def glue_formatter(benchmark: str) -> Callable:
+  """``{'sentence': ..., 'label': 1}`` -> ``{'inputs': 'sst2 sentence: ...', 'targets': 'positive'}``."""
+  keys = GLUE_TEXT_FEATURES[benchmark]
+  names = tf.constant(GLUE_LABELS[benchmark])
+
+  @seqio.map_over_dataset
+  @tf.autograph.experimental.do_not_convert
+  def fmt(example):
+    parts = [benchmark]
+    for key in keys:
+      parts += [f"{key}:", example[key]]
+    label = tf.cast(example["label"], tf.int32)
+    # The test split's label is -1: it has no answer to learn.
+    target = tf.where(label >= 0, tf.gather(names, tf.maximum(label, 0)), tf.constant("<unk>"))
+    return {"inputs": tf.strings.join(parts, separator=" "), "targets": target}
+
+  return fmt
+
+
+@gin.configurable
+def register_glue_task(benchmark: str = "sst2",
+                       tfds_data_dir: Optional[str] = None,
+                       vocabulary_path: str = vocab_lib.DEFAULT_T5_VOCABULARY_PATH,
+                       extra_ids: int = vocab_lib.DEFAULT_EXTRA_IDS,
+                       vocabulary: Optional[seqio.Vocabulary] = None,
+                       name: Optional[str] = None) -> seqio.Task:
+  """Registers (or replaces) the GLUE classification Task ``glue_<benchmark>_v2`` (T5's format) and returns it.
+
+  Args:
+    benchmark: one of ``GLUE_LABELS`` (cola, sst2, mrpc, qqp, mnli, qnli, rte, wnli).
+    tfds_data_dir: where tfds keeps ``glue`` (None: its default).
+    vocabulary_path, extra_ids: the SentencePiece model (a Hugging Face checkpoint's ``spiece.model``
+      with ``extra_ids=100``, or T5's ``cc_all.32000.100extra`` with 0).
+    vocabulary: a ready vocabulary, used instead of ``vocabulary_path``.
+    name: the Task name (default ``glue_<benchmark>_v2``).
+  """
+  if benchmark not in GLUE_LABELS:
+    raise ConfigError(f"unknown GLUE benchmark {benchmark!r}; choose from {', '.join(GLUE_LABELS)}")
+  vocabulary = vocabulary or vocab_lib.get_vocabulary(vocabulary_path, extra_ids=extra_ids)
+  validation = "validation_matched" if benchmark == "mnli" else "validation"
+  source = GlueSource(tfds_name=f"glue/{benchmark}:{GLUE_TFDS_VERSION}", tfds_data_dir=tfds_data_dir,
+                                splits={"train": "train", "validation": validation})
+  preprocessors = [glue_formatter(benchmark), seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
+                   seqio.preprocessors.append_eos_after_trim]
+  return _add_task(name or glue_task_name(benchmark), source, vocabulary, preprocessors)
+
+
 _BUILTIN_TASKS = {C4_TASK: register_c4_span_corruption, LOCAL_TEXT_TASK: register_local_text_task}
+_BUILTIN_TASKS.update({glue_task_name(b): functools.partial(register_glue_task, b) for b in GLUE_LABELS})
 
 
 def get_task(name: str) -> seqio.Task:
@@ -293,3 +380,5 @@ def check_task_data(task: Union[str, seqio.Task], splits: Sequence[str] = ("trai
 # Registered at import with the default arguments (reads nothing); get_task() re-registers with gin's.
 register_c4_span_corruption()
 register_local_text_task()
+for _benchmark in GLUE_LABELS:
+  register_glue_task(_benchmark)
