@@ -1,5 +1,6 @@
 """Tests for topk_transformers/data/vision.py and data/digits.py: tfds pipelines, padding, label noise."""
 
+import dataclasses
 import math
 import os
 
@@ -263,3 +264,93 @@ def test_bad_settings(kw):
 def test_bad_shard(digits_dir):
   with pytest.raises(ValueError, match="shard_id"):
     _digits(digits_dir).get_dataset("test", 8, shard_id=2, num_shards=2)
+
+
+# ---- augmentation against eval preprocessing, and label noise across dense and Top-k runs
+
+
+def _windows(image, pad):
+  """Every ``size x size`` window of ``image`` zero-padded by ``pad``, keyed by its offset (dy, dx)."""
+  size = image.shape[0]
+  padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+  return {(dy, dx): padded[dy:dy + size, dx:dx + size] for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)}
+
+
+@pytest.mark.parametrize("augment", ["random_crop", "random_crop_flip"])
+def test_random_crop_is_a_shifted_window_of_the_padded_image_mirrored_only_with_flip(augment):
+  size = 16
+  image = tf.constant(np.random.default_rng(0).random((size, size, 3)), tf.float32)
+  fn = tf.function(lambda seed: vision.augment_image(image, augment, size, seed))
+  eval_image = vision.resize_and_center_crop(image, size).numpy()
+  np.testing.assert_array_equal(eval_image, image.numpy())  # eval: the image itself at its own size
+  windows = _windows(image.numpy(), size // 8)
+  offsets, flips = [], []
+  for s in range(40):
+    out = fn(tf.constant([s, 7], tf.int64)).numpy()
+    hits = [(o, False) for o, w in windows.items() if np.array_equal(out, w)]
+    hits += [(o, True) for o, w in windows.items() if np.array_equal(out, w[:, ::-1])]
+    assert len(hits) == 1, f"seed {s}: not one window of the padded image"
+    offsets.append(hits[0][0])
+    flips.append(hits[0][1])
+  assert len(set(offsets)) >= 8  # 25 offsets for a pad of 2: the shift is random
+  assert np.mean([o != (2, 2) for o in offsets]) > 0.7  # mostly not the centred (eval) window
+  if augment == "random_crop_flip":
+    assert 0.2 < np.mean(flips) < 0.8
+  else:
+    assert not any(flips)
+  np.testing.assert_array_equal(fn(tf.constant([3, 7], tf.int64)).numpy(), fn(tf.constant([3, 7], tf.int64)).numpy())
+
+
+def test_inception_crop_differs_from_eval_and_none_is_the_eval_crop():
+  size = 16
+  image = tf.constant(np.random.default_rng(1).random((24, 32, 3)), tf.float32)
+  eval_image = vision.resize_and_center_crop(image, size).numpy()
+  none = vision.augment_image(image, "none", size, tf.constant([0, 0], tf.int64)).numpy()
+  np.testing.assert_array_equal(none, eval_image)
+  fn = tf.function(lambda seed: vision.augment_image(image, "inception_crop", size, seed))
+  outs = [fn(tf.constant([s, 1], tf.int64)).numpy() for s in range(12)]
+  assert all(o.shape == (size, size, 3) for o in outs)
+  assert all(np.abs(o - eval_image).max() > 0.05 for o in outs)  # random crops, not the centre crop
+  assert len({o.tobytes() for o in outs}) == len(outs)
+  # A crop of at most the whole image, resized: values stay within the image's range.
+  assert all(o.min() >= image.numpy().min() - 1e-6 and o.max() <= image.numpy().max() + 1e-6 for o in outs)
+
+
+def test_training_batches_are_shifted_crops_of_the_eval_images_of_the_same_examples(digits_dir):
+  ds = _digits(digits_dir, augment="random_crop", cache=True)
+  evals = _all(ds.get_dataset("train", 1437, shuffle=False, repeat=False))[0]
+  # Eval preprocessing: the normalized image, unshifted ([-1, 1], background -1).
+  clean = tfds.as_numpy(tfds.load("digits", split="train", data_dir=digits_dir, shuffle_files=False).batch(2000))
+  (raw,) = list(clean)
+  np.testing.assert_allclose(evals["image"], raw["image"] / 255.0 * 2 - 1, atol=1e-6)
+  batch = next(ds.get_dataset("train", 64, seed=1).as_numpy_iterator())
+  # The augmentation pads the [0, 1] image with zeros, i.e. with -1 after normalisation.
+  offsets = list(_windows(evals["image"][0], 1))
+  windows = np.stack([np.stack(list(_windows(e + 1.0, 1).values())) for e in evals["image"]])  # [N, 9, 8, 8, 1]
+  unshifted = 0
+  for image, label in zip(batch["image"], batch["label"]):
+    match = np.abs(windows - (image + 1.0)).max(axis=(2, 3, 4)) <= 1e-6  # [N, 9]
+    assert match.any(), "a training image that is no 1-pixel shift of any eval image"
+    assert np.any(evals["label"][np.flatnonzero(match.any(axis=1))] == label)
+    unshifted += bool(match[:, offsets.index((1, 1))].any())
+  assert unshifted < 0.5 * len(batch["image"])  # 1 in 9 offsets is the unshifted one
+
+
+def test_label_noise_changes_the_same_examples_in_dense_and_top_k_runs(digits_dir):
+  from topk_transformers import gin_utils, runs
+
+  labels = {}
+  for name, files in (("topk", ["vit/runs/cpu_smoke.gin"]), ("dense", ["vit/runs/cpu_smoke.gin", "vit/relu.gin"])):
+    gin_utils.configure(files, ["MODEL_DIR = '/nonexistent'", f"vision.ImageDataset.data_dir = '{digits_dir}'",
+                                "LABEL_NOISE = 0.4", "LABEL_NOISE_SEED = 3"])
+    model, dataset = gin_utils.get_macro("MODEL"), runs.build_from_gin("train.train.dataset")
+    assert (model.module.top_k is None) == (name == "dense")
+    batches = _all(dataset.get_dataset("train", 1437, shuffle=False, repeat=False))
+    labels[name] = _real(batches, "label")
+    clean = _real(_all(dataclasses.replace(dataset, label_noise=0.0).get_dataset(
+        "train", 1437, shuffle=False, repeat=False)), "label")
+  gin.clear_config()
+  np.testing.assert_array_equal(labels["topk"], labels["dense"])
+  changed = labels["topk"] != clean
+  expected = 0.4 * 0.9
+  assert abs(changed.mean() - expected) < 4 * math.sqrt(expected * (1 - expected) / len(clean))
