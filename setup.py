@@ -30,11 +30,17 @@ setup(
         "importlib_resources",  # tfds needs it to prepare datasets
         "numpy",
         "matplotlib",
+        "safetensors",  # Hugging Face checkpoints (t5/convert.py), read through numpy
+        "msgpack",  # T5X checkpoints
+        "tensorstore",
     ],
     extras_require={
         # The embedded defaults read data that these wheels ship (no download at run time).
         "demo": ["gensim>=4.3", "scikit-learn>=1.3"],
-        "test": ["pytest>=8", "gensim>=4.3", "scikit-learn>=1.3"],
+        # torch (CPU build from the local index) and transformers only check the checkpoint converters
+        # against Hugging Face's PyTorch T5; the library itself never imports them.
+        "test": ["pytest>=8", "gensim>=4.3", "scikit-learn>=1.3", "torch==2.13.0", "transformers==5.24.0",
+                 "safetensors"],
     },
     entry_points={
         "console_scripts": [
@@ -44,8 +50,11 @@ setup(
             "topk-sparsity=topk_transformers.commands.sparsity:main",
             "topk-model-info=topk_transformers.commands.model_info:main",
             "topk-bench-decode=topk_transformers.commands.bench_decode:main",
+            "topk-train-predictors=topk_transformers.commands.train_predictors:main",
             "topk-bench-train=topk_transformers.commands.bench_train:main",
             "topk-robustness-table=topk_transformers.commands.robustness_table:main",
+            "topk-convert=topk_transformers.commands.convert:main",
+            "topk-topk-sweep=topk_transformers.commands.topk_sweep:main",
         ],
     },
 )
