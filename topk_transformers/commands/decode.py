@@ -8,6 +8,9 @@ its vocabulary come from ``MODEL``). ``--checkpoint`` is a run directory (its
 newest step) or ``RUN_DIR/checkpoints/<step>``; only the params are read.
 Top-k models decode on the sparse path automatically at batch 1;
 ``--gin.network.T5Config.sparse_decode=False`` forces the dense path.
+``--predictors=RUN/predictors/r32.npz --candidates=256`` decodes on the predicted-neuron
+path (``topk-train-predictors`` writes them; ``--candidates`` sets
+``network.T5Config.decode_candidates``, which gin may also set).
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ def main(argv) -> int:
   p.add_argument("--max_decode_length", type=int, default=64)
   p.add_argument("--all_decodes", action="store_true", help="print every beam / sample, best first")
   p.add_argument("--json", default=None, help="also write the outputs here")
+  p.add_argument("--predictors", default=None, help="predictors file (topk-train-predictors) for predicted decoding")
+  p.add_argument("--candidates", type=int, default=None, help="candidate units per decoder MLP step with --predictors")
   args = p.parse_args(rest)
+  if args.candidates is not None:
+    bindings = [*bindings, f"network.T5Config.decode_candidates = {args.candidates}"]
   texts = list(args.input)
   if args.input_file:
     texts.extend(common.read_lines(args.input_file))
@@ -48,10 +55,15 @@ def main(argv) -> int:
   shapes = {"encoder_input_tokens": text.encode_texts(texts, model.input_vocabulary).shape,
             "decoder_input_tokens": (n, args.max_decode_length)}
   run = runs.load_run(args.checkpoint, model=model, input_shapes=shapes)
+  extra = {}
+  if args.predictors:
+    from topk_transformers import predictors  # pylint: disable=g-import-not-at-top
+
+    extra["predictors"] = predictors.restore(args.predictors, run.params)[0]
   out = text.decode_texts(run, texts, args.max_decode_length, all_decodes=args.all_decodes,
                           decode_method=args.method, num_decodes=args.num_decodes, alpha=args.alpha,
                           temperature=args.temperature, topk=args.topk, topp=args.topp,
-                          rng=jax.random.PRNGKey(args.seed))
+                          rng=jax.random.PRNGKey(args.seed), **extra)
   print(f"checkpoint step {out['step']}; {args.method} decoding of {n} input(s) in {out['seconds']:.2f}s "
         "(compilation included)")
   for result in out["results"]:
