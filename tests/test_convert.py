@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -237,7 +239,7 @@ def test_t5x_orbax_checkpoint_imports_the_same_params(tmp_path):
 # ----------------------------------------------------------------------------- the command and the run loader
 
 
-def test_convert_command_between_formats(hf_dirs, tmp_path, capsys):
+def test_convert_command_between_formats(hf_dirs, tmp_path, capsys, monkeypatch):
   model, path = hf_dirs["1.0"]
   (tmp_path / "spiece.model").write_bytes(b"not really a model")
   project = str(tmp_path / "project")
@@ -246,7 +248,8 @@ def test_convert_command_between_formats(hf_dirs, tmp_path, capsys):
   assert "wrote project checkpoint" in capsys.readouterr().out
   assert os.path.exists(os.path.join(project, "spiece.model"))
   back = str(tmp_path / "hf")
-  assert convert_cmd.main(["--to=hf", f"--input={project}", f"--output={back}"]) == 0  # --from=auto
+  monkeypatch.chdir(tmp_path)  # relative paths too
+  assert convert_cmd.main(["--to=hf", "--input=project", "--output=hf"]) == 0  # --from=auto
   assert os.path.exists(os.path.join(back, "spiece.model"))
   again = transformers.T5ForConditionalGeneration.from_pretrained(back).eval()
   enc, dec = tokens(2)
@@ -372,6 +375,15 @@ def test_missing_empty_and_corrupt_files(hf_dirs, tmp_path):
   with pytest.raises(ConfigError) as e:
     convert.from_t5x(str(tmp_path / "t5x_gone"))
   assert "token_embedder/embedding" in one_line(e) and "does not exist" in str(e.value)
+
+
+def test_convert_imports_neither_tensorflow_nor_seqio_nor_gin_nor_torch(hf_dirs):
+  code = ("import sys\n"
+          "from topk_transformers.t5 import convert\n"
+          f"convert.from_hf({hf_dirs['1.1'][1]!r})\n"
+          "print(' '.join(m for m in ('tensorflow', 'seqio', 'gin', 'torch') if m in sys.modules))\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == ""
 
 
 def test_convert_command_bad_input_is_one_line_and_exit_2(tmp_path, capsys):

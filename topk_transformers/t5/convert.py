@@ -386,8 +386,15 @@ def from_hf(path: str) -> Tuple[network.T5Config, Params]:
     raise ConfigError(f"Hugging Face checkpoint {path} "
                       f"{'is not a directory' if os.path.exists(path) else 'does not exist'}")
   config_path = os.path.join(path, "config.json")
-  config = hf_config_to_t5(_read_json(config_path, "Hugging Face config"), config_path)
-  return config, hf_state_to_params(read_hf_state(path), config, path)
+  hf = _read_json(config_path, "Hugging Face config")
+  config = hf_config_to_t5(hf, config_path)
+  state = read_hf_state(path)
+  if (not config.logits_via_embedding and "lm_head.weight" not in state and "shared.weight" in state
+      and hf.get("tie_word_embeddings", True)):
+    # transformers >= 5 ties lm_head to the embedding unless the weights say otherwise, and then saves
+    # only shared.weight (with scale_decoder_outputs false): the unscaled output layer is the embedding.
+    state = dict(state, **{"lm_head.weight": state["shared.weight"]})
+  return config, hf_state_to_params(state, config, path)
 
 
 def to_hf(config: network.T5Config, params: Mapping[str, Any], path: str, vocabulary: Optional[str] = None) -> str:
@@ -480,6 +487,13 @@ def _restore_orbax_numpy(path: str, what: str) -> Mapping[str, Any]:
   """A whole orbax PyTree checkpoint as NumPy arrays."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
+  path = path if "://" in path else os.path.abspath(path)  # orbax takes absolute paths only
+
+  import logging  # pylint: disable=g-import-not-at-top
+
+  absl_logger = logging.getLogger("absl")  # orbax warns that a bare PyTree has no step metadata
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
       meta = ckptr.metadata(path)
@@ -490,6 +504,8 @@ def _restore_orbax_numpy(path: str, what: str) -> Mapping[str, Any]:
   except Exception as e:  # pylint: disable=broad-except  # orbax raises many types
     raise ConfigError(f"{what} {path} cannot be read ({type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
+  finally:
+    absl_logger.setLevel(level)
 
 
 def from_t5x(path: str, config: Optional[network.T5Config] = None) -> Tuple[network.T5Config, Params]:
