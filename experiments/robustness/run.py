@@ -360,8 +360,8 @@ def plot_curves(memo: Dict[Tuple[str, float, int], Dict[str, Any]], models: Sequ
     ax.grid(True, alpha=0.3)
   axes[0][0].set_ylabel("accuracy (%)")
   axes[0][-1].legend(fontsize="x-small")
-  fig.suptitle(f"ViT on digits: test accuracy (band: min-max over {len(seeds)} seeds) and training accuracy",
-               fontsize="medium")
+  fig.suptitle(f"ViT on digits: test accuracy (band: min-max over {len(seeds)} seeds)\n"
+               "and training accuracy on the noisy labels", fontsize="medium")
   fig.tight_layout()
   return plotting.save(fig, path)
 
