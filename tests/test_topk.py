@@ -347,3 +347,81 @@ def test_mlp_block_t5_and_vit_pass_top_k_method_down(acts):
       vit_params = jax.eval_shape(lambda: vit.init(jax.random.PRNGKey(0), image, train=False))
       counts = primitive_counts(lambda p: vit.apply(p, image, train=False), vit_params)
       assert counts == {n: 2 * c for n, c in one.items()}, (method, counts)  # "Test": 2 blocks
+
+
+def reference_order(x: np.ndarray, k: int, by_magnitude: bool = False) -> np.ndarray:
+  """``[..., k]`` positions in ``lax.top_k``'s order: score descending, ties by position (NaN-free rows)."""
+  score = np.abs(x.astype(np.float64)) if by_magnitude else x.astype(np.float64)
+  positive_zero = ((score == 0) & ~np.signbit(score)).astype(np.int8)
+  flat, pz = score.reshape(-1, x.shape[-1]), positive_zero.reshape(-1, x.shape[-1])
+  idx = np.arange(x.shape[-1])
+  order = np.stack([np.lexsort((idx, -pz[r], -flat[r]))[:k] for r in range(flat.shape[0])])
+  return order.reshape(*x.shape[:-1], k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("by_magnitude", [False, True], ids=["value", "magnitude"])
+def test_select_and_select_f32_return_the_reference_indices_in_order_and_signed_values(dtype, by_magnitude):
+  """On a 3-D input (the axis must be the last, not 1), NaN-free planted rows; approx: the same values."""
+  rows = planted(40, 13, dtype).astype(np.float32)
+  rows = np.where(np.isnan(rows), 2.5, rows)
+  x = jnp.asarray(np.stack([rows, rows[::-1] * -1.0]), dtype)  # [2, 7, 40]
+  want = reference_order(np.asarray(x), 13, by_magnitude)
+  for fn in (topk.select, topk.select_f32):
+    for method in ("exact", "threshold", "auto", "approx"):
+      values, idx = jax.jit(lambda x, f=fn, m=method: f(x, 13, m, by_magnitude=by_magnitude))(x)
+      assert values.dtype == x.dtype and idx.shape == (2, 7, 13)
+      np.testing.assert_array_equal(bits(values), bits(np.take_along_axis(np.asarray(x), np.asarray(idx), -1)))
+      if method == "approx":  # the same scores, ties in any order
+        score = np.abs(np.asarray(x, np.float64)) if by_magnitude else np.asarray(x, np.float64)
+        np.testing.assert_array_equal(np.sort(np.take_along_axis(score, np.asarray(idx), -1), -1),
+                                      np.sort(np.take_along_axis(score, want, -1), -1))
+      else:
+        np.testing.assert_array_equal(np.asarray(idx), want, err_msg=f"{fn.__name__} {method}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_sparse_matmul_equals_the_dense_product_of_the_scattered_values(dtype):
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((2, 3, 32)), dtype)
+  kernel = jnp.asarray(rng.standard_normal((32, 8)), jnp.float32)
+  values, idx = topk.select_f32(x, 5, "exact", by_magnitude=True)
+  dense = np.asarray(reference_topk(np.asarray(x).reshape(6, 32), 5, by_magnitude=True), np.float64)
+  want = (dense @ np.asarray(kernel, np.float64)).reshape(2, 3, 8)
+  got = jax.jit(lambda v, i, w: topk.sparse_matmul(v, i, w, dtype=jnp.float32))(values, idx, kernel)
+  assert got.dtype == jnp.float32 and got.shape == (2, 3, 8)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  default = jax.jit(topk.sparse_matmul)(values, idx, kernel)
+  assert default.dtype == x.dtype  # computed in the values' dtype unless told
+  np.testing.assert_allclose(np.asarray(default, np.float64), want, rtol=2e-2, atol=2e-2)
+  with pytest.raises(ValueError, match="2-D"):
+    topk.sparse_matmul(values, idx, kernel[None])
+  with pytest.raises(ValueError, match="same shape"):
+    topk.sparse_matmul(values, idx[..., :4], kernel)
+
+
+def test_bad_settings_are_one_line_config_errors():
+  for bad, match in ((0, "positive integer"), (-3, "positive integer"), (2.0, "float"), (True, "bool")):
+    with pytest.raises(topk.ConfigError, match=match):
+      topk.validate_top_k(bad)
+  for target in (0.0, -0.5, 1.5):
+    with pytest.raises(topk.ConfigError, match="top_k_recall_target must be in"):
+      topk.validate_top_k(4, "approx", target)
+  topk.validate_top_k(None)
+  topk.validate_top_k(1, "approx", 1.0)
+  with pytest.raises(topk.ConfigError, match="top_k_method must be one of"):
+    topk.validate_top_k(4, "sorted")
+
+
+def test_resolve_method_boundaries():
+  f32 = jnp.float32
+  assert topk.resolve_method("auto", (8, 2048), 64, f32, "cpu") == "threshold"  # 8 rows, 16384 scores
+  assert topk.resolve_method("auto", (7, 4096), 64, f32, "cpu") == "exact"  # too few rows
+  assert topk.resolve_method("auto", (8, 2047), 64, f32, "cpu") == "exact"  # too few scores
+  assert topk.resolve_method("auto", (2, 4, 2048), 64, f32, "cpu") == "threshold"  # rows: every leading axis
+  for gpu in ("gpu", "cuda", "rocm"):
+    assert topk.resolve_method("auto", (1, 64), 16, f32, gpu) == "exact"
+    assert topk.resolve_method("auto", (1, 64), 17, f32, gpu) == "threshold"
+  assert topk.resolve_method("auto", (1, 64), 4, jnp.float16, "tpu") == "threshold"
+  assert topk.resolve_method("auto", (1024, 2048), 64, jnp.bfloat16, "cpu") == "threshold"
+  assert topk.resolve_method("auto", (1024, 2048), 64, jnp.float64, "tpu") == "exact"

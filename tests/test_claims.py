@@ -1,0 +1,328 @@
+"""Claims the README makes that no other test pins: each test fails if its claim is false.
+
+- ``k >= d_ff`` keeps every unit and logs one line saying so (once per width);
+- ``t5/runs/pretrain_c4.gin`` loads and pins T5's recipe: Adafactor, the rsqrt
+  schedule, 2^19 steps, batch 128, packing, 512/114 tokens (no data is built);
+- ``SeqioDataset`` packs examples into rows with segment ids and positions, and
+  ``ShardInfo`` gives each host a disjoint slice that together cover the split;
+- ``KEEP_CHECKPOINTS`` keeps the newest N checkpoints and prunes the data-iterator
+  states of the others;
+- ``PARAMETER_SHARDING='2d'`` also shards parameters' ``embed`` axis over ``data``
+  (8 host devices, in a subprocess);
+- ``topk-train`` run as a console script exits 2 for a configuration mistake, 1
+  for a NaN loss or an unreadable checkpoint (one ``error:`` line each), and 143
+  after SIGTERM with the checkpoint written.
+"""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+from topk_transformers import checkpoints, gin_utils, runs, topk
+from topk_transformers.data import seqio_input
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+
+
+# ---------------------------------------------------------------------------
+# k >= d_ff
+# ---------------------------------------------------------------------------
+
+
+def test_k_at_least_d_ff_returns_the_input_and_logs_one_line(monkeypatch, caplog):
+  monkeypatch.setattr(topk, "_logged_noop", set())
+  x = jnp.arange(12.0).reshape(2, 6) - 4.0
+  with caplog.at_level(logging.INFO):
+    for k in (6, 6, 9):
+      assert topk.topk(x, k) is x
+    assert topk.topk(x, 5) is not x  # k < d_ff is a Top-k
+    assert not topk.is_active(None, 6) and not topk.is_active(6, 6) and topk.is_active(5, 6)
+  lines = [r.getMessage() for r in caplog.records if "keeps every unit" in r.getMessage()]
+  assert lines == ["top_k=6 >= mlp width 6: Top-k keeps every unit, the MLP is vanilla.",
+                   "top_k=9 >= mlp width 6: Top-k keeps every unit, the MLP is vanilla."]
+
+
+# ---------------------------------------------------------------------------
+# pretrain_c4.gin
+# ---------------------------------------------------------------------------
+
+
+def test_pretrain_c4_config_loads_and_pins_t5s_recipe():
+  try:
+    gin_utils.configure(["t5/t5_1_0/base.gin", "t5/topk.gin", "t5/runs/pretrain_c4.gin"],
+                        ["MODEL_DIR = '/nonexistent'"])
+    assert gin_utils.get_macro("TRAIN_STEPS") == 2 ** 19
+    assert gin_utils.get_macro("BATCH_SIZE") == 128
+    assert gin_utils.get_macro("KEEP_CHECKPOINTS") == 3
+    for name, value in (("batch_size", 128), ("train_steps", 2 ** 19), ("keep_checkpoints", 3)):
+      assert runs.build_from_gin(f"train.train.{name}") == value, name  # the macros reach the trainer
+    optimizer = gin.query_parameter("train.train.optimizer")
+    assert optimizer.selector == "optax.adafactor" and not optimizer.evaluate
+    assert (gin.query_parameter("optax.adafactor.decay_rate"), gin.query_parameter("optax.adafactor.factored"),
+            gin.query_parameter("optax.adafactor.multiply_by_parameter_scale"),
+            gin.query_parameter("optax.adafactor.clipping_threshold")) == (0.8, True, True, 1.0)
+    # T5's inverse square root schedule: 1/sqrt(max(step, 10^4)).
+    schedule = runs.build_from_gin("train.train.learning_rate")
+    for step, lr in ((0, 0.01), (10_000, 0.01), (40_000, 0.005), (2 ** 19, 2 ** -9.5)):
+      np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-6)
+    dataset = runs.build_from_gin("train.train.dataset")
+    assert isinstance(dataset, seqio_input.SeqioDataset) and dataset.pack
+    assert dataset.mixture_or_task_name == "c4_span_corruption"
+    assert dataset.task_feature_lengths == {"inputs": 512, "targets": 114}
+    assert (dataset.train_split, dataset.eval_split) == ("train", "validation")
+    assert gin.query_parameter("tasks.register_c4_span_corruption.noise_density") == 0.15
+    assert gin.query_parameter("tasks.register_c4_span_corruption.mean_noise_span_length") == 3.0
+    model = gin_utils.get_macro("MODEL")
+    assert model.module.config.top_k is not None and model.module.config.emb_dim == 768
+    assert gin_utils.get_macro("PARAMETER_SHARDING") == "1d"
+  finally:
+    gin.clear_config()
+
+
+# ---------------------------------------------------------------------------
+# SeqioDataset: packing and ShardInfo
+# ---------------------------------------------------------------------------
+
+_EXAMPLES = [dict(inputs=[10 + i] * (2 + i % 3), targets=[50 + i] * (1 + i % 2)) for i in range(12)]
+
+
+def _register_toy_task():
+  name = "claims_toy_task"
+  seqio.TaskRegistry.remove(name)
+
+  def dataset_fn(split, shuffle_files, seed=None):
+    del split, shuffle_files, seed
+    return tf.data.Dataset.from_generator(
+        lambda: iter(_EXAMPLES), output_signature={"inputs": tf.TensorSpec([None], tf.int32),
+                                                  "targets": tf.TensorSpec([None], tf.int32)})
+
+  vocab = seqio.PassThroughVocabulary(size=128, eos_id=1)
+  seqio.TaskRegistry.add(
+      name, source=seqio.FunctionDataSource(dataset_fn, splits=["train", "validation"]),
+      preprocessors=[seqio.preprocessors.append_eos_after_trim],
+      output_features={"inputs": seqio.Feature(vocab, add_eos=True), "targets": seqio.Feature(vocab, add_eos=True)})
+  return name
+
+
+def _segments(row, ids):
+  """The token lists of the packed segments of one row (padding dropped)."""
+  return [row[ids == s].tolist() for s in range(1, int(ids.max()) + 1)]
+
+
+def test_seqio_dataset_packs_examples_and_shards_them_disjointly_over_hosts():
+  name = _register_toy_task()
+  try:
+    lengths = {"inputs": 12, "targets": 6}
+    seen = {}
+    for shard in range(2):
+      ds = seqio_input.SeqioDataset(name, lengths, pack=True)
+      batches = list(ds.get_dataset("train", 4, shard_id=shard, num_shards=2, shuffle=False,
+                                    repeat=False).as_numpy_iterator())
+      examples = []
+      for b in batches:
+        assert b["encoder_input_tokens"].shape == (4, 12) and b["decoder_target_tokens"].shape == (4, 6)
+        for r in range(4):
+          enc, enc_ids = b["encoder_input_tokens"][r], b["encoder_segment_ids"][r]
+          tgt, tgt_ids = b["decoder_target_tokens"][r], b["decoder_segment_ids"][r]
+          if not enc_ids.any():
+            continue  # a padding row of the last batch
+          # positions restart at 0 in every segment; the decoder input is the target shifted within it
+          for s in range(1, int(enc_ids.max()) + 1):
+            np.testing.assert_array_equal(b["encoder_positions"][r][enc_ids == s], np.arange((enc_ids == s).sum()))
+            dec_in = b["decoder_input_tokens"][r][tgt_ids == s]
+            np.testing.assert_array_equal(dec_in, np.concatenate([[0], tgt[tgt_ids == s][:-1]]))
+          examples += list(zip(map(tuple, _segments(enc, enc_ids)), map(tuple, _segments(tgt, tgt_ids))))
+        assert b["encoder_segment_ids"].max() >= 2  # several examples share a row
+      seen[shard] = examples
+    want = {(tuple(e["inputs"] + [1]), tuple(e["targets"] + [1])) for e in _EXAMPLES}  # EOS appended
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(want)
+    assert abs(len(seen[0]) - len(seen[1])) <= 1
+    unpacked = next(seqio_input.SeqioDataset(name, lengths, pack=False).get_dataset(
+        "train", 4, shuffle=False, repeat=False).as_numpy_iterator())
+    assert "encoder_segment_ids" not in unpacked
+  finally:
+    seqio.TaskRegistry.remove(name)
+
+
+# ---------------------------------------------------------------------------
+# KEEP_CHECKPOINTS
+# ---------------------------------------------------------------------------
+
+
+def test_keep_checkpoints_prunes_old_steps_and_their_data_iterator_states(tmp_path):
+  manager = checkpoints.CheckpointManager(str(tmp_path), keep=2, async_save=False)
+  state = {"w": jnp.arange(4.0)}
+  it = iter(tf.data.Dataset.range(100))
+  for step in (1, 2, 3, 4):
+    next(it)
+    manager.save(step, jax.tree_util.tree_map(lambda a, s=step: a + s, state), data_iterator=it)
+  manager.wait_until_finished()
+  assert sorted(manager.all_steps()) == [3, 4]
+  assert sorted(os.listdir(tmp_path / "checkpoints_data")) == ["3", "4"]
+  assert sorted(n for n in os.listdir(tmp_path / "checkpoints") if n.isdigit()) == ["3", "4"]
+  manager.close()
+  resumed = iter(tf.data.Dataset.range(100))
+  restored = checkpoints.CheckpointManager(str(tmp_path), keep=2, async_save=False).restore_latest(
+      jax.eval_shape(lambda: state), {"w": jax.sharding.SingleDeviceSharding(jax.devices()[0])},
+      data_iterator=resumed)
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4.0) + 4)
+  assert int(next(resumed)) == 4  # four elements were consumed before step 4's save
+  unlimited = checkpoints.CheckpointManager(str(tmp_path / "all"), keep=None, async_save=False)
+  for step in (1, 2, 3, 4):
+    unlimited.save(step, state, data_iterator=it)
+  unlimited.wait_until_finished()
+  assert sorted(unlimited.all_steps()) == [1, 2, 3, 4]
+  assert sorted(os.listdir(tmp_path / "all" / "checkpoints_data")) == ["1", "2", "3", "4"]
+
+
+# ---------------------------------------------------------------------------
+# PARAMETER_SHARDING='2d'
+# ---------------------------------------------------------------------------
+
+_SHARDING_2D = textwrap.dedent(r"""
+    import json
+    import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+    from topk_transformers import partitioning
+    from topk_transformers.t5 import network
+
+    assert jax.device_count() == 8, jax.devices()
+    cfg = network.T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, num_encoder_layers=1,
+                           num_decoder_layers=1, mlp_dim=32, dropout_rate=0.0, top_k=4)
+    model = network.Transformer(cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(2, 64, (8, 6)), jnp.int32)
+    boxed = model.init(jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False)["params"]
+    forward = lambda p, t: model.apply({"params": p}, t, t, t, enable_dropout=False)
+    out = {}
+    for mode in ("1d", "2d"):
+      part = partitioning.Partitioner(num_partitions=2, parameter_sharding=mode)
+      params = jax.device_put(nn.meta.unbox(boxed), part.logical_shardings(boxed))
+      wi = params["encoder"]["layers_0"]["mlp"]["wi"]["kernel"]
+      emb = params["token_embedder"]["embedding"]
+      logits = jax.jit(forward)(params, jax.device_put(tokens, part.data_sharding(2)))
+      out[mode] = dict(wi_spec=[str(a) for a in wi.sharding.spec], wi_shard=list(wi.addressable_shards[0].data.shape),
+                       emb_spec=[str(a) for a in emb.sharding.spec], logits=np.asarray(logits).tolist())
+    out["single"] = np.asarray(jax.jit(forward)(nn.meta.unbox(boxed), tokens)).tolist()
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_parameter_sharding_2d_shards_the_embed_axis_over_data_on_8_devices():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _SHARDING_2D], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+  r = json.loads(lines[-1][len("RESULT "):])
+  assert r["1d"]["wi_spec"] == ["None", "model"] and r["1d"]["wi_shard"] == [16, 16]
+  assert r["2d"]["wi_spec"] == ["data", "model"] and r["2d"]["wi_shard"] == [4, 16]  # embed 16 over data 4
+  assert r["1d"]["emb_spec"] == ["model", "None"] and r["2d"]["emb_spec"] == ["model", "data"]
+  for mode in ("1d", "2d"):
+    np.testing.assert_allclose(r[mode]["logits"], r["single"], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# topk-train's exit statuses, as a console script
+# ---------------------------------------------------------------------------
+
+_TOY_GIN = """
+from __gin__ import dynamic_registration
+import optax
+import toy
+from topk_transformers import train
+
+NAN_AT_STEP = None
+toy.ToyModel.nan_at_step = %NAN_AT_STEP
+train.train:
+  model = @toy.ToyModel()
+  dataset = @toy.ToyDataset()
+  model_dir = %MODEL_DIR
+  train_steps = %TRAIN_STEPS
+  batch_size = 32
+  optimizer = @optax.adam
+  learning_rate = @train.rsqrt_schedule()
+  eval_period = 0
+  log_period = 1
+  checkpoint_period = 2
+"""
+
+
+def _train_command():
+  exe = shutil.which("topk-train", path=os.path.dirname(sys.executable))
+  assert exe, "topk-train is not installed next to this Python (pip install -e .)"
+  return exe
+
+
+def _env():
+  return dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]), JAX_PLATFORMS="cpu")
+
+
+def _errors(stderr):
+  return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.slow
+def test_train_command_exit_statuses_in_a_subprocess(tmp_path):
+  gin_file = tmp_path / "toy.gin"
+  gin_file.write_text(_TOY_GIN)
+  run_dir = tmp_path / "run"
+  base = [_train_command(), f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{run_dir}'"]
+  run = lambda *extra: subprocess.run(base + list(extra), cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                                      timeout=600)
+
+  # A configuration mistake: 2, one line, no traceback.
+  proc = run("--gin.TRAIN_STEPS=4", "--gin.train.train.no_such_setting=1")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert len(_errors(proc.stderr)) == 1 and "Traceback" not in proc.stderr
+
+  # A NaN loss at step 5: 1, naming the step and the last good checkpoint.
+  proc = run("--gin.TRAIN_STEPS=10", "--gin.NAN_AT_STEP=5")
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  (line,) = _errors(proc.stderr)
+  assert "at step 5" in line and "last good checkpoint is step 4" in line, line
+
+  # An unreadable newest checkpoint: 1, naming it; nothing is deleted.
+  for root, _, names in os.walk(run_dir / "checkpoints" / "4"):
+    for name in names:
+      with open(os.path.join(root, name), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(root, name)) // 2)
+  proc = run("--gin.TRAIN_STEPS=10")
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  (line,) = _errors(proc.stderr)
+  assert "4" in line and "Traceback" not in proc.stderr, line
+  assert (run_dir / "checkpoints" / "4").exists()
+
+  # SIGTERM: the checkpoint is written, then 143.
+  fresh = tmp_path / "fresh"
+  cmd = [_train_command(), f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{fresh}'", "--gin.TRAIN_STEPS=100000",
+         "--gin.train.train.checkpoint_period=100000"]
+  proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 300
+    for out in proc.stdout:  # progress lines: "step N/100000 | loss ..."
+      if out.startswith("step ") and not out.startswith("step 1/") or time.time() > deadline:
+        break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 143, err[-2000:]
+  steps = [int(n) for n in os.listdir(fresh / "checkpoints") if n.isdigit()]
+  assert steps and max(steps) >= 2, steps
