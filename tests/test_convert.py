@@ -26,7 +26,7 @@ K = 16
 VERSIONS = {"1.0": ("relu", True), "1.1": ("gated-gelu", False)}
 
 
-def hf_model(version: str, seed: int = 0):
+def hf_model(version: str, seed: int = 0, own_lm_head: bool = True):
   """A tiny transformers T5 with random weights of unit-ish scale (so Top-k and ties matter)."""
   proj, tied = VERSIONS[version]
   torch.manual_seed(seed)
@@ -36,7 +36,7 @@ def hf_model(version: str, seed: int = 0):
   with torch.no_grad():
     for p in model.parameters():
       p.normal_(0.0, 0.5)
-  if not tied:  # transformers 5 ties lm_head at construction; v1.1 has its own
+  if not tied and own_lm_head:  # transformers 5 ties lm_head at construction; v1.1 has its own
     model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, D))
   return model
 
@@ -110,6 +110,16 @@ def test_hf_import_logits_equal_transformers(hf_dirs, version, top_k, monkeypatc
   if top_k:
     assert float(np.max(np.abs(ref - dense))) > 1e-2 * float(np.max(np.abs(dense)))  # Top-k changes the logits
   assert_logits_close(ours(config, params, enc, dec), ref)
+
+
+def test_v11_saved_by_transformers_5_with_lm_head_tied_imports_its_logits(tmp_path):
+  # transformers 5 ties a new v1.1's lm_head to shared.weight and saves shared.weight only (unscaled logits).
+  model = hf_model("1.1", seed=2, own_lm_head=False)
+  model.save_pretrained(tmp_path)
+  config, params = convert.from_hf(str(tmp_path))
+  assert not config.logits_via_embedding
+  enc, dec = tokens(3)
+  assert_logits_close(ours(config, params, enc, dec), theirs(model, enc, dec))
 
 
 def test_sharded_safetensors_and_pytorch_bin_import_the_same(hf_dirs, tmp_path):
