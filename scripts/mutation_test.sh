@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Mutation testing (mutmut 3) of the modules whose silent bugs would corrupt every result.
+#
+#   pip install -e '.[mutation]'
+#   nice -n 10 scripts/mutation_test.sh topk        # or: mlp, loss, decoding, all
+#   scripts/mutation_test.sh topk results           # list the surviving mutants again
+#   MUTMUT_FILTER='topk_transformers.topk.x_select*' scripts/mutation_test.sh topk   # some functions only
+#   (cd .mutation/topk && mutmut show <mutant name>)
+#
+# Each target mutates one module (only the named functions count for "mlp" and "decoding")
+# and runs a fast selection of tests against every mutant. The work happens in a copy of
+# the sources under .mutation/<target>/ (git-ignored), so the working tree is never
+# edited. Not part of CI: a full run takes from minutes (loss) to hours (topk) on 2 cores.
+# The survivors, each with why it is acceptable, are in docs/mutation_testing.md.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TARGET="${1:-topk}"
+ACTION="${2:-run}"
+CHILDREN="${MUTMUT_CHILDREN:-2}"
+
+case "$TARGET" in
+  topk)
+    MODULE=topk_transformers/topk.py
+    FILTER=""
+    TESTS="tests/test_topk.py tests/test_claims.py::test_k_at_least_d_ff_returns_the_input_and_logs_one_line"
+    TESTS="$TESTS -k 'not host_mesh and not pass_top_k_method_down and not sown_statistics and not bf16'" ;;
+  mlp)
+    MODULE=topk_transformers/layers.py
+    FILTER="topk_transformers.layers.x*MlpBlock*"
+    TESTS="tests/test_mlp_oracle.py tests/test_sparse_decoding.py" ;;
+  loss)
+    MODULE=topk_transformers/t5/model.py
+    FILTER=""
+    TESTS="tests/test_loss.py" ;;
+  decoding)
+    MODULE=topk_transformers/decoding.py
+    FILTER="topk_transformers.decoding.x*filter_logits* topk_transformers.decoding.x*temperature_sample*
+            topk_transformers.decoding.x*beam_search* topk_transformers.decoding.x*brevity_penalty*"
+    TESTS="tests/test_sampling.py tests/test_decoding.py -k 'not t5 and not command and not predict_batch'" ;;
+  all)
+    for t in topk mlp loss decoding; do "$0" "$t" "$ACTION"; done
+    exit 0 ;;
+  *)
+    echo "usage: $0 {topk|mlp|loss|decoding|all} [run|results]" >&2
+    exit 2 ;;
+esac
+
+FILTER="${MUTMUT_FILTER:-$FILTER}"  # e.g. MUTMUT_FILTER='topk_transformers.topk.x_topk*' for one function
+WORK="$ROOT/.mutation/$TARGET"
+if [[ "$ACTION" == "results" ]]; then
+  cd "$WORK" && exec mutmut results
+fi
+
+mkdir -p "$WORK"
+# A fresh copy of the sources and tests (mutmut keeps its results in $WORK/mutants/ and
+# re-tests only what changed).
+rm -rf "$WORK/topk_transformers" "$WORK/tests" "$WORK/configs"
+cp -r "$ROOT/topk_transformers" "$ROOT/tests" "$ROOT/configs" "$ROOT/pytest.ini" "$WORK/"
+find "$WORK" -path "$WORK/mutants" -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# mutmut reads its settings from setup.cfg in the directory it runs in. Pytest arguments are
+# one per line; the -k expression is split by the shell-like eval below.
+{
+  echo "[mutmut]"
+  echo "source_paths = topk_transformers"
+  echo "only_mutate = $MODULE"
+  echo "also_copy ="
+  echo "  configs"
+  echo "  pytest.ini"
+  echo "pytest_add_cli_args ="
+  echo "  -p"
+  echo "  no:cacheprovider"
+  echo "  -m"
+  echo "  not slow"
+  echo "pytest_add_cli_args_test_selection ="
+  eval "set -- $TESTS"
+  for arg in "$@"; do echo "  $arg"; done
+  # Workers fork from a server that has only imported these (JAX and TensorFlow are not
+  # fork-safe once they have run anything: forked from mutmut's own process they hang).
+  echo "process_isolation = forkserver"
+  echo "forkserver_warmup = import"
+  echo "preload_modules_file = preload_modules.txt"
+  echo "timeout_multiplier = 4.0"
+  echo "timeout_constant = 60.0"
+} > "$WORK/setup.cfg"
+printf '%s\n' numpy scipy.stats pytest jax jax.numpy flax.linen optax tensorflow seqio > "$WORK/preload_modules.txt"
+
+cd "$WORK"
+# Mutants that leave the compiled program unchanged reuse it from the persistent cache.
+export JAX_PLATFORMS=cpu
+export JAX_COMPILATION_CACHE_DIR="$WORK/jax_cache"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+# shellcheck disable=SC2086  # FILTER is a list of globs over mutant names
+mutmut run --max-children "$CHILDREN" $FILTER || true
+mutmut results
