@@ -164,10 +164,17 @@ def test_decode_benchmark_writes_json_and_plot(tmp_path):
 
   out, png = tmp_path / "bench.json", tmp_path / "bench.png"
   assert bench_decode.main(["--sizes=tiny", "--k=16", "--steps=2", "--reps=2", "--num_layers=1", f"--json={out}",
-                            f"--plot={png}"]) == 0
+                            f"--plot={png}", "--predicted", "--predictor_rank=4", "--candidates=32"]) == 0
   result = json.loads(out.read_text())
   assert result["machine"]["platform"] == jax.devices()[0].platform and result["machine"]["cores"] >= 1
-  dense, sparse = result["results"]
+  dense, sparse, predicted = result["results"]
+  assert (predicted["variant"], predicted["predictor_rank"], predicted["candidates"]) == ("predicted", 4, 32)
+  # Predicted: the rank-4 predictor (a [64, 4], b [4, 256]), 32 rows of wi, 16 rows of wo.
+  per_layer_predicted = 6 * 64 * 64 + 4 * (64 + 256) + 32 * 64 + 16 * 64 + 3 * 64
+  assert predicted["weight_bytes_per_token"] == 4 * (per_layer_predicted + 2 * 64 + 32128 * 64)
+  assert predicted["bound"] == pytest.approx(dense["weight_bytes_per_token"] / predicted["weight_bytes_per_token"])
+  assert predicted["speedup"] == pytest.approx(dense["s_per_token"] / predicted["s_per_token"])
+  assert "once per input" in result["counted"] and len(dense["load_average_after_timing"]) == 3
   assert (dense["variant"], sparse["variant"], sparse["k"]) == ("dense", "sparse", 16)
   assert sparse["tokens_match_dense_topk"] and dense["truncated"] and dense["num_decoder_layers"] == 1
   # tiny: d=64, 2 heads x 32, d_ff=256, vocab 32128, one decoder layer, float32. Per layer: 4 self-attention and
@@ -185,3 +192,4 @@ def test_decode_benchmark_writes_json_and_plot(tmp_path):
   # A bad flag is one line and exit 2, before anything is built.
   assert bench_decode.main(["--sizes=huge"]) == 2
   assert bench_decode.main(["--sizes=tiny", "--k=0"]) == 2
+  assert bench_decode.main(["--sizes=tiny", "--k=16", "--predicted", "--candidates=8"]) == 2  # c < k
