@@ -425,3 +425,12 @@ def test_resolve_method_boundaries():
   assert topk.resolve_method("auto", (1, 64), 4, jnp.float16, "tpu") == "threshold"
   assert topk.resolve_method("auto", (1024, 2048), 64, jnp.bfloat16, "cpu") == "threshold"
   assert topk.resolve_method("auto", (1024, 2048), 64, jnp.float64, "tpu") == "exact"
+
+
+def test_defaults_rank_by_value_with_the_default_method():
+  x = jnp.asarray([[-5.0, 1.0, 4.0, -0.5, 3.0, -2.0]])  # by magnitude, -5 would be kept
+  np.testing.assert_array_equal(topk.topk(x, 2), [[0, 0, 4.0, 0, 3.0, 0]])
+  for fn in (topk.select, topk.select_f32):
+    values, idx = fn(x, 2)
+    np.testing.assert_array_equal(idx, [[2, 4]])
+    np.testing.assert_array_equal(values, [[4.0, 3.0]])
