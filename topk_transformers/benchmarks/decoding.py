@@ -87,7 +87,7 @@ COUNTED = ("weights read per decoder step: self-attention q,k,v,o; cross-attenti
            "each wi branch and k rows of wo; layer norms; embedding row; logits matrix")
 DEFAULT_RANK = 32
 """``--predictor_rank``'s default (the README's headline setting)."""
-DEFAULT_CANDIDATES = 512
+DEFAULT_CANDIDATES = 256
 """``--candidates``' default (the README's headline setting)."""
 
 
