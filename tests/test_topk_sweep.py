@@ -37,7 +37,8 @@ def test_sweep_command_on_an_imported_dense_model(tmp_path, capsys):
   transformers.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "hf")
   config, params = convert.from_hf(str(tmp_path / "hf"))
   convert.save_project(config, params, str(tmp_path / "project"))
-  argv = ["--gin_file=t5/t5_1_0/tiny.gin", "--gin_file=t5/runs/finetune.gin",
+  # topk.gin sets the run's own TOP_K (8): the sweep's dense row must still be dense.
+  argv = ["--gin_file=t5/t5_1_0/tiny.gin", "--gin_file=t5/topk.gin", "--gin_file=t5/runs/finetune.gin", "--gin.TOP_K=8",
           "--gin.MIXTURE_OR_TASK_NAME='glue_sst2_v2'", f"--gin.VOCABULARY_PATH='{spm}'", "--gin.EXTRA_IDS=100",
           f"--gin.TFDS_DATA_DIR='{tmp_path}'", "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
           "--gin.NUM_EMBEDDINGS=256", "--gin.network.T5Config.emb_dim=32", "--gin.network.T5Config.num_heads=4",

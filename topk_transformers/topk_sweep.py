@@ -63,7 +63,8 @@ def sweep(run: Any, ks: Sequence[int], split: Optional[str] = None, eval_steps: 
   split = split or run.dataset.eval_split
   rows: List[Dict[str, Any]] = []
   for k in [None] + ks:
-    variant = run if k is None else dataclasses.replace(run, model=with_top_k(run.model, k), _eval_step=None)
+    # The dense row is dense whatever Top-k the run's own config sets.
+    variant = dataclasses.replace(run, model=with_top_k(run.model, k), _eval_step=None)
     start = time.time()
     result = variant.evaluate(split, eval_steps)
     percent = result.sparsity.percent_nonzero()
