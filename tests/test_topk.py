@@ -434,3 +434,15 @@ def test_defaults_rank_by_value_with_the_default_method():
     values, idx = fn(x, 2)
     np.testing.assert_array_equal(idx, [[2, 4]])
     np.testing.assert_array_equal(values, [[4.0, 3.0]])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_scatter_writes_each_value_at_its_index_on_a_3d_input(dtype):
+  rng = np.random.default_rng(6)
+  values = jnp.asarray(rng.standard_normal((2, 3, 4)), dtype)  # k = 4, unlike every other axis
+  idx = jnp.asarray(np.stack([rng.permutation(7)[:4] for _ in range(6)]).reshape(2, 3, 4), jnp.int32)
+  got = jax.jit(lambda v, i: topk.scatter(v, i, 7))(values, idx)
+  want = np.zeros((2, 3, 7), np.float32)
+  np.put_along_axis(want, np.asarray(idx), np.asarray(values, np.float32), -1)
+  assert got.dtype == dtype and got.shape == (2, 3, 7)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), want)
