@@ -514,7 +514,11 @@ def plot_scale_long(rows: List[dict], path: str) -> str:
       for r, y in zip(rs, ys):
         right.annotate(r["size"], (r["final_eval_loss"], y), fontsize="x-small", textcoords="offset points",
                        xytext=(3, 3))
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+
   left.set_xscale("log")
+  left.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+  left.xaxis.set_minor_formatter(ticker.NullFormatter())
   left.set_xlabel("parameters (millions)")
   left.set_ylabel("% nonzero on held-out data (mean over layers)")
   right.set_xlabel("held-out loss (final evaluation)")
