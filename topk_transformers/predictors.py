@@ -29,7 +29,6 @@ import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
