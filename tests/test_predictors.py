@@ -182,3 +182,21 @@ def test_decode_candidates_is_validated():
     t5(V10, K - 1)
   with pytest.raises(ConfigError, match="positive integer"):
     t5(V10, 0)
+
+
+def test_quality_report_scores_through_the_decoding_step():
+  from topk_transformers import predictor_training  # pylint: disable=g-import-not-at-top
+
+  module = t5(V10)
+  params = t5_params(module)
+  dec_in = jnp.array([[0, 3, 4, 5, 6], [0, 7, 8, 9, 2]], jnp.int32)
+  stepped = predictor_training.forced_step_logits(module, params, None, ENC, dec_in)
+  forced = module.apply({"params": params}, ENC, dec_in, jnp.ones_like(dec_in), enable_dropout=False)
+  np.testing.assert_allclose(stepped, forced, rtol=1e-4, atol=1e-4)
+  # The recall of a perfect predictor is 1; of c = k random candidates, about k / d_ff.
+  x = jnp.asarray(np.random.RandomState(0).randn(200, D), jnp.float32)
+  wi = jnp.asarray(predictors.mlp_kernels(params)["layers_0"])
+  assert float(jnp.mean(predictor_training._recall(x, wi, jnp.eye(D), wi, acts=V10, k=K, c=K))) == 1.0
+  rand = predictors.layers_of(predictors.random_predictors(params, 3, seed=0))["layers_0"]
+  low = float(jnp.mean(predictor_training._recall(x, wi, rand["a"], rand["b"], acts=V10, k=K, c=K)))
+  assert low < 0.5
