@@ -446,3 +446,23 @@ def test_scatter_writes_each_value_at_its_index_on_a_3d_input(dtype):
   np.put_along_axis(want, np.asarray(idx), np.asarray(values, np.float32), -1)
   assert got.dtype == dtype and got.shape == (2, 3, 7)
   np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+
+
+def test_topk_and_select_check_their_settings_and_pass_the_recall_target_on():
+  x = jnp.ones((2, 8))
+  with pytest.raises(topk.ConfigError, match="top_k must be a positive integer"):
+    topk.topk(x, 0)
+  with pytest.raises(topk.ConfigError, match="top_k_recall_target must be in"):
+    topk.topk(x, 2, "approx", recall_target=1.5)
+  with pytest.raises(ValueError, match="top_k_method must be one of"):
+    topk.select(x, 2, "sorted")
+
+  def recall_targets(fn):
+    eqns = [e for e in jax.make_jaxpr(fn)(x).jaxpr.eqns if e.primitive.name == "approx_top_k"]
+    eqns += [e for outer in jax.make_jaxpr(fn)(x).jaxpr.eqns for sub in jax.core.jaxprs_in_params(outer.params)
+             for e in sub.eqns if e.primitive.name == "approx_top_k"]
+    return [e.params["recall_target"] for e in eqns]
+
+  assert recall_targets(lambda x: topk.topk(x, 2, "approx", recall_target=0.7)) == [0.7]
+  assert recall_targets(lambda x: topk.select(x, 2, "approx", recall_target=0.6)[0]) == [0.6]
+  assert recall_targets(lambda x: topk.select_f32(x, 2, "approx", recall_target=0.5)[0]) == [0.5]
