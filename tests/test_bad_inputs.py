@@ -259,3 +259,19 @@ def test_resume_option_is_a_gin_binding_of_train():
                     "from topk_transformers import train",
                     "train.train.resume_from_readable = True"])
   assert "resume_from_readable = True" in gin.config_str()
+
+
+def test_restore_params_takes_a_relative_checkpoint_path(tmp_path, monkeypatch):
+  """``--checkpoint=runs/x`` as a user types it: orbax itself accepts absolute paths only."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  params = {"w": jnp.arange(6.0).reshape(2, 3)}
+  mngr = ocp.CheckpointManager(str(tmp_path / "run" / "checkpoints"), item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  mngr.save(7, args=ocp.args.Composite(state=ocp.args.PyTreeSave({"params": params, "step": 7})))
+  mngr.wait_until_finished()
+  mngr.close()
+  monkeypatch.chdir(tmp_path)
+  abstract = {"w": jax.ShapeDtypeStruct((2, 3), jnp.float32)}
+  restored, step = checkpoints.restore_params("run", abstract, {"w": None})
+  assert step == 7
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(params["w"]))

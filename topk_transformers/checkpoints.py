@@ -284,6 +284,8 @@ class CheckpointManager:
 def locate(path: str) -> tuple:
   """``(checkpoints_dir, step)`` for a run directory (its latest step) or one step's directory."""
   path = path.rstrip("/")
+  if "://" not in path:
+    path = os.path.abspath(path)  # orbax takes absolute paths only; a user types relative ones
   base = os.path.basename(path)
   if base.isdigit() and tf.io.gfile.isdir(path):
     return os.path.dirname(path), int(base)
