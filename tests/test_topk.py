@@ -176,6 +176,11 @@ def test_resolve_method_rule():
   for method in ("exact", "approx", "threshold"):
     assert topk.resolve_method(method, big, 128, jnp.float32, "cpu") == method
   assert topk.DEFAULT_METHOD == "auto" and layers.MlpBlock().top_k_method == "auto"
+  from topk_transformers.t5 import network as t5_network  # pylint: disable=g-import-not-at-top
+  from topk_transformers.vit import network as vit_network  # pylint: disable=g-import-not-at-top
+  assert vit_network.ViT().top_k_method == "auto"  # the module default, as in the gin configs
+  assert t5_network.T5Config(vocab_size=8, emb_dim=4, num_heads=1, num_encoder_layers=1, num_decoder_layers=1, head_dim=4,
+                              mlp_dim=8).top_k_method == "auto"
   with pytest.raises(ValueError, match="top_k_method"):
     topk.topk(jnp.ones((2, 8)), 2, "sort")
 

@@ -162,7 +162,9 @@ class ViT(nn.Module):
     variant: ``"<size>/<patch>"``, size one of ``VARIANTS`` (``"Ti/16"``, ``"B/16"``, ``"H/14"``...).
     num_classes: outputs of the classifier head.
     top_k: hidden units kept per token in every MLP (the paper's Top-k); ``None`` is the vanilla MLP.
-    top_k_method: ``"exact"`` (``lax.top_k``) or ``"approx"`` (``lax.approx_max_k``).
+    top_k_method: ``"auto"`` (the default, as in T5: the faster exact method, see
+      ``topk.resolve_method``), ``"threshold"``, ``"exact"`` (``lax.top_k``) or
+      ``"approx"`` (``lax.approx_max_k``).
     top_k_recall_target: recall of the approximate method.
     mlp_activation: ``"gelu"`` (ViT) or ``"relu"`` (the paper's sparse ViT).
     pool_type: ``"token"`` (class token) or ``"gap"`` (mean over patch tokens, no class token).
@@ -177,7 +179,7 @@ class ViT(nn.Module):
   variant: str = "B/16"
   num_classes: int = 1000
   top_k: Optional[int] = None
-  top_k_method: str = "exact"
+  top_k_method: str = topk_lib.DEFAULT_METHOD
   top_k_recall_target: float = topk_lib.DEFAULT_RECALL_TARGET
   mlp_activation: str = "gelu"
   pool_type: str = "token"
