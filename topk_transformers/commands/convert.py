@@ -8,7 +8,8 @@
 carries no config: it is inferred from the shapes, or taken from
 ``--gin_file``/``--gin.`` flags (the model's ``network.T5Config``), against
 which any input is also checked. A ``spiece.model`` next to the input goes
-with the output (``--vocabulary`` names another). T5X is read only.
+with the output (``--vocabulary`` names another). ``--to=t5x`` writes T5X's
+msgpack + zarr layout, parameters only.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def main(argv) -> int:
   gin_files, bindings, rest = common.gin_flags(argv, required=False)
   parser = common.ArgumentParser(prog="topk-convert", description=__doc__.splitlines()[0])
   parser.add_argument("--from", dest="src", default="auto", choices=("auto",) + convert.FORMATS)
-  parser.add_argument("--to", dest="dst", required=True, choices=("hf", "project"))
+  parser.add_argument("--to", dest="dst", required=True, choices=("hf", "t5x", "project"))
   parser.add_argument("--input", required=True, help="the checkpoint directory to read")
   parser.add_argument("--output", required=True, help="the directory to write")
   parser.add_argument("--vocabulary", default=None, help="a SentencePiece model to copy as spiece.model")

@@ -536,6 +536,37 @@ def from_t5x(path: str, config: Optional[network.T5Config] = None) -> Tuple[netw
   return config, unflatten(flat)
 
 
+def to_t5x(config: network.T5Config, params: Mapping[str, Any], path: str, step: int = 0) -> str:
+  """Writes ``params`` as a T5X msgpack checkpoint directory (``.../checkpoint_<step>``) at ``path``.
+
+  The layout :func:`from_t5x` reads and T5X writes: a msgpack ``checkpoint`` file
+  ``{'version': 3, 'optimizer': {'target': ..., 'state': {'step': ...}}}`` whose
+  ``target`` leaves are TensorStore specs, with one gzip zarr array per parameter
+  named ``target.<dotted name>``. Only the parameters are written, no optimizer
+  slots: load it in T5X as an initial checkpoint with a fresh optimizer state
+  (that T5X accepts it was not checked here; T5X does not install from PyPI).
+  """
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+
+  flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+  check_params(flat, config, "the parameters to export")
+  os.makedirs(path, exist_ok=True)
+  specs = {}
+  for name, x in flat.items():
+    rel = "target." + name.replace("/", ".")
+    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": rel},
+            "metadata": {"compressor": {"id": "gzip"}, "shape": list(x.shape), "chunks": list(x.shape),
+                         "dtype": {"float32": "<f4", "bfloat16": "bfloat16"}.get(x.dtype.name, x.dtype.str)}}
+    full = dict(spec, kvstore={"driver": "file", "path": os.path.join(os.path.abspath(path), rel)})
+    ts.open(full, create=True, delete_existing=True).result().write(x).result()
+    specs[name] = spec
+  contents = {"version": 3, "optimizer": {"target": unflatten(specs), "state": {"step": np.int32(step)}}}
+  with open(os.path.join(path, "checkpoint"), "wb") as f:
+    f.write(serialization.msgpack_serialize(contents))
+  return path
+
+
 def _is_orbax_dir(path: str) -> bool:
   return os.path.isdir(path) and any(
       os.path.exists(os.path.join(path, f)) for f in ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt",
@@ -677,12 +708,14 @@ def load(path: str, fmt: str = "auto", config: Optional[network.T5Config] = None
 
 def save(config: network.T5Config, params: Mapping[str, Any], path: str, fmt: str,
          vocabulary: Optional[str] = None) -> str:
-  """Writes ``params`` in ``fmt`` (``'hf'`` or ``'project'``) at ``path``."""
+  """Writes ``params`` in ``fmt`` (``'hf'``, ``'t5x'`` or ``'project'``) at ``path``."""
   if fmt == "hf":
     return to_hf(config, params, path, vocabulary)
   if fmt == "project":
     return save_project(config, params, path, vocabulary=vocabulary)
-  raise ConfigError(f"cannot write format {fmt!r}; choose hf or project")
+  if fmt == "t5x":
+    return to_t5x(config, params, path)
+  raise ConfigError(f"cannot write format {fmt!r}; choose hf, t5x or project")
 
 
 def find_vocabulary(path: str) -> Optional[str]:
