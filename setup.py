@@ -13,7 +13,8 @@ setup(
     # configs/ stays at the top of the repository and ships inside the package, so a clone and an
     # installed wheel see the same gin files under the same names (gin_utils.config_root).
     package_dir={"topk_transformers.configs": "configs"},
-    package_data={"topk_transformers.configs": ["**/*.gin"]},
+    # native/row_kernels.cc is compiled on first use (row_kernels.py), so it ships as data.
+    package_data={"topk_transformers.configs": ["**/*.gin"], "topk_transformers": ["native/*.cc"]},
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",

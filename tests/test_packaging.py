@@ -15,6 +15,7 @@ def test_core_modules_import_neither_tensorflow_nor_seqio_nor_gin():
   code = ("import sys\n"
           "import topk_transformers.topk, topk_transformers.t5.network, topk_transformers.vit.network\n"
           "import topk_transformers.decoding, topk_transformers.t5.sizes, topk_transformers.benchmarks.decoding\n"
+          "import topk_transformers.row_kernels, topk_transformers.predictors\n"
           "print(' '.join(m for m in ('tensorflow', 'seqio', 'gin') if m in sys.modules))\n")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
   assert out.stdout.strip() == ""
@@ -60,6 +61,7 @@ def test_wheel_installs_and_trains_the_packaged_smoke_config_from_an_empty_direc
                          check=True, capture_output=True, text=True, cwd=tmp_path).stdout.strip()
   assert where.startswith(str(venv)), where
   assert os.path.isfile(os.path.join(where, "configs", "t5", "runs", "cpu_smoke.gin"))
+  assert os.path.isfile(os.path.join(where, "native", "row_kernels.cc"))  # built on first use from the wheel
   empty = tmp_path / "empty"
   empty.mkdir()
   run_dir = tmp_path / "run"

@@ -17,9 +17,10 @@ V11 = ("gelu", "linear")
 D, FF, K = 16, 64, 8
 
 
-def mlp(acts, candidates=None):
+def mlp(acts, candidates=None, use_row_kernels=True):
   return layers.MlpBlock(intermediate_dim=FF, activations=acts, top_k=K, top_k_method="exact",
-                         intermediate_dropout_rate=0.0, sparse_decode=True, decode_candidates=candidates)
+                         intermediate_dropout_rate=0.0, sparse_decode=True, decode_candidates=candidates,
+                         use_row_kernels=use_row_kernels)
 
 
 def mlp_params(acts, seed=0):
@@ -33,12 +34,12 @@ def block_predictors(params, a, b):
   return {"a": a, "b": b, "wi_rows": rows}
 
 
-def run_block(acts, params, x, candidates=None, preds=None):
+def run_block(acts, params, x, candidates=None, preds=None, use_row_kernels=True):
   variables = {"params": params}
   if preds is not None:
     variables["predictors"] = preds
-  return jax.jit(lambda v, x: mlp(acts, candidates).apply(v, x, decode=True, deterministic=True,
-                                                          mutable=["intermediates"]))(variables, x)
+  return jax.jit(lambda v, x: mlp(acts, candidates, use_row_kernels).apply(
+      v, x, decode=True, deterministic=True, mutable=["intermediates"]))(variables, x)
 
 
 @pytest.mark.parametrize("acts", [V10, V11], ids=["v1.0", "v1.1"])
@@ -60,24 +61,40 @@ def test_mlp_block_candidates_of_all_units_or_perfect_predictor_equal_exact_spar
   out, stats = run_block(acts, params, x, K, perfect)
   np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-5)
   jax.tree.map(np.testing.assert_array_equal, stats, exact_stats)
-  # A bad predictor with few candidates gives another result, still from exactly k units per token.
+  # A bad predictor with few candidates gives another result, still from exactly k units per token; the same
+  # with XLA's gather in place of the row kernels.
   out, stats = run_block(acts, params, x, K, bad)
   assert not np.allclose(out, exact, atol=1e-3)
+  xla_out, xla_stats = run_block(acts, params, x, K, bad, use_row_kernels=False)
+  np.testing.assert_allclose(xla_out, out, rtol=1e-5, atol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, xla_stats, stats)
   assert float(stats["intermediates"]["nonzero_count"][0]) <= 3 * K
 
 
-def test_predicted_step_reads_candidate_rows_not_whole_kernels():
+@pytest.mark.parametrize("use_row_kernels", [True, False], ids=["row_kernels", "xla_gather"])
+def test_predicted_step_reads_candidate_rows_not_whole_kernels(use_row_kernels):
   params = nn.meta.unbox(mlp_params(V10))
   x = jnp.ones((1, 1, D))
   preds = block_predictors(params, jnp.ones((D, 4)), jnp.ones((1, 4, FF)))
-  fn = lambda v, x: mlp(V10, 16).apply(v, x, decode=True, deterministic=True)  # noqa: E731
+  fn = lambda v, x: mlp(V10, 16, use_row_kernels).apply(v, x, decode=True, deterministic=True)  # noqa: E731
   jaxpr = jax.make_jaxpr(fn)({"params": params, "predictors": preds}, x).jaxpr
   shapes = [tuple(v.aval.shape) for e in jaxpr.eqns if e.primitive.name == "dot_general" for v in e.invars]
-  # x @ a, (x a) @ b, the 16 gathered rows of wi, the 8 gathered rows of wo; never wi [16, 64] or wo [64, 16].
-  assert (D, FF) not in shapes and (FF, D) not in shapes and (1, 1, 16, D) in shapes and (1, 1, K, D) in shapes
+  kernels = {str(e.params["target_name"]): [tuple(v.aval.shape) for v in e.invars]
+             for e in jaxpr.eqns if e.primitive.name == "ffi_call"}
+  # Never a product with wi [16, 64] or wo [64, 16]: x @ a, (x a) @ b, then the 16 candidate rows of wi and the
+  # 8 selected rows of wo, gathered by XLA or read by the row kernels (which get the whole matrix and the row
+  # indices; test_row_kernels.py shows that they read no other row).
+  assert (D, FF) not in shapes and (FF, D) not in shapes
+  if use_row_kernels:
+    assert kernels == {"topk_gather_matvec": [(1, 1, D), (FF, D), (1, 1, 16)],
+                       "topk_gather_vecmat": [(1, 1, K), (FF, D), (1, 1, K)]}
+  else:
+    assert not kernels and (1, 1, 16, D) in shapes and (1, 1, K, D) in shapes
   # Without predictors (or without candidates) the block is the exact sparse path, unchanged.
-  no_preds = jax.make_jaxpr(lambda p, x: mlp(V10, 16).apply({"params": p}, x, decode=True, deterministic=True))
-  exact = jax.make_jaxpr(lambda p, x: mlp(V10).apply({"params": p}, x, decode=True, deterministic=True))
+  no_preds = jax.make_jaxpr(lambda p, x: mlp(V10, 16, use_row_kernels).apply({"params": p}, x, decode=True,
+                                                                            deterministic=True))
+  exact = jax.make_jaxpr(lambda p, x: mlp(V10, None, use_row_kernels).apply({"params": p}, x, decode=True,
+                                                                           deterministic=True))
   assert str(no_preds(params, x)) == str(exact(params, x))
   with pytest.raises(ValueError, match="wi_rows"):
     fn({"params": params, "predictors": {"a": preds["a"], "b": preds["b"]}}, x)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from topk_transformers import row_kernels
 from topk_transformers import topk as topk_lib
 from topk_transformers.errors import ConfigError
 
@@ -128,6 +129,10 @@ class MlpBlock(nn.Module):
   ``wo``. With ``c >= d_ff``, or a predictor that ranks the units as they are,
   the result is that of the exact sparse path. Without a predictor (or with
   ``c = None``) nothing changes.
+
+  Both decoding paths read their rows through ``row_kernels`` (on CPU in float32
+  a kernel that reads each row once; elsewhere XLA's gather). ``use_row_kernels=False``
+  keeps XLA's gather everywhere.
   """
 
   intermediate_dim: int = 2048
@@ -142,6 +147,7 @@ class MlpBlock(nn.Module):
   top_k_recall_target: float = topk_lib.DEFAULT_RECALL_TARGET
   sparse_decode: Optional[bool] = None
   decode_candidates: Optional[int] = None
+  use_row_kernels: bool = True
 
   def __post_init__(self):
     # Bad k is an error when the model is built, not deep inside a jitted step.
@@ -214,10 +220,19 @@ class MlpBlock(nn.Module):
     kernel = nn.meta.unbox(params["wo"]["kernel"])
     if kernel.shape != (x.shape[-1], features):
       raise ValueError(f"'wo' kernel has shape {kernel.shape}, expected {(x.shape[-1], features)}")
-    y = topk_lib.sparse_matmul(vals, idx, kernel, dtype=self.dtype)
+    y = self._rows_of_wo(vals, idx, kernel)
     if self.use_bias:
       y = y + jnp.asarray(nn.meta.unbox(params["wo"]["bias"]), self.dtype)
     return y
+
+  def _rows_of_wo(self, vals: Array, idx: Array, kernel: Array) -> Array:
+    """``sum_j vals_j * wo[idx_j]``: the k rows of ``wo``, through the CPU row kernel where it applies."""
+    if jnp.dtype(self.dtype) == jnp.float32 and kernel.dtype == jnp.float32:
+      return row_kernels.gather_vecmat(vals.astype(jnp.float32), kernel, idx, native=self._native())
+    return topk_lib.sparse_matmul(vals, idx, kernel, dtype=self.dtype)
+
+  def _native(self) -> Optional[bool]:
+    return None if self.use_row_kernels else False
 
   def _use_predicted(self, deterministic: bool) -> bool:
     """Whether this decoding call takes the predicted-neuron path (static: settings and variables present)."""
@@ -249,15 +264,16 @@ class MlpBlock(nn.Module):
       pred = jnp.einsum("...r,nrf->n...f", low, jnp.asarray(b, self.dtype))
       # v1.0 ranks by the predicted pre-activation (ReLU is monotone); gated v1.1 by the predicted |product|.
       score = pred[0] if n == 1 else jnp.abs(functools.reduce(lambda u, v: u * v, [f(p) for f, p in zip(acts, pred)]))
+      # In predicted order, not sorted: a sort of c indices costs XLA:CPU more than the rest of the selection.
+      # So an exact tie of two nonzero activations at the k-th place may break by predicted rank rather than
+      # by position; zeros picked when fewer than k are positive add nothing to the output or the statistics.
       _, cand = jax.lax.top_k(score.astype(jnp.float32), c)
-      # In position order, so that ties among the candidates break as the exact path breaks them.
-      cand = jnp.sort(cand, axis=-1)
     else:
       cand = jnp.broadcast_to(jnp.arange(ff, dtype=jnp.int32), x.shape[:-1] + (ff,))
     hs = []
     for i, f in enumerate(acts):
-      rows = jnp.asarray(wi_rows[i], self.dtype).at[cand].get(mode="promise_in_bounds")  # [..., c, embed]
-      h = jnp.einsum("...d,...cd->...c", x, rows)
+      # The c candidates' rows of wi_rows [mlp, embed], each contiguous.
+      h = row_kernels.gather_matvec(x, jnp.asarray(wi_rows[i], self.dtype), cand, native=self._native())
       if self.use_bias:
         name = f"wi_{i}" if n > 1 else "wi"
         h = h + jnp.take(jnp.asarray(nn.meta.unbox(params[name]["bias"]), self.dtype), cand)
@@ -266,8 +282,7 @@ class MlpBlock(nn.Module):
     vals, j = topk_lib.select_f32(h, self.top_k, self.top_k_method, self.top_k_recall_target, by_magnitude)
     idx = jnp.take_along_axis(cand, j, axis=-1)
     self._sow_sparse_stats(vals, idx, ff, mask)
-    kernel = nn.meta.unbox(params["wo"]["kernel"])
-    y = topk_lib.sparse_matmul(vals, idx, kernel, dtype=self.dtype)
+    y = self._rows_of_wo(vals, idx, nn.meta.unbox(params["wo"]["kernel"]))
     if self.use_bias:
       y = y + jnp.asarray(nn.meta.unbox(params["wo"]["bias"]), self.dtype)
     return y

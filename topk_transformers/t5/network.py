@@ -85,6 +85,9 @@ class T5Config:
   """Predicted-neuron decoding: with predictors in the ``predictors`` collection (``predictors.py``), each decoder
   MLP step computes only the ``decode_candidates`` units its predictor proposes, then the Top-k among them
   (``MlpBlock.decode_candidates``). ``None``, or no predictors given: the exact path."""
+  decode_row_kernels: bool = True
+  """The sparse and predicted decoding steps read their rows of ``wi`` and ``wo`` through the CPU row kernels
+  (``row_kernels.py``) where they apply (CPU, float32); ``False``: XLA's gather (the benchmark compares both)."""
   relpos_num_buckets: int = 32
   """Relative-position buckets (T5: 32)."""
   relpos_max_distance: int = 128
@@ -122,7 +125,8 @@ def _mlp(cfg: T5Config) -> layers.MlpBlock:
   return layers.MlpBlock(
       intermediate_dim=cfg.mlp_dim, activations=cfg.mlp_activations, intermediate_dropout_rate=cfg.dropout_rate,
       dtype=cfg.dtype, top_k=cfg.top_k, top_k_method=cfg.top_k_method, top_k_recall_target=cfg.top_k_recall_target,
-      sparse_decode=cfg.sparse_decode, decode_candidates=cfg.decode_candidates, name="mlp",
+      sparse_decode=cfg.sparse_decode, decode_candidates=cfg.decode_candidates,
+      use_row_kernels=cfg.decode_row_kernels, name="mlp",
   )
 
 
