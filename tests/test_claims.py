@@ -6,9 +6,8 @@
 - ``SeqioDataset`` packs examples into rows with segment ids and positions, and
   ``ShardInfo`` gives each host a disjoint slice that together cover the split;
 - ``KEEP_CHECKPOINTS`` keeps the newest N checkpoints and prunes the data-iterator
-  states of the others;
-- ``PARAMETER_SHARDING='2d'`` also shards parameters' ``embed`` axis over ``data``
-  (8 host devices, in a subprocess);
+  states of the others (``PARAMETER_SHARDING='2d'`` is in test_sharding.py, which shares
+  one 8-device subprocess between its tests);
 - ``topk-train`` run as a console script exits 2 for a configuration mistake, 1
   for a NaN loss or an unreadable checkpoint (one ``error:`` line each), and 143
   after SIGTERM with the checkpoint written.
@@ -18,11 +17,9 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import gin
 import jax
@@ -192,52 +189,6 @@ def test_keep_checkpoints_prunes_old_steps_and_their_data_iterator_states(tmp_pa
 
 
 # ---------------------------------------------------------------------------
-# PARAMETER_SHARDING='2d'
-# ---------------------------------------------------------------------------
-
-_SHARDING_2D = textwrap.dedent(r"""
-    import json
-    import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
-    from topk_transformers import partitioning
-    from topk_transformers.t5 import network
-
-    assert jax.device_count() == 8, jax.devices()
-    cfg = network.T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, num_encoder_layers=1,
-                           num_decoder_layers=1, mlp_dim=32, dropout_rate=0.0, top_k=4)
-    model = network.Transformer(cfg)
-    tokens = jnp.asarray(np.random.default_rng(0).integers(2, 64, (8, 6)), jnp.int32)
-    boxed = model.init(jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False)["params"]
-    forward = lambda p, t: model.apply({"params": p}, t, t, t, enable_dropout=False)
-    out = {}
-    for mode in ("1d", "2d"):
-      part = partitioning.Partitioner(num_partitions=2, parameter_sharding=mode)
-      params = jax.device_put(nn.meta.unbox(boxed), part.logical_shardings(boxed))
-      wi = params["encoder"]["layers_0"]["mlp"]["wi"]["kernel"]
-      emb = params["token_embedder"]["embedding"]
-      logits = jax.jit(forward)(params, jax.device_put(tokens, part.data_sharding(2)))
-      out[mode] = dict(wi_spec=[str(a) for a in wi.sharding.spec], wi_shard=list(wi.addressable_shards[0].data.shape),
-                       emb_spec=[str(a) for a in emb.sharding.spec], logits=np.asarray(logits).tolist())
-    out["single"] = np.asarray(jax.jit(forward)(nn.meta.unbox(boxed), tokens)).tolist()
-    print("RESULT " + json.dumps(out))
-""")
-
-
-@pytest.mark.slow
-def test_parameter_sharding_2d_shards_the_embed_axis_over_data_on_8_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _SHARDING_2D], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=600)
-  lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-  assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-  r = json.loads(lines[-1][len("RESULT "):])
-  assert r["1d"]["wi_spec"] == ["None", "model"] and r["1d"]["wi_shard"] == [16, 16]
-  assert r["2d"]["wi_spec"] == ["data", "model"] and r["2d"]["wi_shard"] == [4, 16]  # embed 16 over data 4
-  assert r["1d"]["emb_spec"] == ["model", "None"] and r["2d"]["emb_spec"] == ["model", "data"]
-  for mode in ("1d", "2d"):
-    np.testing.assert_allclose(r[mode]["logits"], r["single"], rtol=1e-5, atol=1e-5)
-
-
-# ---------------------------------------------------------------------------
 # topk-train's exit statuses, as a console script
 # ---------------------------------------------------------------------------
 
@@ -277,52 +228,101 @@ def _errors(stderr):
   return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
+# One subprocess imports what topk-train imports (TensorFlow's ~10 s among them), once, then forks a process per
+# run: each child calls topk-train's console-script entry point (read from the installed package's metadata) as
+# the generated script does, ``sys.exit(main())``, with its own stdout and stderr, and the parent reads its exit
+# status with waitpid. Nothing has run JAX or TensorFlow when it forks (imports only), so the children are clean.
+_EXIT_STATUS_DRIVER = textwrap.dedent(r"""
+    import importlib.metadata, json, os, signal, sys, tempfile, time, traceback
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    (entry,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "topk-train"]
+    main = entry.load()
+    import toy  # noqa: F401  the gin file's model and dataset
+    from topk_transformers import checkpoints, gin_utils, train  # noqa: F401  imported here, run in the children
+
+    gin_file, run_dir, fresh = sys.argv[1:4]
+    base = ["topk-train", f"--gin_file={gin_file}"]
+
+    def start(argv):
+      sys.stdout.flush(); sys.stderr.flush()
+      out_r, out_w = os.pipe()
+      err = tempfile.TemporaryFile()
+      pid = os.fork()
+      if pid == 0:  # the child: the console script
+        os.close(out_r)
+        os.dup2(out_w, 1); os.dup2(err.fileno(), 2)
+        sys.argv = list(argv)
+        try:
+          code = main()
+        except SystemExit as e:
+          code = e.code
+        except BaseException:  # as the interpreter would: a traceback, status 1
+          traceback.print_exc(); code = 1
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else (0 if code is None else 1))
+      os.close(out_w)
+      return pid, os.fdopen(out_r), err
+
+    def finish(pid, out, err, stdout=""):
+      stdout += out.read()
+      _, status = os.waitpid(pid, 0)
+      err.seek(0)
+      return dict(returncode=os.waitstatus_to_exitcode(status), stdout=stdout, stderr=err.read().decode())
+
+    def run(*extra):
+      return finish(*start(base + [f"--gin.MODEL_DIR='{run_dir}'", *extra]))
+
+    results = {}
+    results["config"] = run("--gin.TRAIN_STEPS=4", "--gin.train.train.no_such_setting=1")
+    results["nan"] = run("--gin.TRAIN_STEPS=10", "--gin.NAN_AT_STEP=5")
+    # The newest checkpoint (step 4) made unreadable: every file cut in half.
+    for root, _, names in os.walk(os.path.join(run_dir, "checkpoints", "4")):
+      for name in names:
+        with open(os.path.join(root, name), "r+b") as f:
+          f.truncate(os.path.getsize(os.path.join(root, name)) // 2)
+    results["unreadable"] = run("--gin.TRAIN_STEPS=10")
+    # SIGTERM once a progress line past step 1 is out ("step N/100000 | loss ...").
+    pid, out, err = start(base + [f"--gin.MODEL_DIR='{fresh}'", "--gin.TRAIN_STEPS=100000",
+                                  "--gin.train.train.checkpoint_period=100000"])
+    seen, deadline = "", time.time() + 300
+    for line in out:
+      seen += line
+      if line.startswith("step ") and not line.startswith("step 1/") or time.time() > deadline:
+        break
+    os.kill(pid, signal.SIGTERM)
+    results["sigterm"] = finish(pid, out, err, seen)
+    print("RESULT " + json.dumps(results))
+""")
+
+
 @pytest.mark.slow
 def test_train_command_exit_statuses_in_a_subprocess(tmp_path):
+  _train_command()  # the console script is installed
   gin_file = tmp_path / "toy.gin"
   gin_file.write_text(_TOY_GIN)
-  run_dir = tmp_path / "run"
-  base = [_train_command(), f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{run_dir}'"]
-  run = lambda *extra: subprocess.run(base + list(extra), cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                                      timeout=600)
+  run_dir, fresh = tmp_path / "run", tmp_path / "fresh"
+  proc = subprocess.run([sys.executable, "-c", _EXIT_STATUS_DRIVER, str(gin_file), str(run_dir), str(fresh)],
+                        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+  r = json.loads(lines[-1][len("RESULT "):])
 
   # A configuration mistake: 2, one line, no traceback.
-  proc = run("--gin.TRAIN_STEPS=4", "--gin.train.train.no_such_setting=1")
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  assert len(_errors(proc.stderr)) == 1 and "Traceback" not in proc.stderr
+  assert r["config"]["returncode"] == 2, r["config"]["stderr"][-2000:]
+  assert len(_errors(r["config"]["stderr"])) == 1 and "Traceback" not in r["config"]["stderr"]
 
   # A NaN loss at step 5: 1, naming the step and the last good checkpoint.
-  proc = run("--gin.TRAIN_STEPS=10", "--gin.NAN_AT_STEP=5")
-  assert proc.returncode == 1, proc.stderr[-2000:]
-  (line,) = _errors(proc.stderr)
+  assert r["nan"]["returncode"] == 1, r["nan"]["stderr"][-2000:]
+  (line,) = _errors(r["nan"]["stderr"])
   assert "at step 5" in line and "last good checkpoint is step 4" in line, line
 
   # An unreadable newest checkpoint: 1, naming it; nothing is deleted.
-  for root, _, names in os.walk(run_dir / "checkpoints" / "4"):
-    for name in names:
-      with open(os.path.join(root, name), "r+b") as f:
-        f.truncate(os.path.getsize(os.path.join(root, name)) // 2)
-  proc = run("--gin.TRAIN_STEPS=10")
-  assert proc.returncode == 1, proc.stderr[-2000:]
-  (line,) = _errors(proc.stderr)
-  assert "4" in line and "Traceback" not in proc.stderr, line
+  assert r["unreadable"]["returncode"] == 1, r["unreadable"]["stderr"][-2000:]
+  (line,) = _errors(r["unreadable"]["stderr"])
+  assert "4" in line and "Traceback" not in r["unreadable"]["stderr"], line
   assert (run_dir / "checkpoints" / "4").exists()
 
   # SIGTERM: the checkpoint is written, then 143.
-  fresh = tmp_path / "fresh"
-  cmd = [_train_command(), f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{fresh}'", "--gin.TRAIN_STEPS=100000",
-         "--gin.train.train.checkpoint_period=100000"]
-  proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    deadline = time.time() + 300
-    for out in proc.stdout:  # progress lines: "step N/100000 | loss ..."
-      if out.startswith("step ") and not out.startswith("step 1/") or time.time() > deadline:
-        break
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == 143, err[-2000:]
+  assert r["sigterm"]["returncode"] == 143, r["sigterm"]["stderr"][-2000:]
   steps = [int(n) for n in os.listdir(fresh / "checkpoints") if n.isdigit()]
   assert steps and max(steps) >= 2, steps

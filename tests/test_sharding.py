@@ -1,4 +1,9 @@
-"""SPMD: a 4x2 ('data', 'model') mesh over 8 host devices gives a single device's losses."""
+"""SPMD on 8 host devices, in one subprocess that both tests share (its start-up and imports are paid once):
+
+- a 4x2 ('data', 'model') mesh gives a single device's losses and shards the parameters as T5X does;
+- ``PARAMETER_SHARDING='2d'`` also shards parameters' ``embed`` axis over ``data`` (the README's claim for
+  3B/11B), with the same logits as one device.
+"""
 
 import json
 import os
@@ -6,16 +11,41 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SCRIPT = textwrap.dedent(r"""
     import json, sys
-    import jax, numpy as np, optax
+    import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, optax
     sys.path.insert(0, {tests!r})
     from toy import ReverseCopyDataset
     from topk_transformers import gin_utils, partitioning, train
+    from topk_transformers.t5 import network
 
     assert jax.device_count() == 8, jax.devices()
+
+    # PARAMETER_SHARDING: '1d' and '2d' against one device, on a forward pass.
+    cfg = network.T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, num_encoder_layers=1,
+                           num_decoder_layers=1, mlp_dim=32, dropout_rate=0.0, top_k=4)
+    net = network.Transformer(cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(2, 64, (8, 6)), jnp.int32)
+    boxed = net.init(jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False)["params"]
+    forward = lambda p, t: net.apply({{"params": p}}, t, t, t, enable_dropout=False)
+    sharding_2d = {{}}
+    for mode in ("1d", "2d"):
+      part = partitioning.Partitioner(num_partitions=2, parameter_sharding=mode)
+      params = jax.device_put(nn.meta.unbox(boxed), part.logical_shardings(boxed))
+      wi = params["encoder"]["layers_0"]["mlp"]["wi"]["kernel"]
+      emb = params["token_embedder"]["embedding"]
+      logits = jax.jit(forward)(params, jax.device_put(tokens, part.data_sharding(2)))
+      sharding_2d[mode] = dict(wi_spec=[str(a) for a in wi.sharding.spec],
+                               wi_shard=list(wi.addressable_shards[0].data.shape),
+                               emb_spec=[str(a) for a in emb.sharding.spec], logits=np.asarray(logits).tolist())
+    sharding_2d["single"] = np.asarray(jax.jit(forward)(nn.meta.unbox(boxed), tokens)).tolist()
+
+    # Training on a 4x2 mesh against one device.
     gin_utils.configure(['t5/t5_1_0/tiny.gin', 't5/topk.gin'],
                         ['NUM_EMBEDDINGS = 128', 'TOP_K = 32', 'DROPOUT_RATE = 0.0'])
     model = gin_utils.get_macro('MODEL')
@@ -30,7 +60,7 @@ _SCRIPT = textwrap.dedent(r"""
     sharded = run(partitioning.Partitioner(num_partitions=2), sys.argv[1] + '/sharded')
     wi = sharded.state.params['encoder']['layers_0']['mlp']['wi']['kernel']
     emb = sharded.state.params['token_embedder']['embedding']
-    out = dict(
+    mesh_4x2 = dict(
         single_loss=single.train_metrics['loss'], sharded_loss=sharded.train_metrics['loss'],
         mesh=dict(sharded_mesh=dict(zip(wi.sharding.mesh.axis_names, wi.sharding.mesh.devices.shape))),
         wi_spec=[str(a) for a in wi.sharding.spec], wi_shape=list(wi.shape),
@@ -40,20 +70,25 @@ _SCRIPT = textwrap.dedent(r"""
                            for a, b in zip(jax.tree_util.tree_leaves(single.state.params),
                                            jax.tree_util.tree_leaves(sharded.state.params))),
     )
-    print('RESULT ' + json.dumps(out))
+    print('RESULT ' + json.dumps(dict(mesh_4x2=mesh_4x2, sharding_2d=sharding_2d)))
 """)
 
 
-@pytest.mark.slow
-def test_4x2_mesh_matches_single_device_and_shards_params(tmp_path):
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+  """The script's results, or the subprocess's failure (re-raised in each test that asks)."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  script = _SCRIPT.format(tests=os.path.join(root, "tests"))
-  proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=root, env=env, capture_output=True,
-                        text=True, timeout=900)
+  script = _SCRIPT.format(tests=os.path.join(ROOT, "tests"))
+  proc = subprocess.run([sys.executable, "-c", script, str(tmp_path_factory.mktemp("eight_devices"))], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=900)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-  r = json.loads(lines[-1][len("RESULT "):])
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_4x2_mesh_matches_single_device_and_shards_params(eight_devices):
+  r = eight_devices["mesh_4x2"]
   assert r["mesh"]["sharded_mesh"] == {"data": 4, "model": 2}
   # The MLP's hidden axis is model-parallel: each device holds half of wi's columns.
   assert r["wi_spec"] == ["None", "model"]
@@ -62,3 +97,13 @@ def test_4x2_mesh_matches_single_device_and_shards_params(tmp_path):
   assert r["emb_spec"] == ["model", "None"]  # vocab axis model-parallel
   assert abs(r["single_loss"] - r["sharded_loss"]) <= 1e-4 * abs(r["single_loss"])
   assert r["max_param_diff"] < 1e-4
+
+
+@pytest.mark.slow
+def test_parameter_sharding_2d_shards_the_embed_axis_over_data_on_8_devices(eight_devices):
+  r = eight_devices["sharding_2d"]
+  assert r["1d"]["wi_spec"] == ["None", "model"] and r["1d"]["wi_shard"] == [16, 16]
+  assert r["2d"]["wi_spec"] == ["data", "model"] and r["2d"]["wi_shard"] == [4, 16]  # embed 16 over data 4
+  assert r["1d"]["emb_spec"] == ["model", "None"] and r["2d"]["emb_spec"] == ["model", "data"]
+  for mode in ("1d", "2d"):
+    np.testing.assert_allclose(r[mode]["logits"], r["single"], rtol=1e-5, atol=1e-5)
