@@ -260,8 +260,10 @@ class MlpBlock(nn.Module):
     x = jnp.asarray(inputs, self.dtype)
     acts = [resolve_activation(act) for act in self.activations]
     if c < ff:
-      low = jnp.einsum("...d,dr->...r", x, jnp.asarray(a, self.dtype))
-      pred = jnp.einsum("...r,nrf->n...f", low, jnp.asarray(b, self.dtype))
+      low = jnp.dot(x, jnp.asarray(a, self.dtype))
+      # One product per branch with b[i] [r, mlp] as it is stored: an einsum over b [n, r, mlp] with the branch
+      # axis first in the result makes XLA:CPU transpose and copy all of b in every step.
+      pred = [jnp.dot(low, jnp.asarray(b[i], self.dtype)) for i in range(n)]
       # v1.0 ranks by the predicted pre-activation (ReLU is monotone); gated v1.1 by the predicted |product|.
       score = pred[0] if n == 1 else jnp.abs(functools.reduce(lambda u, v: u * v, [f(p) for f, p in zip(acts, pred)]))
       # In predicted order, not sorted: a sort of c indices costs XLA:CPU more than the rest of the selection.

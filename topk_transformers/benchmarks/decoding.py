@@ -73,6 +73,7 @@ import numpy as np
 
 from topk_transformers import decoding
 from topk_transformers import predictors
+from topk_transformers import row_kernels
 from topk_transformers import topk
 from topk_transformers.benchmarks import machine
 from topk_transformers.errors import ConfigError
@@ -115,6 +116,8 @@ class Settings:
   """Also time the predicted-neuron path for every rank and candidate count."""
   predictor_ranks: Tuple[int, ...] = (DEFAULT_RANK,)
   candidates: Tuple[int, ...] = (DEFAULT_CANDIDATES,)
+  xla_gather: bool = False
+  """Also time the sparse and predicted paths with XLA's gather in place of the row kernels (``row_kernels.py``)."""
   seed: int = 0
 
   def __post_init__(self):
@@ -257,6 +260,10 @@ def bench_size(version: str, size: str, dtype_name: str, ks: List[int], methods:
           for c in settings.candidates:
             variants[f"predicted/{method}/{k}/r{r}/c{c}"] = dataclasses.replace(
                 topk_cfg, sparse_decode=True, decode_candidates=c)
+  if settings.xla_gather:  # the same steps, rows gathered by XLA (kind@xla)
+    for name in [n for n in variants if n.startswith(("sparse/", "predicted/"))]:
+      kind, rest = name.split("/", 1)
+      variants[f"{kind}@xla/{rest}"] = dataclasses.replace(variants[name], decode_row_kernels=False)
 
   prepared = {}
   if settings.predicted:
@@ -308,10 +315,13 @@ def bench_size(version: str, size: str, dtype_name: str, ks: List[int], methods:
     if name == "dense":
       continue
     kind, method, k, *rc = name.split("/")
+    kind, _, gather = kind.partition("@")
     k = int(k)
     r, c = (int(rc[0][1:]), int(rc[1][1:])) if rc else (None, None)
     nbytes = weight_bytes_per_token(variants[name], k if kind != "dense_topk" else None, itemsize, r, c)
-    row = dict(shared, variant=kind, method=method, k=k, **timing(name, nbytes))
+    row = dict(shared, name=name, variant=kind, method=method, k=k, **timing(name, nbytes))
+    if kind != "dense_topk":
+      row.update(row_kernels=gather != "xla" and row_kernels.available() and dtype_name == "float32")
     if kind == "predicted":
       row.update(predictor_rank=r, candidates=c)
     bound = dense_bytes["total"] / row["weight_bytes_per_token"]
@@ -330,15 +340,15 @@ def bench_size(version: str, size: str, dtype_name: str, ks: List[int], methods:
           f"{row['tokens_match_dense_topk']}", flush=True)
   if truncated:
     print(f"   per layer (ms/token / {layers_} layers): "
-          + ", ".join(f"{r['variant']}{'/' + str(r['k']) if r['k'] else ''} {r['s_per_layer'] * 1e3:.2f}"
-                      for r in rows))
+          + ", ".join(f"{r.get('name', r['variant'])} {r['s_per_layer'] * 1e3:.2f}" for r in rows))
   del params, runs
   return rows
 
 
 def run(settings: Settings, command: str = "") -> Dict[str, Any]:
   """Every size and dtype of ``settings``; returns the JSON-ready result."""
-  info = machine.machine_info()
+  info = dict(machine.machine_info(), row_kernels=row_kernels.describe())
+  print(f"rows of wi / wo read by: {info['row_kernels']}")
   print(f"backend {info['platform']} ({info['device_kind']}), cpu {info['cpu']}, {info['cores']} cores, "
         f"jax {info['jax']}, load average {info['load_average_at_start']}")
   rows = []

@@ -33,6 +33,8 @@ def main(argv) -> int:
   p.add_argument("--predicted", action="store_true",
                  help="also time the predicted-neuron path (random predictors: the cost does not depend on them)")
   p.add_argument("--predictor_rank", default=str(decoding.DEFAULT_RANK), help="comma list of predictor ranks r")
+  p.add_argument("--xla_gather", action="store_true",
+                 help="also time the sparse and predicted paths with XLA's gather in place of the CPU row kernels")
   p.add_argument("--candidates", default=str(decoding.DEFAULT_CANDIDATES),
                  help="comma list of candidate counts c per MLP step (c >= k)")
   p.add_argument("--seed", type=int, default=0)
@@ -44,7 +46,8 @@ def main(argv) -> int:
       sizes=items(args.sizes), version=args.version, ks=items(args.k, int), methods=items(args.method),
       dtypes=items(args.dtype), num_layers=args.num_layers, encoder_layers=args.encoder_layers, steps=args.steps,
       reps=args.reps, input_length=args.input_length, dense_topk=args.dense_topk, predicted=args.predicted,
-      predictor_ranks=items(args.predictor_rank, int), candidates=items(args.candidates, int), seed=args.seed)
+      predictor_ranks=items(args.predictor_rank, int), candidates=items(args.candidates, int), xla_gather=args.xla_gather,
+      seed=args.seed)
   result = decoding.run(settings, command=" ".join(["topk-bench-decode", *argv]))
   common.write_json(args.json, result)
   if args.json:
