@@ -169,3 +169,68 @@ def test_score_batch_sums_target_log_likelihoods_without_padding():
   assert got.shape == (2,)
   # the padded last position of example 2 makes token 0 unlikely: counted, it would change the score a lot
   assert abs(got[1] - ll[1].sum()) > 1e-3
+
+
+def test_one_target_token_is_normalised_by_one():
+  """A batch with a single target token: the loss, cross-entropy and accuracy are that token's (count 1, not 2)."""
+  targets = np.array([[2, 0, 0], [0, 0, 0]], np.int32)
+  params = {"logits": jnp.asarray(LOGITS)}
+  loss, aux = make(z_loss=0.1).loss_fn(params, batch(targets), None)
+  w = (targets > 0).astype(np.float64)
+  ce, zl = oracle(LOGITS, targets, w, 0.1)
+  assert w.sum() == 1
+  np.testing.assert_allclose(float(loss), ce.sum() + zl.sum(), rtol=1e-5)
+  np.testing.assert_allclose(float(aux["metrics"]["cross_ent_loss"]), ce.sum(), rtol=1e-5)
+  assert LOGITS[0, 0].argmax() != 2  # the one token is wrong: accuracy 0; right, it is 1
+  assert float(aux["metrics"]["accuracy"]) == 0.0
+  right = np.array([[0, 0, 0], [1, 0, 0]], np.int32)  # example 2's first token, which its logits predict
+  assert LOGITS[1, 0].argmax() == 1
+  assert float(make().loss_fn(params, batch(right), None)[1]["metrics"]["accuracy"]) == 1.0
+
+
+def test_cross_entropy_defaults_are_no_z_loss_and_no_label_smoothing():
+  w = (TARGETS > 0).astype(np.float32)
+  total, zsum = t5_model.cross_entropy_with_z_loss(LOGITS, TARGETS, w)
+  ce, _ = oracle(LOGITS, TARGETS, w)
+  np.testing.assert_allclose(float(total), ce.sum(), rtol=1e-5)
+  assert float(zsum) == 0.0
+
+
+class DropoutLogits(nn.Module):
+  """``FixedLogits`` through dropout (rate 0.5) when the model asks for it, and sowing the logits it returns."""
+
+  shape: tuple
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, *, enable_dropout=False,
+               **segments_and_positions):
+    del encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, segments_and_positions
+    logits = nn.Dropout(rate=0.5)(self.param("logits", nn.initializers.zeros, self.shape),
+                                  deterministic=not enable_dropout)
+    self.sow("intermediates", "logits", logits)
+    return logits
+
+
+def test_training_loss_applies_dropout_with_its_rng_and_returns_the_intermediates():
+  model = t5_model.EncoderDecoderModel(DropoutLogits(LOGITS.shape))
+  params = {"logits": jnp.asarray(LOGITS)}
+  plain, plain_aux = model.loss_fn(params, batch(), None)
+  r1, r2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+  dropped, aux = model.loss_fn(params, batch(), r1)
+  assert abs(float(dropped) - float(plain)) > 1e-3  # the rng reached the network: dropout was applied
+  assert float(model.loss_fn(params, batch(), r1)[0]) == float(dropped)  # the same rng, the same loss
+  assert float(model.loss_fn(params, batch(), r2)[0]) != float(dropped)
+  (seen,) = aux["intermediates"]["logits"]  # the network's sown values come back to the caller (sparsity)
+  kept = np.asarray(seen) != 0
+  assert 0 < kept.mean() < 1
+  np.testing.assert_allclose(np.asarray(seen)[kept], (LOGITS / 0.5)[kept], rtol=1e-6)
+  (clean,) = plain_aux["intermediates"]["logits"]
+  np.testing.assert_array_equal(np.asarray(clean), LOGITS)
+  (ev,) = model.eval_fn(params, batch())["intermediates"]["logits"]  # evaluation: no dropout
+  np.testing.assert_array_equal(np.asarray(ev), LOGITS)
+
+
+def test_model_keeps_its_vocabularies():
+  inputs, outputs = object(), object()
+  model = make(input_vocabulary=inputs, output_vocabulary=outputs)
+  assert model.input_vocabulary is inputs and model.output_vocabulary is outputs
