@@ -288,7 +288,8 @@ def test_cross_attention_cache_step_logits_and_shared_keys(t5):
   encoded = module.apply({"params": params}, enc, enable_dropout=False, method=module.encode)
   cross_kv = module.apply({"params": params}, encoded, method=module.cross_attention_kv)
   # One set of keys and values per input, per decoder layer, whatever the beams.
-  assert sorted(cross_kv) == ["layers_0", "layers_1"] and cross_kv["layers_0"]["key"].shape == (3, 6, 2, 16)
+  # [batch, heads, head_dim, in_length]: the layout a step reads as it lies.
+  assert sorted(cross_kv) == ["layers_0", "layers_1"] and cross_kv["layers_0"]["key"].shape == (3, 2, 16, 6)
   n, length = 2, 4
   cache = decoding.expand_batch(decoding.init_cache(module, params, encoded, enc, length), n)
   old = decoding.make_tokens_to_logits(module, params, decoding.expand_batch(encoded, n),

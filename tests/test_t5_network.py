@@ -277,7 +277,8 @@ def test_kv_cache_decoding_equals_teacher_forcing(version, top_k):
   full = apply(cfg, params, enc, dec_in, targets)
   inc, cache = decode_incrementally(cfg, params, enc, dec_in)
   assert int(cache["decoder"]["layers_0"]["self_attention"]["cache_index"]) == dec_in.shape[1]
-  assert cache["decoder"]["layers_1"]["self_attention"]["cached_key"].shape == (2, dec_in.shape[1], 2, 8)
+  # [batch, heads, head_dim, length]
+  assert cache["decoder"]["layers_1"]["self_attention"]["cached_key"].shape == (2, 2, 8, dec_in.shape[1])
   np.testing.assert_allclose(inc, full, rtol=1e-5, atol=1e-5)
 
 

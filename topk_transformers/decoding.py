@@ -13,7 +13,7 @@ sequence has emitted ``eos_id``.
 Conventions (T5X's): decoding starts from token 0; output sequences include the
 EOS token and hold 0 (padding) after it; a sequence that reaches
 ``max_decode_length`` without EOS is complete as it is. Cache leaves with a
-leading axis are batch-major (``cached_key [batch, length, heads, head_dim]``);
+leading axis are batch-major (``cached_key [batch, heads, head_dim, length]``);
 scalar leaves (``cache_index``) are shared by the batch.
 
 :func:`predict_batch` wires these to ``t5.network.Transformer``: encode once,

@@ -365,17 +365,25 @@ class LayerNorm(nn.Module):
 
 def dot_product_attention(query: Array, key: Array, value: Array, bias: Optional[Array] = None,
                           dropout_rng=None, dropout_rate: float = 0.0, deterministic: bool = False,
-                          dtype: DType = jnp.float32, float32_logits: bool = False) -> Array:
-  """``softmax(q . k + bias) v`` over ``[batch, length, heads, head_dim]`` inputs.
+                          dtype: DType = jnp.float32, float32_logits: bool = False,
+                          kv_layout: str = "bkhd") -> Array:
+  """``softmax(q . k + bias) v``; ``query [batch, q_length, heads, head_dim]``.
+
+  ``key`` and ``value`` are ``[batch, kv_length, heads, head_dim]`` (``kv_layout="bkhd"``, as projected) or
+  ``[batch, heads, head_dim, kv_length]`` (``"bhdk"``, the decoding caches' layout, T5X's: a step's products
+  with the cache then read it as it lies, where XLA:CPU would transpose and copy a ``bkhd`` cache in every step).
 
   No ``1/sqrt(head_dim)`` factor: T5 folds it into the query initialisation
   (see ``MultiHeadDotProductAttention``), so pretrained T5 weights expect none.
   Dropout on the attention weights is broadcast over the query axis, as T5.
   """
+  if kv_layout not in ("bkhd", "bhdk"):
+    raise ValueError(f"kv_layout must be 'bkhd' or 'bhdk', got {kv_layout!r}")
+  kv = "bkhd" if kv_layout == "bkhd" else "bhdk"
   if float32_logits:
     query = query.astype(jnp.float32)
     key = key.astype(jnp.float32)
-  logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)
+  logits = jnp.einsum(f"bqhd,{kv}->bhqk", query, key)
   if bias is not None:
     logits = logits + bias.astype(logits.dtype)
   weights = jax.nn.softmax(logits).astype(dtype)
@@ -385,7 +393,12 @@ def dot_product_attention(query: Array, key: Array, value: Array, bias: Optional
     shape[-2] = 1
     keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
     weights = weights * (jnp.broadcast_to(keep, weights.shape).astype(dtype) / jnp.asarray(keep_prob, dtype))
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, value.astype(dtype))
+  return jnp.einsum(f"bhqk,{kv}->bqhd", weights, value.astype(dtype))
+
+
+def to_cache_layout(x: Array) -> Array:
+  """``[batch, length, heads, head_dim]`` -> the caches' ``[batch, heads, head_dim, length]``."""
+  return jnp.transpose(x, (0, 2, 3, 1))
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -399,7 +412,8 @@ class MultiHeadDotProductAttention(nn.Module):
 
   ``decode=True``: the first call (no ``cache`` variables yet, e.g. ``init`` or
   ``apply(..., mutable=['cache'])``) creates ``cached_key``/``cached_value``
-  ``[batch, length, heads, head_dim]`` for the full input length and a scalar
+  ``[batch, heads, head_dim, length]`` (T5X's layout, which a step reads as it
+  lies) for the full input length and a scalar
   ``cache_index``, and computes ordinary attention. Each later call takes one
   position ``[batch, 1, embed]``, writes its key and value at ``cache_index``,
   attends to positions ``<= cache_index`` and advances the index. ``bias`` in a
@@ -431,24 +445,28 @@ class MultiHeadDotProductAttention(nn.Module):
     key = project(inputs_kv, "key", self.kernel_init)
     value = project(inputs_kv, "value", self.kernel_init)
 
+    kv_layout = "bkhd"
     if decode:
       initialized = self.has_variable("cache", "cached_key")
-      cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-      cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+      shape = (key.shape[0], key.shape[2], key.shape[3], key.shape[1])  # [batch, heads, head_dim, length]
+      cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
+      cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
       cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
       if initialized:
-        batch, length, heads, depth = cached_key.value.shape
+        batch, heads, depth, length = cached_key.value.shape
         if query.shape != (batch, 1, heads, depth):
           raise ValueError(f"decoding step expects one position of shape {(batch, 1, heads, depth)}, "
                            f"got query shape {query.shape}")
         cur = cache_index.value
         zero = jnp.array(0, dtype=jnp.int32)
-        key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), (zero, cur, zero, zero))
+        at = (zero, zero, zero, cur)
+        key = jax.lax.dynamic_update_slice(cached_key.value, to_cache_layout(key).astype(cached_key.value.dtype), at)
         value = jax.lax.dynamic_update_slice(
-            cached_value.value, value.astype(cached_value.value.dtype), (zero, cur, zero, zero))
+            cached_value.value, to_cache_layout(value).astype(cached_value.value.dtype), at)
         cached_key.value = key
         cached_value.value = value
         cache_index.value = cur + 1
+        kv_layout = "bhdk"
         # The single query sees the positions written so far, not the zeros after them.
         step_mask = jnp.broadcast_to(jnp.arange(length) <= cur, (batch, 1, 1, length))
         mask = combine_masks(mask, step_mask)
@@ -463,7 +481,7 @@ class MultiHeadDotProductAttention(nn.Module):
       dropout_rng = self.make_rng("dropout")
     x = dot_product_attention(query, key, value, bias=attention_bias, dropout_rng=dropout_rng,
                               dropout_rate=self.dropout_rate, deterministic=deterministic, dtype=self.dtype,
-                              float32_logits=self.float32_logits)
+                              float32_logits=self.float32_logits, kv_layout=kv_layout)
     x = x.reshape(x.shape[:-2] + (joined,))
     return DenseGeneral(inputs_q.shape[-1], dtype=self.dtype, kernel_init=self.kernel_init,
                         kernel_axes=("joined_kv", "embed"), name="out")(x)

@@ -170,7 +170,7 @@ class CachedCrossAttention(nn.Module):
 
   Same parameters as the ``MultiHeadDotProductAttention`` it replaces in decoding steps (``query``, ``out``; the
   ``key`` and ``value`` kernels were applied at encode time), same result. The cached ``key`` / ``value`` are
-  ``[batch, in_length, heads, head_dim]``, one per input; the step's ``rows = batch * n`` queries (beams or samples,
+  ``[batch, heads, head_dim, in_length]`` (the decoding caches' layout, read as it lies), one per input; the step's ``rows = batch * n`` queries (beams or samples,
   row ``b * n + j`` for decode ``j`` of input ``b``, as ``decoding.expand_batch`` lays them out) attend to their
   input's keys as ``n`` query positions of one attention, so the beams share them: nothing is copied per beam, and
   beam search never reorders them.
@@ -184,7 +184,7 @@ class CachedCrossAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q, key, value, key_mask):
-    """``inputs_q [rows, q_len, embed]``, ``key``/``value [batch, in_length, heads, head_dim]``, ``key_mask
+    """``inputs_q [rows, q_len, embed]``, ``key``/``value [batch, heads, head_dim, in_length]``, ``key_mask
     [batch, in_length]`` (nonzero: a real input token) -> ``[rows, q_len, embed]``."""
     joined = self.num_heads * self.head_dim
     depth_scaling = jnp.sqrt(self.head_dim).astype(jnp.float32)
@@ -197,7 +197,7 @@ class CachedCrossAttention(nn.Module):
     query = query.reshape(batch, rows // batch * qlen, self.num_heads, self.head_dim)
     bias = jnp.where(key_mask[:, None, None, :] > 0, 0.0, -1e10).astype(self.dtype)
     x = layers.dot_product_attention(query, key, value, bias=bias, deterministic=True, dtype=self.dtype,
-                                     float32_logits=self.float32_logits)
+                                     float32_logits=self.float32_logits, kv_layout="bhdk")
     x = x.reshape(rows, qlen, joined)
     return layers.DenseGeneral(inputs_q.shape[-1], dtype=self.dtype, kernel_init=self.kernel_init,
                                kernel_axes=("joined_kv", "embed"), name="out")(x)
@@ -293,7 +293,7 @@ class Decoder(nn.Module):
     """The length the KV cache was created with, when a step omits ``max_decode_length``."""
     cache = self.variables.get("cache", {})
     if "layers_0" in cache:
-      return cache["layers_0"]["self_attention"]["cached_key"].shape[1]
+      return cache["layers_0"]["self_attention"]["cached_key"].shape[-1]  # [batch, heads, head_dim, length]
     raise ValueError("decoding steps need max_decode_length (no decoder layer cache to infer it from)")
 
 
@@ -369,7 +369,7 @@ class Transformer(nn.Module):
   def cross_attention_kv(self, encoded):
     """Every decoder layer's cross-attention keys and values for ``encoded [batch, in_length, emb_dim]``.
 
-    ``{'layers_i': {'key', 'value'}}``, each ``[batch, in_length, heads, head_dim]``: the projections of the encoder
+    ``{'layers_i': {'key', 'value'}}``, each ``[batch, heads, head_dim, in_length]``: the projections of the encoder
     output by that layer's ``encoder_decoder_attention/{key,value}`` kernels, as its attention computes them. Computed
     once per input when it is encoded, then passed to every decoding step (``decode(..., cross_kv=...)``), so a step
     reads neither kernel.
@@ -384,7 +384,7 @@ class Transformer(nn.Module):
       for name in ("key", "value"):
         kernel = jnp.asarray(attention[name]["kernel"], cfg.dtype)
         y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-        kv[name] = y.reshape(y.shape[:-1] + (cfg.num_heads, cfg.head_dim))
+        kv[name] = layers.to_cache_layout(y.reshape(y.shape[:-1] + (cfg.num_heads, cfg.head_dim)))
       out[f"layers_{i}"] = kv
     return out
 
