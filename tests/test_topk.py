@@ -128,6 +128,30 @@ def test_keep_mask_keeps_the_first_ties_by_position():
     topk.keep_mask(jnp.ones((2, 8), jnp.int32), 2)
 
 
+@pytest.mark.parametrize("dtype, utype", [(jnp.float32, np.uint32), (jnp.bfloat16, np.uint16)], ids=["f32", "bf16"])
+def test_threshold_orders_values_that_differ_only_in_their_last_bits(dtype, utype):
+  """Neighbouring floats (1 to 3 units in the last place apart, of both signs) among others, in shuffled
+  positions, with d not a multiple of the key width: every k keeps the reference set, so the radix rounds
+  read every bit of the key, the lowest two included."""
+  one = int(np.asarray(jnp.asarray(1.5, dtype)).view(utype))
+  sign = 1 << (8 * np.dtype(utype).itemsize - 1)
+  family = [one + j for j in range(4)] + [(one | sign) + j for j in range(4)]
+  values = np.asarray(np.array(family, utype).view(np.dtype(jnp.dtype(dtype))), np.float64)
+  assert len(set(values.tolist())) == 8  # eight distinct values: 1.5 and -1.5 and their next 3 neighbours
+  rng = np.random.default_rng(3)
+  d = 37
+  rows = []
+  for _ in range(4):
+    row = np.concatenate([values, rng.uniform(-1.0, 1.0, d - len(values))])
+    rows.append(row[rng.permutation(d)])
+  x = jnp.asarray(np.stack(rows), dtype)
+  for k in range(1, 9):
+    np.testing.assert_array_equal(np.asarray(topk.keep_mask(x, k)), reference_kept(np.asarray(x), k), err_msg=f"k={k}")
+  for k in (d - 8, d - 1, d):  # the neighbours of -1.5 at the bottom; k = d keeps the whole row
+    np.testing.assert_array_equal(np.asarray(topk.keep_mask(x, k)), reference_kept(np.asarray(x), k), err_msg=f"k={k}")
+  assert np.asarray(topk.keep_mask(x, d)).all()
+
+
 @pytest.mark.parametrize("method", EXACT_METHODS)
 @pytest.mark.parametrize("by_magnitude", [False, True], ids=["value", "magnitude"])
 def test_gradient_is_the_indicator_of_the_kept_set(method, by_magnitude):
