@@ -135,6 +135,8 @@ def _native(*arrays: jax.Array, native: Optional[bool]) -> bool:
           and arrays[2].dtype == jnp.int32)
   if native and not fits:
     raise ValueError("row kernels need the CPU backend, float32 operands and int32 indices")
+  if native and not available():
+    raise RuntimeError(f"row kernels unavailable: {unavailable_reason()}")
   return fits and available()
 
 
@@ -175,6 +177,8 @@ def top_k(x: jax.Array, k: int, native: Optional[bool] = None) -> Tuple[jax.Arra
   """
   if x.ndim == 0 or not 0 < k <= x.shape[-1]:
     raise ValueError(f"top_k needs 0 < k <= x.shape[-1], got k={k} for shape {x.shape}")
+  if native and not available():
+    raise RuntimeError(f"row kernels unavailable: {unavailable_reason()}")
   if native is not False and jax.default_backend() == "cpu" and x.dtype == jnp.float32 and available():
     shape = x.shape[:-1] + (k,)
     return tuple(jax.ffi.ffi_call(_TARGETS[2], (jax.ShapeDtypeStruct(shape, jnp.float32),
