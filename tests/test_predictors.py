@@ -220,3 +220,23 @@ def test_quality_report_scores_through_the_decoding_step():
   rand = predictors.layers_of(predictors.random_predictors(params, 3, seed=0))["layers_0"]
   low = float(jnp.mean(predictor_training._recall(x, wi, rand["a"], rand["b"], acts=V10, k=K, c=K)))
   assert low < 0.5
+
+
+def test_measured_speedups_join_the_quality_rows_at_the_same_rank_and_candidates_per_kept_unit(tmp_path):
+  from topk_transformers import plotting, predictor_training
+  rows = [{"variant": "exact", "predictor_rank": None, "candidates": None, "loss_vs_exact": 0.0, "recall": 1.0},
+          {"variant": "predicted", "predictor_rank": 16, "candidates": 128, "loss_vs_exact": 1e-4, "recall": 0.99,
+           "bound": 1.91},
+          {"variant": "predicted", "predictor_rank": 32, "candidates": 64, "loss_vs_exact": 1e-3, "recall": 0.9,
+           "bound": 1.98}]
+  timed = dict(variant="predicted", version="1.0", size="large", num_decoder_layers=24, dtype="float32", k=128)
+  bench = {"results": [dict(timed, predictor_rank=16, candidates=256, speedup=1.9, row_kernels=True),
+                       dict(timed, predictor_rank=16, candidates=256, speedup=1.6, row_kernels=False),  # XLA gather
+                       dict(timed, predictor_rank=32, candidates=256, speedup=1.8, row_kernels=True),  # c/k = 2, not 1
+                       dict(timed, variant="sparse", predictor_rank=None, candidates=None, speedup=1.3)]}
+  assert predictor_training.attach_measured_speedups(rows, bench, k=64) == 1
+  assert rows[1]["measured_speedup"] == 1.9 and rows[1]["measured_candidates"] == 256
+  assert "measured_speedup" not in rows[0] and "measured_speedup" not in rows[2]
+  assert rows[1]["measured_on"] == "T5 v1.0 large, 24 decoder layers, float32, k=128"
+  plotting.plot_predictor_quality(rows, str(tmp_path / "q.png"))
+  assert (tmp_path / "q.png").stat().st_size > 0

@@ -267,9 +267,10 @@ def plot_decode_speedups(rows: Sequence[Dict[str, Any]], path: str) -> str:
 def plot_predictor_quality(rows: Sequence[Dict[str, Any]], path: str) -> str:
   """Predicted-neuron decoding: speedup against quality, one point per (rank r, candidates c).
 
-  ``rows`` are ``predictor_training.quality`` rows with ``speedup`` (measured; else ``bound``, the byte bound of the
-  matching setting at T5-Large's shape) added, ``loss_vs_exact``, ``recall`` and ``greedy_token_agreement``. Left:
-  speedup against the held-out loss increase over exact Top-k (the 1% line dashed); right: against recall.
+  ``rows`` are ``predictor_training.quality`` rows with ``bound`` (the byte bound of the matching setting at
+  T5-Large's shape), ``loss_vs_exact``, ``recall`` and, where a benchmark timed the setting,
+  ``measured_speedup`` (``predictor_training.attach_measured_speedups``). Lines: the bound; stars: measured.
+  Left: against the held-out loss increase over exact Top-k (the 1% line dashed); right: against recall.
   """
   plt = pyplot()
   pts = [r for r in rows if r.get("variant") == "predicted"]
@@ -278,20 +279,26 @@ def plot_predictor_quality(rows: Sequence[Dict[str, Any]], path: str) -> str:
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
   for rank in sorted({r["predictor_rank"] for r in pts}):
     line = sorted((r for r in pts if r["predictor_rank"] == rank), key=lambda r: r["candidates"])
-    y = [r.get("speedup", r.get("bound")) for r in line]
-    left.plot([100 * r["loss_vs_exact"] for r in line], y, "o-", label=f"r={rank}")
-    right.plot([r["recall"] for r in line], y, "o-", label=f"r={rank}")
+    y = [r.get("bound", r.get("speedup")) for r in line]
+    (drawn,) = left.plot([100 * r["loss_vs_exact"] for r in line], y, "o-", label=f"r={rank}, bound")
+    right.plot([r["recall"] for r in line], y, "o-", color=drawn.get_color(), label=f"r={rank}, bound")
+    timed = [r for r in line if "measured_speedup" in r]
+    if timed:
+      for ax, key in ((left, "loss_vs_exact"), (right, "recall")):
+        scale = 100 if key == "loss_vs_exact" else 1
+        ax.plot([scale * r[key] for r in timed], [r["measured_speedup"] for r in timed], "*", ms=11,
+                color=drawn.get_color(), label=f"r={rank}, measured")
     for r, yy in zip(line, y):
       left.annotate(f"c={r['candidates']}", (100 * r["loss_vs_exact"], yy), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
   left.axvline(1.0, ls="--", color="gray", lw=1)
   left.set_xlabel("held-out loss over exact Top-k (%)")
   right.set_xlabel("recall of the exact Top-k set")
-  kind = "measured speedup" if "speedup" in pts[0] else "bytes bound on speedup"
+  measured_on = next((r["measured_on"] for r in pts if "measured_on" in r), None)
   for ax in (left, right):
-    ax.set_ylabel(f"{kind} over dense")
+    ax.set_ylabel("speedup over dense" + (f"\n(measured: {measured_on})" if measured_on else " (bytes bound)"))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
   fig.suptitle("Predicted-neuron decoding: speed against quality")
   fig.tight_layout()
   return save(fig, path)

@@ -30,7 +30,7 @@ import copy
 import dataclasses
 import functools
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +148,27 @@ def large_bound(r: int, c: int, k: int = LARGE_K) -> float:
   cfg = sizes.published_config("1.0", "large")
   dense = bench.weight_bytes_per_token(cfg, None, 4)["total"]
   return dense / bench.weight_bytes_per_token(cfg, k, 4, r, c)["total"]
+
+
+def attach_measured_speedups(rows: Sequence[Dict[str, Any]], bench: Mapping[str, Any], k: int) -> int:
+  """Adds ``measured_speedup`` (and the benchmark row's ``size``) to the predicted quality ``rows`` whose setting
+  a ``topk-bench-decode --predicted`` result ``bench`` timed, matching ``(r, c)`` of a model with Top-k ``k`` to
+  the benchmark's ``(r, c * k_bench / k)`` (the same rank and candidates per kept unit, as ``bound`` maps them).
+  Only rows that read through the same path as the README's (the row kernels where they ran) count. Returns how
+  many rows matched."""
+  timed = {}
+  for b in bench["results"]:
+    if b.get("variant") == "predicted" and b.get("row_kernels", True):
+      timed[(b["predictor_rank"], b["candidates"] * k // b["k"])] = b
+  matched = 0
+  for row in rows:
+    hit = timed.get((row.get("predictor_rank"), row.get("candidates")))
+    if row.get("variant") == "predicted" and hit is not None:
+      row.update(measured_speedup=hit["speedup"], measured_candidates=hit["candidates"],
+                 measured_on=f"T5 v{hit['version']} {hit['size']}, {hit['num_decoder_layers']} decoder layers, "
+                             f"{hit['dtype']}, k={hit['k']}")
+      matched += 1
+  return matched
 
 
 def quality(run, predictor_sets: Dict[int, Any], candidates: Sequence[int], split: Optional[str] = None,

@@ -33,6 +33,8 @@ def main(argv) -> int:
   p.add_argument("--eval_batches", type=int, default=10, help="held-out batches for recall, loss and accuracy")
   p.add_argument("--decode_batches", type=int, default=2, help="held-out batches decoded greedily")
   p.add_argument("--plot", default=None, help="PNG of quality against the Large-shape speedup bound")
+  p.add_argument("--speedups", default=None,
+                 help="a topk-bench-decode --predicted JSON: its measured speedups go into the report and the plot")
   p.add_argument("--batch_size", type=int, default=None)
   args = p.parse_args(rest)
   ranks = common.comma_list(args.rank, int)
@@ -52,6 +54,10 @@ def main(argv) -> int:
     result = predictor_training.quality(run, sets, candidates, num_batches=args.eval_batches,
                                         decode_batches=args.decode_batches)
     result["command"] = " ".join(["topk-train-predictors", *argv])
+    if args.speedups:
+      bench = _read_json(args.speedups)
+      matched = predictor_training.attach_measured_speedups(result["rows"], bench, run.model.module.config.top_k)
+      print(f"{matched} setting(s) matched a measured speedup in {args.speedups}")
     print(predictor_training.format_table(result))
     common.write_json(args.report, result)
     print(f"wrote {args.report}")
@@ -61,3 +67,12 @@ def main(argv) -> int:
       plotting.plot_predictor_quality(result["rows"], args.plot)
       print(f"wrote {args.plot}")
   return 0
+
+
+def _read_json(path):
+  import json  # pylint: disable=g-import-not-at-top
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise common.ConfigError(f"--speedups {path!r}: {e}") from None
