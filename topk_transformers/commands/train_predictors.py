@@ -43,6 +43,7 @@ def main(argv) -> int:
   for name in ("batches", "eval_batches"):
     if getattr(args, name) <= 0:
       raise common.ConfigError(f"--{name} must be positive, got {getattr(args, name)}")
+  bench = _read_json(args.speedups) if args.speedups else None  # read first: a bad file fails before the fit
   run = runs.load_run(args.checkpoint, gin_files=gin_files, bindings=bindings, batch_size=args.batch_size)
   out = args.out or os.path.join(os.path.dirname(checkpoints.locate(args.checkpoint)[0]), "predictors")
   paths = predictor_training.train(run, ranks, out, split=args.split, num_batches=args.batches, ridge=args.ridge)
@@ -54,8 +55,7 @@ def main(argv) -> int:
     result = predictor_training.quality(run, sets, candidates, num_batches=args.eval_batches,
                                         decode_batches=args.decode_batches)
     result["command"] = " ".join(["topk-train-predictors", *argv])
-    if args.speedups:
-      bench = _read_json(args.speedups)
+    if bench is not None:
       matched = predictor_training.attach_measured_speedups(result["rows"], bench, run.model.module.config.top_k)
       print(f"{matched} setting(s) matched a measured speedup in {args.speedups}")
     print(predictor_training.format_table(result))
@@ -70,9 +70,13 @@ def main(argv) -> int:
 
 
 def _read_json(path):
+  """A ``topk-bench-decode`` result, or a one-line ``ConfigError``."""
   import json  # pylint: disable=g-import-not-at-top
   try:
     with open(path, encoding="utf-8") as f:
-      return json.load(f)
+      result = json.load(f)
   except (OSError, ValueError) as e:
     raise common.ConfigError(f"--speedups {path!r}: {e}") from None
+  if not isinstance(result, dict) or not isinstance(result.get("results"), list):
+    raise common.ConfigError(f"--speedups {path!r} is not a topk-bench-decode JSON (no 'results' list)")
+  return result
