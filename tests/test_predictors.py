@@ -240,3 +240,16 @@ def test_measured_speedups_join_the_quality_rows_at_the_same_rank_and_candidates
   assert rows[1]["measured_on"] == "T5 v1.0 large, 24 decoder layers, float32, k=128"
   plotting.plot_predictor_quality(rows, str(tmp_path / "q.png"))
   assert (tmp_path / "q.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("content,problem", [(None, "No such file"), ("{oops", "Expecting"),
+                                             ('{"a": 1}', "not a topk-bench-decode JSON")])
+def test_train_predictors_checks_speedups_before_anything_else(tmp_path, capsys, content, problem):
+  from topk_transformers.commands import train_predictors
+  path = tmp_path / "bench.json"
+  if content is not None:
+    path.write_text(content)
+  status = train_predictors.main(["--gin_file=t5/runs/cpu_smoke.gin", f"--checkpoint={tmp_path / 'no_run'}",
+                                  f"--speedups={path}"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert status == 2 and len(err) == 1 and "--speedups" in err[0] and problem in err[0], err
