@@ -263,12 +263,12 @@ class MlpBlock(nn.Module):
     params = self.variables.get("params", {})
     preds = self.variables["predictors"]
     if "wi_rows" not in preds:
-      raise ValueError("predicted decoding needs the 'wi_rows' layout of the predictors (predictors.prepare)")
+      raise ConfigError("predicted decoding needs the 'wi_rows' layout of the predictors (predictors.prepare)")
     ff, c = self.intermediate_dim, min(self.decode_candidates, self.intermediate_dim)
     n = len(self.activations)
     a, b, wi_rows = preds["a"], preds["b"], preds["wi_rows"]
     if b.shape[0] != n or b.shape[2] != ff or wi_rows.shape != (n, ff, inputs.shape[-1]):
-      raise ValueError(f"predictor shapes b {b.shape}, wi_rows {wi_rows.shape} do not fit an MLP of {n} branch(es), "
+      raise ConfigError(f"predictor shapes b {b.shape}, wi_rows {wi_rows.shape} do not fit an MLP of {n} branch(es), "
                        f"{ff} units, width {inputs.shape[-1]}")
     x = jnp.asarray(inputs, self.dtype)
     acts = [resolve_activation(act) for act in self.activations]
