@@ -150,6 +150,7 @@ def test_threshold_orders_values_that_differ_only_in_their_last_bits(dtype, utyp
   for k in (d - 8, d - 1, d):  # the neighbours of -1.5 at the bottom; k = d keeps the whole row
     np.testing.assert_array_equal(np.asarray(topk.keep_mask(x, k)), reference_kept(np.asarray(x), k), err_msg=f"k={k}")
   assert np.asarray(topk.keep_mask(x, d)).all()
+  assert topk.keep_mask(x, 3).dtype == jnp.bool_  # the documented dtype
 
 
 @pytest.mark.parametrize("method", EXACT_METHODS)
