@@ -274,9 +274,16 @@ class MlpBlock(nn.Module):
     acts = [resolve_activation(act) for act in self.activations]
     if c < ff:
       low = jnp.dot(x, jnp.asarray(a, self.dtype))
-      # One product per branch with b[i] [r, mlp] as it is stored: an einsum over b [n, r, mlp] with the branch
-      # axis first in the result makes XLA:CPU transpose and copy all of b in every step.
-      pred = [jnp.dot(low, jnp.asarray(b[i], self.dtype)) for i in range(n)]
+      # Products with b as it lies: an einsum over b [n, r, mlp] makes XLA:CPU transpose and copy b in every
+      # step, and so does a slice b[i] for n > 1. For v1.0, b[0] is a free reshape; for gated v1.1 prepare's
+      # b_cols [r, n * mlp] (the branches side by side) gives both in one product.
+      if n == 1:
+        pred = [jnp.dot(low, jnp.asarray(b[0], self.dtype))]
+      elif "b_cols" in preds:
+        both = jnp.dot(low, jnp.asarray(preds["b_cols"], self.dtype))
+        pred = [both[..., i * ff:(i + 1) * ff] for i in range(n)]
+      else:
+        pred = [jnp.dot(low, jnp.asarray(b[i], self.dtype)) for i in range(n)]
       # v1.0 ranks by the predicted pre-activation (ReLU is monotone); gated v1.1 by the predicted |product|.
       score = pred[0] if n == 1 else jnp.abs(functools.reduce(lambda u, v: u * v, [f(p) for f, p in zip(acts, pred)]))
       # In predicted order, not sorted: a sort of c indices costs XLA:CPU more than the rest of the selection.
@@ -285,10 +292,14 @@ class MlpBlock(nn.Module):
       _, cand = row_kernels.top_k(score.astype(jnp.float32), c, native=self._native())
     else:
       cand = jnp.broadcast_to(jnp.arange(ff, dtype=jnp.int32), x.shape[:-1] + (ff,))
+    # The c candidates' rows of each branch of wi_rows [n, mlp, embed], each contiguous, in one read: the branches
+    # as one [n * mlp, embed] matrix (a free reshape; a slice wi_rows[i] would be copied whole for n > 1).
+    rows = jnp.asarray(wi_rows, self.dtype).reshape(n * ff, wi_rows.shape[-1])
+    both = cand if n == 1 else jnp.concatenate([cand + i * ff for i in range(n)], axis=-1)
+    h_all = row_kernels.gather_matvec(x, rows, both, native=self._native())
     hs = []
     for i, f in enumerate(acts):
-      # The c candidates' rows of wi_rows [mlp, embed], each contiguous.
-      h = row_kernels.gather_matvec(x, jnp.asarray(wi_rows[i], self.dtype), cand, native=self._native())
+      h = h_all[..., i * cand.shape[-1]:(i + 1) * cand.shape[-1]]
       if self.use_bias:
         name = f"wi_{i}" if n > 1 else "wi"
         h = h + jnp.take(jnp.asarray(nn.meta.unbox(params[name]["bias"]), self.dtype), cand)

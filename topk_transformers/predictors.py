@@ -98,7 +98,8 @@ def prepare(params: Mapping[str, Any], predictors: Mapping[str, Any], dtype=None
   """The ``predictors`` collection a decoding step reads: each block's ``a``, ``b`` and ``wi_rows``.
 
   ``wi_rows [branches, mlp, embed]`` is the transpose of the block's ``wi`` kernels, so that the rows of the
-  candidates are contiguous. Call it once per set of parameters (or once per decoding call, outside the loop), not
+  candidates are contiguous. Gated blocks also get ``b_cols [r, branches * mlp]``, ``b`` with its branches side
+  by side, so that a step scores both in one product. Call it once per set of parameters (or once per decoding call, outside the loop), not
   per step. ``dtype`` casts all three (default: as stored).
   """
   params = nn.meta.unbox(params)
@@ -107,7 +108,10 @@ def prepare(params: Mapping[str, Any], predictors: Mapping[str, Any], dtype=None
     mlp = params["decoder"][name]["mlp"]
     keys = ["wi"] if "wi" in mlp else sorted(k for k in mlp if k.startswith("wi_"))
     rows = jnp.stack([jnp.transpose(jnp.asarray(mlp[k]["kernel"])) for k in keys])
-    entry = {"a": jnp.asarray(p["a"]), "b": jnp.asarray(p["b"]), "wi_rows": rows}
+    b = jnp.asarray(p["b"])
+    entry = {"a": jnp.asarray(p["a"]), "b": b, "wi_rows": rows}
+    if b.shape[0] > 1:  # gated: both branches' b side by side, [r, branches * mlp], for one product per step
+      entry["b_cols"] = jnp.transpose(b, (1, 0, 2)).reshape(b.shape[1], -1)
     if dtype is not None:
       entry = {k: v.astype(dtype) for k, v in entry.items()}
     out[name] = entry
