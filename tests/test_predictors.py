@@ -80,9 +80,8 @@ def test_predicted_step_reads_candidate_rows_not_whole_kernels(use_row_kernels):
   jaxpr = jax.make_jaxpr(fn)({"params": params, "predictors": preds}, x).jaxpr
   shapes = [tuple(v.aval.shape) for e in jaxpr.eqns if e.primitive.name == "dot_general" for v in e.invars]
   kernels = {str(e.params["target_name"]): [tuple(v.aval.shape) for v in e.invars]
-             for e in jaxpr.eqns if e.primitive.name == "ffi_call" and e.params["target_name"] != "topk_top_k"}
-  selections = [tuple(e.invars[0].aval.shape) for e in jaxpr.eqns
-                if e.primitive.name == "top_k" or e.params.get("target_name") == "topk_top_k"]
+             for e in jaxpr.eqns if e.primitive.name == "ffi_call"}
+  selections = [tuple(e.invars[0].aval.shape) for e in jaxpr.eqns if e.primitive.name == "top_k"]
   assert selections == [(1, 1, FF), (1, 1, 16)]  # the 16 candidates from the scores, the k among them
   # Never a product with wi [16, 64] or wo [64, 16]: x @ a, (x a) @ b, then the 16 candidate rows of wi and the
   # 8 selected rows of wo, gathered by XLA or read by the row kernels (which get the whole matrix and the row

@@ -96,36 +96,3 @@ def test_without_the_kernels_the_jax_path_runs_and_says_why(tmp_path, env, expec
   assert out.stdout.startswith("False [[10.0, 12.0]]") and expect in out.stdout, out.stdout
   if "PATH" in env:
     assert "row kernels unavailable" in out.stderr and len([l for l in out.stderr.splitlines() if "unavailable" in l]) == 1
-
-
-@needs_kernels
-@pytest.mark.parametrize("lead,n", [((), 7), ((1,), 4096), ((3,), 256), ((2, 2), 33)])
-def test_top_k_is_lax_top_k_bit_for_bit(lead, n):
-  rng = np.random.RandomState(n)
-  x = rng.randn(*lead, n).astype(np.float32)
-  flat = x.reshape(-1, n)
-  flat[0, : n // 3] = 0.0  # a run of ties, at the boundary for most k
-  flat[0, n // 3: n // 2] = -0.0  # ranked below +0.0, as lax.top_k ranks them
-  if flat.shape[0] > 1:
-    flat[1, ::2] = 1.5
-    flat[-1, :3] = [np.inf, -np.inf, np.nan]
-  x = flat.reshape(x.shape)
-  for k in sorted({1, 2, n // 2, n - 1, n} - {0}):
-    got = jax.jit(lambda x: row_kernels.top_k(x, k, native=True))(x)
-    want = jax.lax.top_k(x, k)
-    np.testing.assert_array_equal(got[1], want[1])
-    np.testing.assert_array_equal(np.asarray(got[0]).view(np.int32), np.asarray(want[0]).view(np.int32))
-  assert row_kernels._TARGETS[2] in ffi_targets(lambda x: row_kernels.top_k(x, 1), x)
-
-
-def test_top_k_errors_and_the_fallback():
-  with pytest.raises(ValueError, match="0 < k <= x.shape"):
-    row_kernels.top_k(jnp.ones((1, 4)), 5)
-  with pytest.raises(ValueError, match="0 < k <= x.shape"):
-    row_kernels.top_k(jnp.ones((1, 4)), 0)
-  with pytest.raises(ValueError, match="float32"):
-    row_kernels.top_k(jnp.ones((1, 4), jnp.bfloat16), 2, native=True)
-  x = jnp.asarray([[1.0, 3.0, 2.0, 3.0]], jnp.bfloat16)
-  values, idx = row_kernels.top_k(x, 2)  # bfloat16: lax.top_k
-  assert values.dtype == jnp.bfloat16 and idx.tolist() == [[1, 3]]
-  assert ffi_targets(lambda x: row_kernels.top_k(x, 2, native=False), jnp.ones((1, 4))) == []

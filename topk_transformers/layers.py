@@ -215,7 +215,7 @@ class MlpBlock(nn.Module):
     params = self.variables.get("params", {})
     if "wo" not in params:
       raise ValueError("sparse decoding needs the MLP's 'wo' parameters (initialise the model first)")
-    vals, idx = self._select_for_decoding(x, by_magnitude)
+    vals, idx = topk_lib.select_f32(x, self.top_k, self.top_k_method, self.top_k_recall_target, by_magnitude)
     self._sow_sparse_stats(vals, idx, x.shape[-1], mask)
     kernel = nn.meta.unbox(params["wo"]["kernel"])
     if kernel.shape != (x.shape[-1], features):
@@ -233,19 +233,6 @@ class MlpBlock(nn.Module):
 
   def _native(self) -> Optional[bool]:
     return None if self.use_row_kernels else False
-
-  def _select_for_decoding(self, x: Array, by_magnitude: bool) -> Tuple[Array, Array]:
-    """``topk_lib.select_f32`` for a decoding step; the exact methods through ``row_kernels.top_k``.
-
-    Every exact method keeps ``lax.top_k``'s set, and ``row_kernels.top_k`` is ``lax.top_k`` bit for bit, so
-    this changes the speed only (the approximate method keeps ``approx_max_k``).
-    """
-    method = topk_lib.resolve_method(self.top_k_method, x.shape, self.top_k, x.dtype)
-    if method == "approx":
-      return topk_lib.select_f32(x, self.top_k, method, self.top_k_recall_target, by_magnitude)
-    score = jnp.abs(x) if by_magnitude else x
-    _, idx = row_kernels.top_k(score.astype(jnp.float32), self.top_k, native=self._native())
-    return jnp.take_along_axis(x, idx, axis=-1), idx
 
   def _use_predicted(self, deterministic: bool) -> bool:
     """Whether this decoding call takes the predicted-neuron path (static: settings and variables present)."""
@@ -289,7 +276,7 @@ class MlpBlock(nn.Module):
       # In predicted order, not sorted: a sort of c indices costs XLA:CPU more than the rest of the selection.
       # So an exact tie of two nonzero activations at the k-th place may break by predicted rank rather than
       # by position; zeros picked when fewer than k are positive add nothing to the output or the statistics.
-      _, cand = row_kernels.top_k(score.astype(jnp.float32), c, native=self._native())
+      _, cand = jax.lax.top_k(score.astype(jnp.float32), c)
     else:
       cand = jnp.broadcast_to(jnp.arange(ff, dtype=jnp.int32), x.shape[:-1] + (ff,))
     # The c candidates' rows of each branch of wi_rows [n, mlp, embed], each contiguous, in one read: the branches
@@ -305,7 +292,7 @@ class MlpBlock(nn.Module):
         h = h + jnp.take(jnp.asarray(nn.meta.unbox(params[name]["bias"]), self.dtype), cand)
       hs.append(f(h))
     h = functools.reduce(lambda u, v: u * v, hs)
-    vals, j = self._select_for_decoding(h, by_magnitude)
+    vals, j = topk_lib.select_f32(h, self.top_k, self.top_k_method, self.top_k_recall_target, by_magnitude)
     idx = jnp.take_along_axis(cand, j, axis=-1)
     self._sow_sparse_stats(vals, idx, ff, mask)
     y = self._rows_of_wo(vals, idx, nn.meta.unbox(params["wo"]["kernel"]))

@@ -4,9 +4,6 @@
   activations of the candidate units from their rows of ``wi_rows`` (``[mlp, embed]``).
 * :func:`gather_vecmat` ``(v [..., k], w [n, d], idx [..., k]) -> [..., d]``: ``sum_j v_j w[idx_j]``, the MLP
   output from the k selected rows of ``wo``.
-* :func:`top_k` ``(x [..., n], k) -> (values, indices) [..., k]``: ``lax.top_k``'s result, bit for bit (the same
-  total order of floats, ties to the lower index, sorted), for the selections of a decoding step: XLA:CPU's
-  ``top_k`` costs ~60 us for a ``[1, 4096]`` row, a selection and a sort of the k kept a fraction of it.
 
 XLA:CPU computes a product of gathered rows as a gather that copies the rows, on one thread, and a product that
 reads the copy: three passes over the rows. Unbatched decoding of a Large T5 with predicted neurons spends most of
@@ -33,7 +30,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from typing import Optional, Tuple
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +38,7 @@ import jax.numpy as jnp
 log = logging.getLogger(__name__)
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "native", "row_kernels.cc")
-_TARGETS = ("topk_gather_matvec", "topk_gather_vecmat", "topk_top_k")
+_TARGETS = ("topk_gather_matvec", "topk_gather_vecmat")
 _lock = threading.Lock()
 _state = {"loaded": None, "reason": None}
 
@@ -168,25 +165,6 @@ def gather_vecmat(v: jax.Array, w: jax.Array, idx: jax.Array, native: Optional[b
                             vmap_method="sequential")(v, w, idx)
   rows = w.at[idx].get(mode="promise_in_bounds")  # [..., k, d]
   return jnp.einsum("...k,...kd->...d", v, rows)
-
-
-def top_k(x: jax.Array, k: int, native: Optional[bool] = None) -> Tuple[jax.Array, jax.Array]:
-  """``jax.lax.top_k(x, k)``: values and int32 indices ``[..., k]``, largest first, ties to the lower index.
-
-  ``native`` as for :func:`gather_matvec` (the CPU handler takes float32; other dtypes take ``lax.top_k``).
-  """
-  if x.ndim == 0 or not 0 < k <= x.shape[-1]:
-    raise ValueError(f"top_k needs 0 < k <= x.shape[-1], got k={k} for shape {x.shape}")
-  if native and not available():
-    raise RuntimeError(f"row kernels unavailable: {unavailable_reason()}")
-  if native is not False and jax.default_backend() == "cpu" and x.dtype == jnp.float32 and available():
-    shape = x.shape[:-1] + (k,)
-    return tuple(jax.ffi.ffi_call(_TARGETS[2], (jax.ShapeDtypeStruct(shape, jnp.float32),
-                                                jax.ShapeDtypeStruct(shape, jnp.int32)),
-                                  vmap_method="sequential")(x))
-  if native:
-    raise ValueError("the top_k handler needs the CPU backend and float32 scores")
-  return jax.lax.top_k(x, k)
 
 
 def _check(a: jax.Array, w: jax.Array, idx: jax.Array, name: str, width: Optional[int]) -> None:

@@ -2,7 +2,6 @@
 //
 //   topk_gather_matvec: out[t, c] = sum_d x[t, d] * w[idx[t, c], d]       (c rows of wi_rows [mlp, embed])
 //   topk_gather_vecmat: out[t, d] = sum_j v[t, j] * w[idx[t, j], d]       (k rows of wo [mlp, embed])
-//   topk_top_k:         (values, indices) of the k largest of each row, as lax.top_k gives them
 //
 // XLA:CPU computes both as a gather that copies the rows, then a product that reads the copy:
 // three passes over the rows, the copy on one thread. These read each selected row once, four rows
@@ -14,7 +13,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <string>
 #include <thread>
@@ -167,49 +165,7 @@ ffi::Error GatherVecmat(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> v, ffi::Buff
   return ffi::Error::Success();
 }
 
-// lax.top_k's order: -NaN < -inf < ... < -0.0 < +0.0 < ... < +inf < +NaN (topk.order_key), ties by lower index.
-// The key packs the float's order-preserving image above the complemented index, so one integer comparison
-// ranks by value and then by position. XLA:CPU's top_k runs ~60 us for [1, 4096] -> 256 on this project's CPU;
-// a selection (nth_element) and a sort of the k kept is a fraction of that for a decoding step's few rows.
-ffi::Error TopK(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values, ffi::ResultBuffer<ffi::S32> indices) {
-  if (x.dimensions().size() == 0 || indices->dimensions().size() == 0)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "topk_top_k: x and the results need a last axis");
-  const int64_t n = x.dimensions().back(), k = indices->dimensions().back();
-  if (k <= 0 || k > n || n > (int64_t(1) << 31) - 1 || values->element_count() != indices->element_count() ||
-      x.element_count() / n != indices->element_count() / k)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "topk_top_k: need 0 < k <= n and matching leading axes");
-  const int64_t rows = x.element_count() / n;
-  const float* xp = x.typed_data();
-  float* vp = values->typed_data();
-  int32_t* ip = indices->typed_data();
-  std::vector<uint64_t> keys(n);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = xp + r * n;
-    for (int64_t i = 0; i < n; ++i) {
-      uint32_t bits;
-      std::memcpy(&bits, row + i, sizeof(bits));
-      const uint32_t key = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-      keys[i] = (uint64_t(key) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(i));
-    }
-    auto greater = [](uint64_t a, uint64_t b) { return a > b; };
-    if (k < n) std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), greater);
-    std::sort(keys.begin(), keys.begin() + k, greater);
-    for (int64_t j = 0; j < k; ++j) {
-      const int32_t i = int32_t(0xFFFFFFFFu - uint32_t(keys[j] & 0xFFFFFFFFu));
-      ip[r * k + j] = i;
-      vp[r * k + j] = row[i];
-    }
-  }
-  return ffi::Error::Success();
-}
-
 }  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(topk_top_k, TopK,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(topk_gather_matvec, GatherMatvec,
                               ffi::Ffi::Bind()
