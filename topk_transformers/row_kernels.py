@@ -21,7 +21,6 @@ downloaded. ``TOPK_NATIVE=0`` turns them off; without a compiler the JAX path is
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import logging
 import os
@@ -178,11 +177,6 @@ def _check(a: jax.Array, w: jax.Array, idx: jax.Array, name: str, width: Optiona
     raise ValueError(f"idx must be integer, got {idx.dtype}")
 
 
-@functools.lru_cache(maxsize=None)
-def _describe() -> str:
-  return "native (XLA FFI, CPU)" if available() else f"XLA gather ({unavailable_reason()})"
-
-
 def describe() -> str:
   """One line for logs and benchmark JSON: which implementation runs on this machine."""
-  return _describe()
+  return "native (XLA FFI, CPU)" if available() else f"XLA gather ({unavailable_reason()})"

@@ -165,20 +165,17 @@ ffi::Error GatherVecmat(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> v, ffi::Buff
   return ffi::Error::Success();
 }
 
+// Both handlers take (x or v [..., m] f32, w [n, d] f32, idx [..., m] s32) and return one f32 buffer.
+auto RowsBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(topk_gather_matvec, GatherMatvec,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(topk_gather_vecmat, GatherVecmat,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(topk_gather_matvec, GatherMatvec, RowsBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(topk_gather_vecmat, GatherVecmat, RowsBinding());
