@@ -40,7 +40,7 @@ setup(
         "demo": ["gensim>=4.3", "scikit-learn>=1.3"],
         # torch (CPU build from the local index) and transformers only check the checkpoint converters
         # against Hugging Face's PyTorch T5; the library itself never imports them.
-        "test": ["pytest>=8", "gensim>=4.3", "scikit-learn>=1.3", "torch==2.13.0", "transformers==5.24.0",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "gensim>=4.3", "scikit-learn>=1.3", "torch==2.13.0", "transformers==5.24.0",
                  "safetensors"],
         # scripts/mutation_test.sh (docs/mutation_testing.md); not installed by CI.
         "mutation": ["mutmut>=3.3"],
