@@ -478,6 +478,20 @@ def test_scatter_writes_each_value_at_its_index_on_a_3d_input(dtype):
   np.testing.assert_array_equal(np.asarray(got, np.float32), want)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("method", topk.METHODS)
+def test_topk_of_a_3d_input_keeps_the_k_largest_of_each_last_axis_row_in_its_dtype(method, dtype):
+  """An MLP's activations are ``[batch, length, d_ff]``: each ``d_ff`` row keeps its own k, whatever the other axes
+  (2 and 3 here, unlike d = 7), and the result keeps the input's dtype (bfloat16 too)."""
+  rng = np.random.default_rng(8)
+  x = np.stack([rng.permutation(7) - 3.5 for _ in range(6)]) / 4  # distinct per row, nonzero, exact in bfloat16
+  x = jnp.asarray(x.reshape(2, 3, 7), dtype)
+  got = jax.jit(lambda x: topk.topk(x, 3, method))(x)
+  assert got.dtype == dtype and got.shape == (2, 3, 7)
+  want = reference_topk(np.asarray(x).reshape(6, 7), 3).reshape(2, 3, 7)
+  np.testing.assert_array_equal(bits(got), bits(want), err_msg=method)
+
+
 def test_topk_and_select_check_their_settings_and_pass_the_recall_target_on():
   x = jnp.ones((2, 8))
   with pytest.raises(topk.ConfigError, match="top_k must be a positive integer"):
