@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from topk_transformers import gin_utils
+from topk_transformers import layers
 from topk_transformers.commands import model_info as model_info_command
 from topk_transformers.t5 import network
 from topk_transformers.t5 import sizes
@@ -137,6 +138,25 @@ def assert_one_line_error(files, bindings, *needles):
 def test_bad_top_k_is_a_one_line_error(bad, shown):
   msg = assert_one_line_error(["t5_1_0/tiny"], [f"TOP_K = {bad}"], "top_k", shown)
   assert "positive integer" in msg
+
+
+@pytest.mark.parametrize("bindings, shown", [
+    (["network.T5Config.relpos_max_distance = 16"], "above relpos_num_buckets // 2 (16), got 16"),
+    (["network.T5Config.relpos_num_buckets = 8", "network.T5Config.relpos_max_distance = 3"], "(4), got 3"),
+    (["network.T5Config.relpos_num_buckets = 2"], "relpos_num_buckets must be an integer >= 4, got 2"),
+])
+def test_relative_position_settings_whose_buckets_break_are_one_line_errors(bindings, shown):
+  # max_distance <= buckets // 2 divides by log(max_distance / max_exact) <= 0 in the decoder's buckets (NaN logits).
+  assert_one_line_error(["t5_1_0/tiny"], bindings, shown)
+
+
+def test_the_smallest_valid_relative_position_settings_give_buckets_in_range():
+  cfg = network.T5Config(vocab_size=8, emb_dim=4, num_heads=1, head_dim=4, mlp_dim=4, relpos_num_buckets=8,
+                         relpos_max_distance=5)
+  for bidirectional in (True, False):
+    buckets = layers.relative_position_bucket(np.arange(-40, 41), bidirectional, cfg.relpos_num_buckets,
+                                              cfg.relpos_max_distance)
+    assert buckets.min() >= 0 and buckets.max() < cfg.relpos_num_buckets
 
 
 def test_config_mistakes_are_one_line_errors(tmp_path):

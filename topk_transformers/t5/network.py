@@ -109,6 +109,13 @@ class T5Config:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ConfigError(f"T5Config.{name} must be a non-negative integer, got {value!r}")
+    buckets, distance = self.relpos_num_buckets, self.relpos_max_distance
+    if isinstance(buckets, bool) or not isinstance(buckets, numbers.Integral) or buckets < 4:
+      raise ConfigError(f"T5Config.relpos_num_buckets must be an integer >= 4, got {buckets!r}")
+    # The decoder's buckets are exact up to buckets // 2 and logarithmic from there to max_distance.
+    if isinstance(distance, bool) or not isinstance(distance, numbers.Integral) or distance <= buckets // 2:
+      raise ConfigError(f"T5Config.relpos_max_distance must be an integer above relpos_num_buckets // 2 "
+                        f"({buckets // 2}), got {distance!r}")
     if not 0.0 <= float(self.dropout_rate) < 1.0:
       raise ConfigError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
     activations = (self.mlp_activations,) if isinstance(self.mlp_activations, str) else tuple(self.mlp_activations)
