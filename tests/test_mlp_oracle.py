@@ -41,7 +41,8 @@ def np_mlp(x, params, k, gated, by_magnitude=None, bias=False):
   x = x.astype(np.float64)
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   if gated:
-    h = np_gelu(x @ p["wi_0"]["kernel"]) * (x @ p["wi_1"]["kernel"])
+    h = np_gelu(x @ p["wi_0"]["kernel"] + (p["wi_0"]["bias"] if bias else 0.0)) * (
+        x @ p["wi_1"]["kernel"] + (p["wi_1"]["bias"] if bias else 0.0))
   else:
     pre = x @ p["wi"]["kernel"] + (p["wi"]["bias"] if bias else 0.0)
     h = np.maximum(pre, 0.0)
@@ -82,11 +83,12 @@ def test_relu_v1_0_keeps_the_k_largest_activations(bias):
   assert np.abs(np.asarray(dense) - want).max() > 0.1  # the Top-k changes the output here
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("gated", [False, True], ids=["v1.0", "v1.1"])
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense_step", "sparse_step"])
-def test_decoding_step_equals_the_oracle(gated, sparse):
-  block, params, x = make(gated=gated, sparse_decode=sparse)
+def test_decoding_step_equals_the_oracle(gated, sparse, bias):
+  block, params, x = make(gated=gated, bias=bias, sparse_decode=sparse)
   step = x[:, :1]
-  want = np_mlp(np.asarray(step), params, K, gated=gated)
+  want = np_mlp(np.asarray(step), params, K, gated=gated, bias=bias)
   got = jax.jit(lambda p, x: block.apply({"params": p}, x, decode=True, deterministic=True))(params, step)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)

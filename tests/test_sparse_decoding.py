@@ -69,7 +69,9 @@ def mlp(acts, method, sparse, dropout=0.0):
 @pytest.mark.parametrize("method", ["exact", "approx"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_mlp_block_sparse_equals_dense(acts, method, batch):
-  x = jnp.asarray(np.random.RandomState(batch).randn(batch, 1, 16), jnp.float32)
+  x = np.random.RandomState(batch).randn(batch, 1, 16)
+  x[2:] = 0.0  # a counted row of zeros: fewer than k nonzero units, so the selected zeros must not count as fired
+  x = jnp.asarray(x, jnp.float32)
   params = mlp(acts, method, False).init(jax.random.PRNGKey(0), x)["params"]
   mask = jnp.array([[1], [0], [1]][:batch])  # a padded row must not count in the statistics
   outs = {}
@@ -86,6 +88,18 @@ def test_mlp_block_sparse_equals_dense(acts, method, batch):
   assert float(s_dense["intermediates"]["nonzero_count"][0]) > 0
 
 
+def test_sparse_statistics_without_a_mask_count_every_token():
+  x = np.random.RandomState(4).randn(3, 1, 16)
+  x[1] = 0.0  # fewer than k nonzero units in this row
+  x = jnp.asarray(x, jnp.float32)
+  params = jax.jit(mlp(V10, "exact", False).init)(jax.random.PRNGKey(0), x)["params"]
+  stats = [jax.jit(lambda p, x, b=mlp(V10, "exact", s): b.apply({"params": p}, x, decode=True, deterministic=True,
+                                                                mutable=["intermediates"])[1])(params, x)
+           for s in (False, True)]
+  jax.tree.map(np.testing.assert_array_equal, stats[1], stats[0])
+  assert float(stats[1]["intermediates"]["token_count"][0]) == 3
+
+
 def test_sparse_decode_rule_and_errors():
   d_ff, k = 64, 8  # automatic: sparse while 4 * tokens * k <= d_ff, i.e. up to 2 tokens
   block = mlp(V10, "exact", None)
@@ -96,6 +110,7 @@ def test_sparse_decode_rule_and_errors():
                              (d_ff, 16), params, x)
   assert dense_dots(jnp.ones((2, 1, 16))) == 0
   assert dense_dots(jnp.ones((3, 1, 16))) == 1
+  assert dense_dots(jnp.ones((1, 3, 16))) == 1  # tokens: every position of the call, not the batch alone
   assert dense_dots(jnp.ones((1, 1, 16)), decode=False) == 1  # training / scoring stay dense
   # Active dropout keeps the automatic choice dense, and makes a forced sparse path an error.
   dropping = mlp(V10, "exact", None, dropout=0.5)
@@ -103,6 +118,11 @@ def test_sparse_decode_rule_and_errors():
     return dropping.apply({"params": p}, x, decode=True, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
 
   assert dots_with_operand(fn, (d_ff, 16), params, jnp.ones((1, 1, 16))) == 1
+  # Dropout is active only when both non-deterministic and rate > 0: otherwise the automatic choice stays sparse.
+  for block, deterministic in ((dropping, True), (mlp(V10, "exact", None), False)):
+    assert dots_with_operand(lambda p, x, b=block, d=deterministic: b.apply(
+        {"params": p}, x, decode=True, deterministic=d, rngs={"dropout": jax.random.PRNGKey(0)}),
+        (d_ff, 16), params, jnp.ones((1, 1, 16))) == 0
   with pytest.raises(ValueError, match="deterministic"):
     mlp(V10, "exact", True, dropout=0.5).apply({"params": params}, jnp.ones((1, 1, 16)), decode=True,
                                                deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
@@ -110,6 +130,30 @@ def test_sparse_decode_rule_and_errors():
   sparse_params = mlp(V11, "exact", True).init(jax.random.PRNGKey(0), jnp.ones((1, 1, 16)), decode=True)
   dense_params = mlp(V11, "exact", False).init(jax.random.PRNGKey(0), jnp.ones((1, 1, 16)), decode=True)
   jax.tree.map(np.testing.assert_array_equal, sparse_params, dense_params)
+
+
+def test_bfloat16_sparse_step_stays_in_bfloat16():
+  """A bfloat16 block's sparse step gathers its rows of ``wo`` and adds its bias in bfloat16, as its dense step
+  computes (the float32 row kernel is for float32 blocks); traced only, the dtypes are static."""
+  def out_dtype(sparse):
+    block = layers.MlpBlock(intermediate_dim=64, top_k=8, intermediate_dropout_rate=0.0, dtype=jnp.bfloat16,
+                            use_bias=True, sparse_decode=sparse)
+    x = jax.ShapeDtypeStruct((2, 1, 16), jnp.float32)
+    params = jax.eval_shape(block.init, jax.random.PRNGKey(0), x)["params"]  # float32, as stored
+    return jax.eval_shape(lambda p, x: block.apply({"params": p}, x, decode=True, deterministic=True), params, x).dtype
+  assert out_dtype(False) == out_dtype(True) == jnp.bfloat16
+
+
+def test_sparse_step_checks_the_wo_parameters_it_reads():
+  block = mlp(V10, "exact", True)
+  wi = {"kernel": jnp.ones((16, 64))}
+  step = lambda p: jax.eval_shape(lambda: block.apply({"params": p}, jnp.ones((1, 1, 16)), decode=True,
+                                                      deterministic=True))  # traced only: the checks are static
+  assert step({"wi": wi, "wo": {"kernel": jnp.ones((64, 16))}}).shape == (1, 1, 16)
+  with pytest.raises(ValueError, match="sparse decoding needs the MLP's 'wo' parameters"):
+    step({"wi": wi})
+  with pytest.raises(ValueError, match=r"'wo' kernel has shape \(64, 8\), expected \(64, 16\)"):
+    step({"wi": wi, "wo": {"kernel": jnp.ones((64, 8))}})
 
 
 def greedy_with_steps(module, params, enc, length):
