@@ -309,3 +309,46 @@ def test_cross_attention_cache_step_logits_and_shared_keys(t5):
                  tokens[:, :1], enable_dropout=False, decode=True, max_decode_length=length,
                  cross_kv=jax.tree.map(lambda x: jnp.concatenate([x, x[:1]]), cross_kv), mutable=["cache"],
                  method=module.decode)
+
+
+def per_step(probs):
+  """A model whose next-token distribution depends on the step alone: ``probs[min(step, len(probs) - 1)]``."""
+  table = jnp.log(jnp.asarray(probs, jnp.float32))
+
+  def step(state):
+    row = table[jnp.minimum(state.cur_index, len(probs) - 1)]
+    return jnp.broadcast_to(row, (state.cur_token.shape[0], row.shape[0])), state.cache
+  return step
+
+
+def test_beam_search_goes_on_while_the_length_penalty_can_lift_a_live_hypothesis():
+  # Step 0: EOS or token 2, about even; then EOS almost surely. [EOS] is finished first, with log(0.5) / 1; the live
+  # [2] has nearly the same log p, and the penalty of a longer output divides it: [2, EOS] scores ~log(0.5) / (7/6),
+  # better. A search that bounded what a live hypothesis can reach by log p * max penalty would stop after step 0.
+  probs = [[1e-3, 0.5, 0.499], [1e-3, 0.998, 1e-3]]
+  alpha, length = 1.0, 3
+  seqs, scores = decoding.beam_search(per_step(probs), {"h": jnp.zeros((1, 1))}, 1, 1, length, alpha=alpha, eos_id=EOS)
+  log_p = lambda s: sum(np.log(probs[min(i, 1)][t]) for i, t in enumerate(s))
+  best = max(complete_sequences(3, length), key=lambda s: log_p(s) / ((5 + len(s)) / 6) ** alpha)
+  assert best == (2, EOS) and strip(np.asarray(seqs[0, 0])) == best
+  np.testing.assert_allclose(float(scores[0, 0]), log_p(best) / (7 / 6) ** alpha, rtol=1e-5)
+
+
+def test_beam_search_checks_its_arguments():
+  step, cache = per_step([[0.5, 0.5]]), {"h": jnp.zeros((1, 1))}
+  for bad, match in ((dict(beam_size=0), "beam_size must be >= 1"), (dict(alpha=-0.5), "alpha must be >= 0"),
+                     (dict(eos_id=-1), "eos_id must be a non-negative integer"),
+                     (dict(max_decode_length=0), "max_decode_length must be a positive integer")):
+    with pytest.raises(ValueError, match=match):
+      decoding.beam_search(step, cache, **{"batch_size": 1, "beam_size": 2, "max_decode_length": 3, **bad})
+
+
+def test_beam_search_defaults_are_t5s_length_penalty_and_eos():
+  lm = ToyRNN(vocab=6, length=5, seed=3, eos_bias=1.0)
+  search = jax.jit(lambda w, c, **kw: decoding.beam_search(ToyRNN.tokens_to_logits(w), c, 2, 3, 5, **kw),
+                   static_argnames=("alpha", "eos_id"))
+  default = search(lm.w, lm.init_cache(2))
+  jax.tree.map(np.testing.assert_array_equal, default, search(lm.w, lm.init_cache(2), alpha=0.6, eos_id=1))
+  # Both matter here: some beams are longer than one token (the penalty changes their scores), some end at EOS early.
+  lengths = [len(strip(s)) for s in np.asarray(default[0]).reshape(-1, 5)]
+  assert max(lengths) > 1 and min(lengths) < 5 and EOS == 1
