@@ -321,17 +321,26 @@ def per_step(probs):
   return step
 
 
-def test_beam_search_goes_on_while_the_length_penalty_can_lift_a_live_hypothesis():
-  # Step 0: EOS or token 2, about even; then EOS almost surely. [EOS] is finished first, with log(0.5) / 1; the live
-  # [2] has nearly the same log p, and the penalty of a longer output divides it: [2, EOS] scores ~log(0.5) / (7/6),
-  # better. A search that bounded what a live hypothesis can reach by log p * max penalty would stop after step 0.
-  probs = [[1e-3, 0.5, 0.499], [1e-3, 0.998, 1e-3]]
-  alpha, length = 1.0, 3
-  seqs, scores = decoding.beam_search(per_step(probs), {"h": jnp.zeros((1, 1))}, 1, 1, length, alpha=alpha, eos_id=EOS)
-  log_p = lambda s: sum(np.log(probs[min(i, 1)][t]) for i, t in enumerate(s))
-  best = max(complete_sequences(3, length), key=lambda s: log_p(s) / ((5 + len(s)) / 6) ** alpha)
-  assert best == (2, EOS) and strip(np.asarray(seqs[0, 0])) == best
-  np.testing.assert_allclose(float(scores[0, 0]), log_p(best) / (7 / 6) ** alpha, rtol=1e-5)
+@pytest.mark.parametrize("beams, probs", [
+    # [EOS] finishes first with log(0.5) / 1; the live [2] has nearly the same log p, which the penalty of a longer
+    # output divides: [2, EOS] scores ~log(0.5) / (7/6), better.
+    (1, [[1e-3, 0.5, 0.499], [1e-3, 0.998, 1e-3]]),
+    # After step 1 the finished set is full ([EOS] and [2, EOS]); the best live [2, 2] can still win with EOS next
+    # (it does), the second live [3, 2] cannot: the bound must come from the best live hypothesis.
+    (2, [[1e-3, 0.5, 0.3, 0.199], [1e-3, 0.5, 0.45, 0.049], [1e-3, 0.997, 1e-3, 1e-3]]),
+], ids=["1_beam", "2_beams"])
+def test_beam_search_goes_on_while_the_length_penalty_can_lift_a_live_hypothesis(beams, probs):
+  """A search that stopped on a looser bound of what a live hypothesis can reach (log p * max penalty, or a worse
+  beam's log p) would return the hypotheses finished first; the brute-force best are longer."""
+  alpha, length, vocab = 1.0, 3, len(probs[0])
+  seqs, scores = decoding.beam_search(per_step(probs), {"h": jnp.zeros((1, 1))}, 1, beams, length, alpha=alpha,
+                                      eos_id=EOS)
+  log_p = lambda s: sum(np.log(probs[min(i, len(probs) - 1)][t]) for i, t in enumerate(s))
+  brute = sorted(((log_p(s) / ((5 + len(s)) / 6) ** alpha, s) for s in complete_sequences(vocab, length)),
+                 reverse=True)[:beams]
+  assert max(len(s) for _, s in brute) > 1  # the best include a hypothesis longer than the first finished
+  assert [strip(s) for s in np.asarray(seqs[0])] == [s for _, s in brute]
+  np.testing.assert_allclose(np.asarray(scores[0]), [score for score, _ in brute], rtol=1e-5)
 
 
 def test_beam_search_checks_its_arguments():
