@@ -18,6 +18,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TARGET="${1:-topk}"
 ACTION="${2:-run}"
 CHILDREN="${MUTMUT_CHILDREN:-2}"
+# mutmut and its workers run from the copy: put the interpreter that runs this script's tools on PATH
+# (the project's .venv when there is one, as docs/mutation_testing.md installs it).
+if [[ -x "$ROOT/.venv/bin/mutmut" ]]; then export PATH="$ROOT/.venv/bin:$PATH"; fi
+command -v mutmut >/dev/null || { echo "mutmut is not installed: pip install -e '.[mutation]'" >&2; exit 2; }
 
 case "$TARGET" in
   topk)
@@ -29,10 +33,11 @@ case "$TARGET" in
     MODULE=topk_transformers/layers.py
     FILTER="topk_transformers.layers.x*MlpBlock*"
     TESTS="tests/test_mlp_oracle.py tests/test_sparse_decoding.py" ;;
+    # MUTMUT_FILTER over _predicted_output / _use_predicted needs tests/test_predictors.py too: MUTMUT_TESTS adds it.
   loss)
     MODULE=topk_transformers/t5/model.py
     FILTER=""
-    TESTS="tests/test_loss.py" ;;
+    TESTS="tests/test_loss.py tests/test_model_forward.py" ;;
   decoding)
     MODULE=topk_transformers/decoding.py
     FILTER="topk_transformers.decoding.x*filter_logits* topk_transformers.decoding.x*temperature_sample*
@@ -51,6 +56,7 @@ case "$TARGET" in
     exit 2 ;;
 esac
 
+TESTS="$TESTS ${MUTMUT_TESTS:-}"  # e.g. MUTMUT_TESTS=tests/test_predictors.py
 FILTER="${MUTMUT_FILTER:-$FILTER}"  # e.g. MUTMUT_FILTER='topk_transformers.topk.x_topk*' for one function
 WORK="$ROOT/.mutation/$TARGET"
 if [[ "$ACTION" == "results" ]]; then
