@@ -45,6 +45,7 @@ case "$TARGET" in
     TESTS="tests/test_sampling.py tests/test_decoding.py::test_beam_search_matches_brute_force"
     TESTS="$TESTS tests/test_decoding.py::test_beam_search_eos_padding_and_scores"
     TESTS="$TESTS tests/test_decoding.py::test_greedy_and_sampling_on_toy_model tests/test_decoding.py::test_filter_logits"
+    TESTS="$TESTS tests/test_decoding.py::test_filter_logits_filters_each_row_of_a_batch_on_its_own"
     TESTS="$TESTS tests/test_decoding.py::test_beam_search_goes_on_while_the_length_penalty_can_lift_a_live_hypothesis"
     TESTS="$TESTS tests/test_decoding.py::test_beam_search_checks_its_arguments"
     TESTS="$TESTS tests/test_decoding.py::test_beam_search_defaults_are_t5s_length_penalty_and_eos" ;;

@@ -143,6 +143,32 @@ def test_filter_logits():
   np.testing.assert_array_equal(kept(decoding.filter_logits(logits)), [True] * 4)
 
 
+def _nucleus_reference(row, topp):
+  """NumPy: the smallest set of most likely tokens whose probability reaches ``topp`` (ties kept together)."""
+  p = np.exp(row - row.max())
+  p /= p.sum()
+  order = np.argsort(-p, kind="stable")
+  before = np.cumsum(p[order]) - p[order]
+  cutoff = row[order][before < topp].min()
+  return row >= cutoff
+
+
+def test_filter_logits_filters_each_row_of_a_batch_on_its_own():
+  # Two rows whose nuclei differ in size: a cutoff or a sort shared across the batch would mix them.
+  logits = jnp.log(jnp.array([[0.5, 0.1, 0.25, 0.15, 1e-3], [0.05, 0.3, 0.3, 0.2, 0.15]]))
+  for topp in (0.5, 0.7, 0.8, 0.95):
+    out = np.asarray(decoding.filter_logits(logits, topp=topp))
+    for b in range(2):
+      row = np.asarray(logits[b])
+      keep = _nucleus_reference(row, topp)
+      np.testing.assert_array_equal(out[b] > decoding.NEG_INF / 2, keep, err_msg=f"topp={topp} row {b}")
+      np.testing.assert_array_equal(out[b][keep], row[keep])  # kept logits are unchanged
+      np.testing.assert_array_equal(np.asarray(decoding.filter_logits(logits[b:b + 1], topp=topp))[0], out[b])
+  both = np.asarray(decoding.filter_logits(logits, topk=3, topp=0.7))
+  np.testing.assert_array_equal(both > decoding.NEG_INF / 2,
+                                [[True, False, True, False, False], [False, True, True, False, False]])
+
+
 def random_params(module, enc, dec, seed=0):
   """Random parameters of the right shapes, without compiling ``module.init`` (slow on a busy CPU)."""
   shapes = nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), enc, dec, dec,
