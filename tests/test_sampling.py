@@ -133,3 +133,53 @@ def test_beam_search_is_at_least_as_good_as_greedy(seed):
       assert best_score[row] >= float(greedy_logp[row]) - 1e-5, (beams, row)
       if beams == 1 and np.isclose(best_score[row], float(greedy_logp[row]), rtol=1e-6):
         assert strip(best[row]) == strip(np.asarray(greedy[row]))
+
+
+def test_temperature_sample_defaults_pad_after_eos_and_check_their_arguments():
+  """The defaults are temperature 1, no filter and T5's EOS (1); rows that finish are padded with 0."""
+  lm = ToyRNN(vocab=6, length=6, seed=1, eos_bias=1.5)
+  step = lm.tokens_to_logits(lm.w)
+  key = jax.random.PRNGKey(3)
+  default = np.asarray(decoding.temperature_sample(step, lm.init_cache(16), 16, 6, key)[0])
+  explicit = np.asarray(decoding.temperature_sample(step, lm.init_cache(16), 16, 6, key, temperature=1.0, topk=0,
+                                                    topp=0.0, eos_id=1)[0])
+  np.testing.assert_array_equal(default, explicit)
+  assert EOS == 1
+  ended = [row for row in default if EOS in row[:-1]]
+  assert len(ended) >= 4, default  # enough rows stop early for the padding to be seen
+  for row in ended:
+    np.testing.assert_array_equal(row[list(row).index(EOS) + 1:], 0)
+  # Without EOS the rows run on: they differ from the default's after their first EOS.
+  assert not np.array_equal(np.asarray(decoding.temperature_sample(step, lm.init_cache(16), 16, 6, key,
+                                                                   eos_id=None)[0]), default)
+  cache = lm.init_cache(1)
+  with pytest.raises(ValueError, match=r"^temperature must be >= 0, got -1\.0$"):
+    decoding.temperature_sample(step, cache, 1, 6, key, temperature=-1.0)
+  for topk, topp in ((-1, 0.5), (0, 1.5), (0, -0.1)):
+    with pytest.raises(ValueError, match=rf"^need topk >= 0 and 0 <= topp <= 1, got topk={topk}, topp={topp}$"):
+      decoding.temperature_sample(step, cache, 1, 6, key, topk=topk, topp=topp)
+  with pytest.raises(ValueError, match=r"^sampling with temperature > 0 needs an rng$"):
+    decoding.temperature_sample(step, cache, 1, 6, None)
+  with pytest.raises(ValueError, match=r"^eos_id must be a non-negative integer or None, got -1$"):
+    decoding.temperature_sample(step, cache, 1, 6, key, eos_id=-1)
+  # topp = 1 is allowed (and keeps every token).
+  np.testing.assert_array_equal(
+      np.asarray(decoding.temperature_sample(step, lm.init_cache(16), 16, 6, key, topp=1.0)[0]), default)
+
+
+def test_each_step_sees_the_tokens_decoded_so_far():
+  """``DecodingState.sequences`` holds the tokens before ``cur_index`` and 0 from it on (checked against NumPy)."""
+  vocab, length = 7, 6
+  weights = jnp.arange(1, length + 1)
+
+  def step(state):
+    # The next token is a function of the whole buffer: any token in the wrong place changes the sequence.
+    nxt = (jnp.sum(state.sequences * weights, axis=1) + state.cur_index + state.cur_token[:, 0]) % vocab
+    return 10.0 * jax.nn.one_hot(nxt, vocab), state.cache
+
+  seqs = np.asarray(decoding.greedy_decode(step, {"dummy": jnp.zeros((2, 1))}, 2, length, eos_id=None)[0])
+  buf, prev = np.zeros(length, np.int64), 0
+  for i in range(length):
+    buf[i] = prev = (np.sum(buf * np.arange(1, length + 1)) + i + prev) % vocab
+  np.testing.assert_array_equal(seqs, np.stack([buf, buf]))
+  assert len(set(buf)) > 2, buf
