@@ -1,10 +1,12 @@
 """The experiments outside the library: their runners (loaded by file path), gin layers and random-image data."""
 
+import dataclasses
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
 
 import gin
 import numpy as np
@@ -179,6 +181,28 @@ def test_sparsity_runner_long_run_is_named_explicitly(sparsity, capsys):
   assert sparsity.main(["--experiment=emergence", "--out=/tmp/x", "--measure_only"]) == 2
   assert capsys.readouterr().err.strip().splitlines()[-1] == (
       "error: --measure_only applies to --experiment=emergence_long alone")
+
+
+def test_a_run_stopped_by_sigterm_stops_the_experiment_before_it_is_measured(sparsity, tmp_path, monkeypatch, capsys):
+  """A SIGTERM'd training (checkpoint written, ``preempted``) exits 143 instead of measuring an unfinished run."""
+  from topk_transformers import train as train_lib
+  stopped = train_lib.TrainResult(state=types.SimpleNamespace(step=np.int32(700)), train_metrics={}, eval_metrics={},
+                                  sparsity={}, preempted=True)
+  calls = []
+  monkeypatch.setattr(sparsity.gin, "get_configurable", lambda fn: lambda: calls.append(fn) or stopped)
+  spec = sparsity.scale_long_specs()[0]
+  with pytest.raises(SystemExit) as stop:
+    sparsity.train_run(spec, str(tmp_path))
+  assert stop.value.code == 143 and calls == [train_lib.train]
+  assert capsys.readouterr().err.strip() == (
+      f"[{spec.name}] stopped by SIGTERM at step 700 of 3000, checkpoint written; run the same command again to resume")
+  assert not os.path.exists(tmp_path / "runs" / spec.name / "train_seconds.json")  # not taken for a finished run
+  # Finished, the same call records its time and returns the run.
+  monkeypatch.setattr(sparsity.gin, "get_configurable", lambda fn: lambda: dataclasses.replace(stopped, preempted=False))
+  run_dir, seconds = sparsity.train_run(spec, str(tmp_path))
+  assert run_dir == str(tmp_path / "runs" / spec.name) and seconds >= 0
+  with open(os.path.join(run_dir, "train_seconds.json")) as f:
+    assert json.load(f)["train_steps"] == 3000
 
 
 def test_training_segments_split_a_resumed_run_at_long_gaps(sparsity, tmp_path):

@@ -48,6 +48,7 @@ from topk_transformers import sparsity_report as report_lib  # noqa: E402
 from topk_transformers import train as train_lib  # noqa: E402
 from topk_transformers.benchmarks import machine  # noqa: E402
 from topk_transformers.commands import common  # noqa: E402
+from topk_transformers.commands.train import EXIT_PREEMPTED  # noqa: E402
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -105,8 +106,14 @@ def train_run(spec: RunSpec, root: str, steps: Optional[int] = None) -> Tuple[st
   with open(os.path.join(run_dir, "config.gin"), "w") as f:
     f.write(gin.config_str())
   start = time.time()
-  gin.get_configurable(train_lib.train)()
+  result = gin.get_configurable(train_lib.train)()
   seconds = time.time() - start  # compilation, periodic evals and checkpoints included
+  if result.preempted:
+    # Stopped by SIGTERM with its checkpoint written: measuring (or training the next run) would
+    # report an unfinished run. The same command resumes it.
+    print(f"[{spec.name}] stopped by SIGTERM at step {int(result.state.step)} of {train_steps}, checkpoint written; "
+          "run the same command again to resume", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_PREEMPTED)
   with open(timing, "w") as f:
     json.dump({"train_seconds": round(seconds, 1), "train_steps": train_steps}, f)
   return run_dir, seconds
