@@ -32,8 +32,8 @@ case "$TARGET" in
   mlp)
     MODULE=topk_transformers/layers.py
     FILTER="topk_transformers.layers.x*MlpBlock*"
-    TESTS="tests/test_mlp_oracle.py tests/test_sparse_decoding.py" ;;
-    # MUTMUT_FILTER over _predicted_output / _use_predicted needs tests/test_predictors.py too: MUTMUT_TESTS adds it.
+    TESTS="tests/test_mlp_oracle.py tests/test_sparse_decoding.py tests/test_predicted_mlp_oracle.py" ;;
+    # test_predicted_mlp_oracle.py reaches the predicted-neuron path; MUTMUT_TESTS=tests/test_predictors.py adds its T5-level tests.
   loss)
     MODULE=topk_transformers/t5/model.py
     FILTER=""

@@ -1,0 +1,116 @@
+"""The predicted-neuron MLP step against NumPy, with a predictor that is wrong on purpose.
+
+``test_predictors.py`` checks the cases where the predictor cannot matter (every unit a
+candidate, or a perfect predictor). Here a random low-rank predictor with ``k < c < d_ff``
+picks candidates that differ from the true top units, so the output depends on every stage
+of the path: the scores (``x a b``, per branch; ReLU's pre-activation for v1.0, the
+|product| for gated v1.1), the ``c`` candidates, their hidden activations with their biases,
+the Top-k among them (by magnitude for v1.1), the ``k`` rows of ``wo`` and its bias, and the
+sown statistics. Each is written here from the definitions in ``MlpBlock``'s docstring.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from topk_transformers import layers
+
+D, FF, K, C, R = 12, 48, 5, 14, 3
+TOKENS = 4
+
+
+def block(acts, candidates, use_bias, use_row_kernels=True, dtype=jnp.float32):
+  return layers.MlpBlock(intermediate_dim=FF, activations=acts, top_k=K, top_k_method="exact",
+                         intermediate_dropout_rate=0.0, sparse_decode=True, decode_candidates=candidates,
+                         use_bias=use_bias, bias_init=nn.initializers.normal(0.5), use_row_kernels=use_row_kernels,
+                         dtype=dtype)
+
+
+def setup(acts, use_bias, b_cols, seed=0):
+  rng = np.random.RandomState(seed)
+  params = nn.meta.unbox(block(acts, None, use_bias).init(jax.random.PRNGKey(seed), jnp.ones((1, 1, D)))["params"])
+  n = len(acts)
+  names = ["wi"] if n == 1 else [f"wi_{i}" for i in range(n)]
+  a = rng.randn(D, R).astype(np.float32)
+  b = rng.randn(n, R, FF).astype(np.float32)
+  preds = {"a": jnp.asarray(a), "b": jnp.asarray(b),
+           "wi_rows": jnp.stack([params[name]["kernel"].T for name in names])}
+  if b_cols:
+    preds["b_cols"] = jnp.asarray(np.concatenate(list(b), axis=1))  # predictors.prepare's [r, n * mlp]
+  x = rng.randn(2, TOKENS // 2, D).astype(np.float32)
+  mask = np.array([[1, 1], [1, 0]], np.float32)  # one padding token, left out of the statistics
+  return params, preds, names, a, b, x, mask
+
+
+def reference(acts, params, names, a, b, x, mask, use_bias):
+  """NumPy: candidates by the predicted score, hidden units of the candidates, Top-k among them, k rows of wo."""
+  f = [np.vectorize(lambda v, fn=layers.resolve_activation(act): float(fn(jnp.float32(v)))) for act in acts]
+  tokens = x.reshape(-1, D)
+  out = np.zeros_like(tokens)
+  fires = np.zeros(FF)
+  cands = []
+  for t, xt in enumerate(tokens):
+    pred = [xt @ a @ b[i] for i in range(len(acts))]
+    score = pred[0] if len(acts) == 1 else np.abs(np.prod([fn(p) for fn, p in zip(f, pred)], axis=0))
+    cand = np.argsort(-score, kind="stable")[:C]
+    cands.append(set(cand))
+    h = np.ones(C)
+    for fn, name in zip(f, names):
+      pre = xt @ np.asarray(params[name]["kernel"])[:, cand]
+      if use_bias:
+        pre = pre + np.asarray(params[name]["bias"])[cand]
+      h = h * fn(pre)
+    rank = np.abs(h) if len(acts) > 1 else h
+    keep = np.argsort(-rank, kind="stable")[:K]
+    units = cand[keep]
+    out[t] = h[keep] @ np.asarray(params["wo"]["kernel"])[units]
+    if use_bias:
+      out[t] += np.asarray(params["wo"]["bias"])
+    if mask.reshape(-1)[t]:
+      fires[units[h[keep] != 0]] += 1
+  return out.reshape(x.shape), fires, float(mask.sum()), cands
+
+
+def true_top_units(acts, params, names, x):
+  tokens = x.reshape(-1, D)
+  h = np.ones((len(tokens), FF))
+  for act, name in zip(acts, names):
+    h = h * np.asarray(layers.resolve_activation(act)(jnp.asarray(tokens @ np.asarray(params[name]["kernel"]))))
+  return [set(np.argsort(-np.abs(row))[:K]) for row in h]
+
+
+@pytest.mark.parametrize("acts, b_cols", [(("relu",), False), (("gelu", "linear"), True),
+                                          (("gelu", "linear"), False)],
+                         ids=["v1.0", "v1.1-b_cols", "v1.1-per_branch_b"])
+@pytest.mark.parametrize("use_bias", [False, True], ids=["no_bias", "bias"])
+def test_predicted_step_equals_numpy_with_an_imperfect_predictor(acts, b_cols, use_bias):
+  params, preds, names, a, b, x, mask = setup(acts, use_bias, b_cols)
+  want, fires, tokens, cands = reference(acts, params, names, a, b, x, mask, use_bias)
+  got = {}
+  for row_kernels in (True, False):
+    out, state = jax.jit(lambda v, x, m, rk=row_kernels: block(acts, C, use_bias, rk).apply(
+        v, x, decode=True, deterministic=True, mask=m, mutable=["intermediates"]))(
+            {"params": params, "predictors": preds}, jnp.asarray(x), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(out), want, rtol=2e-5, atol=2e-5, err_msg=f"row kernels {row_kernels}")
+    stats = state["intermediates"]
+    np.testing.assert_array_equal(np.asarray(stats["neuron_fire_count"][0]), fires)
+    assert float(stats["nonzero_count"][0]) == fires.sum() and float(stats["token_count"][0]) == tokens
+    got[row_kernels] = np.asarray(out)
+  # The predictor is wrong on purpose: for some token the candidates miss one of the true top-k units, so an
+  # output equal to the exact path's would mean the candidates were not used.
+  assert any(not u <= c for u, c in zip(true_top_units(acts, params, names, x), cands)), "an accidentally good predictor"
+  exact, _ = block(acts, None, use_bias).apply({"params": params}, jnp.asarray(x), decode=True, deterministic=True,
+                                               mask=jnp.asarray(mask), mutable=["intermediates"])
+  assert not np.allclose(got[True], np.asarray(exact), atol=1e-3)
+
+
+def test_predicted_step_of_a_bfloat16_block_stays_in_bfloat16():
+  acts = ("gelu", "linear")
+  params, preds, names, a, b, x, mask = setup(acts, True, True)
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  out = jax.eval_shape(lambda v, x: block(acts, C, True, dtype=jnp.bfloat16).apply(v, x, decode=True,
+                                                                                  deterministic=True),
+                       {"params": params, "predictors": preds}, jnp.asarray(x))
+  assert out.dtype == jnp.bfloat16 and out.shape == x.shape
