@@ -272,6 +272,23 @@ def test_robustness_runner_argument_errors_are_one_line_and_exit_2(robustness_ru
   assert not os.listdir(tmp_path)  # nothing trained or written
 
 
+def test_a_robustness_run_stopped_by_sigterm_exits_143_without_evaluating(robustness_runner, tmp_path, monkeypatch,
+                                                                          capsys):
+  """A SIGTERM'd training must not write eval_results.json, which marks a finished run that a rerun skips."""
+  from topk_transformers import train as train_lib
+  stopped = train_lib.TrainResult(state=types.SimpleNamespace(step=np.int32(40)), train_metrics={}, eval_metrics={},
+                                  sparsity={}, preempted=True)
+  monkeypatch.setattr(robustness_runner.gin, "get_configurable", lambda fn: lambda: stopped)
+  monkeypatch.setattr(robustness_runner.evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated a stopped run"))
+  run_dir = tmp_path / "dense_noise0.4_seed0"
+  with pytest.raises(SystemExit) as stop:
+    robustness_runner.train_and_evaluate("dense", 0.4, 0, str(run_dir), [])
+  assert stop.value.code == 143
+  assert capsys.readouterr().err.strip() == (
+      "[dense_noise0.4_seed0] stopped by SIGTERM at step 40, checkpoint written; run the same command again to resume")
+  assert not (run_dir / "eval_results.json").exists()
+
+
 def test_robustness_runs_are_paired_by_seed(robustness_runner):
   dense = robustness_runner.run_bindings("dense", 0.4, 2, "/tmp/r")
   assert "RANDOM_SEED = 2" in dense and "LABEL_NOISE_SEED = 2" in dense and "LABEL_NOISE = 0.4" in dense
