@@ -48,7 +48,9 @@ case "$TARGET" in
     TESTS="$TESTS tests/test_decoding.py::test_filter_logits_filters_each_row_of_a_batch_on_its_own"
     TESTS="$TESTS tests/test_decoding.py::test_beam_search_goes_on_while_the_length_penalty_can_lift_a_live_hypothesis"
     TESTS="$TESTS tests/test_decoding.py::test_beam_search_checks_its_arguments"
-    TESTS="$TESTS tests/test_decoding.py::test_beam_search_defaults_are_t5s_length_penalty_and_eos" ;;
+    TESTS="$TESTS tests/test_decoding.py::test_beam_search_defaults_are_t5s_length_penalty_and_eos"
+    TESTS="$TESTS tests/test_decoding.py::test_beam_search_expands_the_2k_best_continuations_as_t5x_does"
+    TESTS="$TESTS tests/test_decoding.py::test_beam_search_without_eos_keeps_the_best_full_length_sequences" ;;
   all)
     for t in topk mlp loss decoding; do "$0" "$t" "$ACTION"; done
     exit 0 ;;

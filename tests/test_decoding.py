@@ -369,6 +369,32 @@ def test_beam_search_goes_on_while_the_length_penalty_can_lift_a_live_hypothesis
   np.testing.assert_allclose(np.asarray(scores[0]), [score for score, _ in brute], rtol=1e-5)
 
 
+def test_beam_search_expands_the_2k_best_continuations_as_t5x_does():
+  """Both sets are fed from the ``2 * beam_size`` best continuations (the docstring; T5X's search): with one beam, a
+  complete [EOS] that is only the third best first token is never seen, although it scores best of all."""
+  probs = [[1e-4, 0.2, 0.5, 0.2999], [0.1, 0.25, 0.3, 0.35]]
+  seqs, scores = decoding.beam_search(per_step(probs), {"h": jnp.zeros((1, 1))}, 1, 1, 2, alpha=0.0, eos_id=EOS)
+  assert strip(np.asarray(seqs[0, 0])) == (2, 3)  # [EOS] (log 0.2) would beat it (log 0.175)
+  np.testing.assert_allclose(float(scores[0, 0]), np.log(0.5 * 0.35), rtol=1e-6)
+  # With two beams, EOS is among the 4 continuations of step 0 and wins.
+  seqs, scores = decoding.beam_search(per_step(probs), {"h": jnp.zeros((1, 1))}, 1, 2, 2, alpha=0.0, eos_id=EOS)
+  assert strip(np.asarray(seqs[0, 0])) == (EOS,)
+  np.testing.assert_allclose(float(scores[0, 0]), np.log(0.2), rtol=1e-6)
+
+
+def test_beam_search_without_eos_keeps_the_best_full_length_sequences():
+  """``eos_id=None``: every hypothesis runs to the full length; with 16 = 4^2 beams nothing is pruned, so the beams
+  are the 16 best of all 64 sequences (brute force), EOS's id an ordinary token."""
+  lm = ToyRNN(seed=1)
+  seqs, scores = decoding.beam_search(ToyRNN.tokens_to_logits(lm.w), lm.init_cache(1), 1, 16, 3, alpha=0.6,
+                                      eos_id=None)
+  brute = sorted(((lm.log_prob(s) / (8 / 6) ** 0.6, s) for s in itertools.product(range(4), repeat=3)),
+                 reverse=True)[:16]
+  assert [tuple(s) for s in np.asarray(seqs[0])] == [s for _, s in brute]
+  np.testing.assert_allclose(np.asarray(scores[0]), [score for score, _ in brute], rtol=1e-5)
+  assert any(EOS in s[:-1] for _, s in brute)  # an EOS mid-sequence did not end it
+
+
 def test_beam_search_checks_its_arguments():
   step, cache = per_step([[0.5, 0.5]]), {"h": jnp.zeros((1, 1))}
   for bad, match in ((dict(beam_size=0), "beam_size must be >= 1"), (dict(alpha=-0.5), "alpha must be >= 0"),
