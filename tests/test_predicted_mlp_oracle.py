@@ -114,3 +114,29 @@ def test_predicted_step_of_a_bfloat16_block_stays_in_bfloat16():
                                                                                   deterministic=True),
                        {"params": params, "predictors": preds}, jnp.asarray(x))
   assert out.dtype == jnp.bfloat16 and out.shape == x.shape
+
+
+def test_predicted_step_checks_the_predictor_it_reads():
+  """Predictors of another MLP's shape (branches, units or width) are a one-line ConfigError, each on its own.
+
+  (``(?m)``: JAX appends a note on its filtered traceback after the message's line.)
+  """
+  from topk_transformers.errors import ConfigError
+  acts = ("gelu", "linear")
+  params, preds, _, _, _, x, _ = setup(acts, False, False)
+
+  def step(p):
+    return jax.eval_shape(lambda v, x: block(acts, C, False).apply(v, x, decode=True, deterministic=True),
+                          {"params": params, "predictors": p}, jnp.asarray(x))
+
+  with pytest.raises(ConfigError, match=r"(?m)^predicted decoding needs the 'wi_rows' layout of the predictors "
+                                        r"\(predictors\.prepare\)$"):
+    step({"a": preds["a"], "b": preds["b"]})
+  wrong = {"branches": dict(preds, b=preds["b"][:1]), "units": dict(preds, b=preds["b"][..., :FF - 1]),
+           "width": dict(preds, wi_rows=preds["wi_rows"][..., :D - 1])}
+  for what, p in wrong.items():
+    with pytest.raises(ConfigError, match=(
+        rf"(?m)^predictor shapes b \({', '.join(map(str, p['b'].shape))}\), wi_rows "
+        rf"\({', '.join(map(str, p['wi_rows'].shape))}\) do not fit an MLP of 2 branch\(es\), {FF} units, "
+        rf"width {D}$")):
+      step(p)
