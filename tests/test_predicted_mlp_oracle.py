@@ -21,9 +21,9 @@ D, FF, K, C, R = 12, 48, 5, 14, 3
 TOKENS = 4
 
 
-def block(acts, candidates, use_bias, use_row_kernels=True, dtype=jnp.float32):
-  return layers.MlpBlock(intermediate_dim=FF, activations=acts, top_k=K, top_k_method="exact",
-                         intermediate_dropout_rate=0.0, sparse_decode=True, decode_candidates=candidates,
+def block(acts, candidates, use_bias, use_row_kernels=True, dtype=jnp.float32, top_k=K, dropout=0.0):
+  return layers.MlpBlock(intermediate_dim=FF, activations=acts, top_k=top_k, top_k_method="exact",
+                         intermediate_dropout_rate=dropout, sparse_decode=True, decode_candidates=candidates,
                          use_bias=use_bias, bias_init=nn.initializers.normal(0.5), use_row_kernels=use_row_kernels,
                          dtype=dtype)
 
@@ -140,3 +140,27 @@ def test_predicted_step_checks_the_predictor_it_reads():
         rf"\({', '.join(map(str, p['wi_rows'].shape))}\) do not fit an MLP of 2 branch\(es\), {FF} units, "
         rf"width {D}$")):
       step(p)
+
+
+def test_predicted_path_is_taken_only_with_an_active_top_k_and_without_active_dropout():
+  acts = ("relu",)
+  params, preds, names, a, b, x, mask = setup(acts, False, False)
+  want = reference(acts, params, names, a, b, x, mask, False)[0]
+  variables = {"params": params, "predictors": preds}
+
+  def step(deterministic=True, **kw):
+    return np.asarray(block(acts, C, False, **kw).apply(variables, jnp.asarray(x), decode=True,
+                                                        deterministic=deterministic))
+
+  # Dropout is inactive when deterministic, or at rate 0: the predicted path either way.
+  np.testing.assert_allclose(step(dropout=0.1), want, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(step(deterministic=False), want, rtol=2e-5, atol=2e-5)
+  with pytest.raises(ValueError, match=r"(?m)^predicted decoding needs deterministic=True \(intermediate dropout 0\.1 "
+                                       r"is active\)$"):
+    step(deterministic=False, dropout=0.1)
+  # Without an active Top-k (None, or k >= d_ff) the predictor is ignored: the dense MLP.
+  dense = np.asarray(block(acts, None, False, top_k=None).apply({"params": params}, jnp.asarray(x), decode=True,
+                                                                 deterministic=True))
+  for inactive in (None, FF):
+    np.testing.assert_allclose(step(top_k=inactive), dense, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(dense, want, atol=1e-3)
