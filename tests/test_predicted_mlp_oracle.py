@@ -164,3 +164,34 @@ def test_predicted_path_is_taken_only_with_an_active_top_k_and_without_active_dr
   for inactive in (None, FF):
     np.testing.assert_allclose(step(top_k=inactive), dense, rtol=1e-6, atol=1e-6)
   assert not np.allclose(dense, want, atol=1e-3)
+
+
+def test_v10_candidates_rank_by_the_predicted_pre_activation_below_zero_too():
+  """ReLU's pre-activation, not its output, ranks v1.0's candidates: with fewer than c units predicted positive, the
+  rest of the c are the least negative (ranking by the ReLU would tie them all at 0)."""
+  acts = ("relu",)
+  params, preds, names, _, _, x, mask = setup(acts, False, False)
+  rng = np.random.RandomState(5)
+  tokens = x.reshape(-1, D)
+  a = np.zeros((D, R), np.float32)
+  a[:, 0] = np.linalg.lstsq(tokens, np.ones(len(tokens)), rcond=None)[0]  # x @ a[:, 0] = 1 for every token
+  b = np.zeros((1, R, FF), np.float32)
+  b[0, 0] = -rng.uniform(0.1, 2.0, FF)
+  b[0, 0, rng.choice(FF, 4, replace=False)] = 1.0  # 4 < C units predicted positive
+  preds = dict(preds, a=jnp.asarray(a), b=jnp.asarray(b))
+  assert np.sum(tokens @ a @ b[0] > 0, axis=1).max() == 4
+  want = reference(acts, params, names, a, b, x, mask, False)[0]
+  out = block(acts, C, False).apply({"params": params, "predictors": preds}, jnp.asarray(x), decode=True,
+                                    deterministic=True)
+  np.testing.assert_allclose(np.asarray(out), want, rtol=2e-5, atol=2e-5)
+
+
+def test_gated_scores_come_from_b_cols_in_one_product_when_prepared():
+  """predictors.prepare's ``b_cols`` [r, n * mlp] is one product for both branches; without it, one per branch."""
+  acts = ("gelu", "linear")
+  for b_cols, want in ((True, [(R, 2 * FF)]), (False, [(R, FF), (R, FF)])):
+    params, preds, _, _, _, x, _ = setup(acts, False, b_cols)
+    jaxpr = jax.make_jaxpr(lambda v, x: block(acts, C, False).apply(v, x, decode=True, deterministic=True))(
+        {"params": params, "predictors": preds}, jnp.asarray(x)).jaxpr
+    shapes = [tuple(e.invars[1].aval.shape) for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert [s for s in shapes if s[0] == R] == want, shapes
