@@ -195,3 +195,17 @@ def test_gated_scores_come_from_b_cols_in_one_product_when_prepared():
         {"params": params, "predictors": preds}, jnp.asarray(x)).jaxpr
     shapes = [tuple(e.invars[1].aval.shape) for e in jaxpr.eqns if e.primitive.name == "dot_general"]
     assert [s for s in shapes if s[0] == R] == want, shapes
+
+
+@pytest.mark.parametrize("acts", [("relu",), ("gelu", "linear")], ids=["v1.0", "v1.1"])
+def test_candidates_of_every_unit_give_the_exact_sparse_step(acts):
+  """``c >= d_ff``: every unit is a candidate, whatever the predictor says (no scores are computed)."""
+  params, preds, _, _, _, x, mask = setup(acts, True, False)
+  exact, exact_stats = block(acts, None, True).apply({"params": params}, jnp.asarray(x), decode=True,
+                                                     deterministic=True, mask=jnp.asarray(mask),
+                                                     mutable=["intermediates"])
+  for c in (FF, 2 * FF):
+    out, stats = block(acts, c, True).apply({"params": params, "predictors": preds}, jnp.asarray(x), decode=True,
+                                            deterministic=True, mask=jnp.asarray(mask), mutable=["intermediates"])
+    np.testing.assert_allclose(np.asarray(out), np.asarray(exact), rtol=1e-5, atol=1e-5)
+    jax.tree.map(np.testing.assert_array_equal, stats, exact_stats)
