@@ -209,3 +209,22 @@ def test_candidates_of_every_unit_give_the_exact_sparse_step(acts):
                                             deterministic=True, mask=jnp.asarray(mask), mutable=["intermediates"])
     np.testing.assert_allclose(np.asarray(out), np.asarray(exact), rtol=1e-5, atol=1e-5)
     jax.tree.map(np.testing.assert_array_equal, stats, exact_stats)
+
+
+def test_predicted_step_passes_its_top_k_method_and_recall_target_on():
+  """The Top-k among the candidates uses the block's method and recall target (read from the jaxpr: on CPU
+  ``approx_max_k`` is exact, so no output could show a dropped recall target)."""
+  acts = ("relu",)
+  params, preds, _, _, _, x, _ = setup(acts, False, False)
+  mlp = layers.MlpBlock(intermediate_dim=FF, activations=acts, top_k=K, top_k_method="approx", top_k_recall_target=0.7,
+                        intermediate_dropout_rate=0.0, sparse_decode=True, decode_candidates=C)
+  jaxpr = jax.make_jaxpr(lambda v, x: mlp.apply(v, x, decode=True, deterministic=True))(
+      {"params": params, "predictors": preds}, jnp.asarray(x)).jaxpr
+
+  def eqns(j):
+    for e in j.eqns:
+      yield e
+      for sub in jax.core.jaxprs_in_params(e.params):
+        yield from eqns(sub)
+
+  assert [e.params["recall_target"] for e in eqns(jaxpr) if e.primitive.name == "approx_top_k"] == [0.7]
