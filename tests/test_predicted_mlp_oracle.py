@@ -108,8 +108,7 @@ def test_predicted_step_equals_numpy_with_an_imperfect_predictor(acts, b_cols, u
 
 def test_predicted_step_of_a_bfloat16_block_stays_in_bfloat16():
   acts = ("gelu", "linear")
-  params, preds, names, a, b, x, mask = setup(acts, True, True)
-  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  params, preds, names, a, b, x, mask = setup(acts, True, True)  # float32 parameters and predictors, as trained
   out = jax.eval_shape(lambda v, x: block(acts, C, True, dtype=jnp.bfloat16).apply(v, x, decode=True,
                                                                                   deterministic=True),
                        {"params": params, "predictors": preds}, jnp.asarray(x))
