@@ -17,6 +17,9 @@ from flax import linen as nn
 
 from topk_transformers import layers
 
+from jaxpr_tools import recall_targets
+from test_predictors import block_predictors
+
 D, FF, K, C, R = 12, 48, 5, 14, 3
 TOKENS = 4
 
@@ -35,8 +38,7 @@ def setup(acts, use_bias, b_cols, seed=0):
   names = ["wi"] if n == 1 else [f"wi_{i}" for i in range(n)]
   a = rng.randn(D, R).astype(np.float32)
   b = rng.randn(n, R, FF).astype(np.float32)
-  preds = {"a": jnp.asarray(a), "b": jnp.asarray(b),
-           "wi_rows": jnp.stack([params[name]["kernel"].T for name in names])}
+  preds = block_predictors(params, jnp.asarray(a), jnp.asarray(b))
   if b_cols:
     preds["b_cols"] = jnp.asarray(np.concatenate(list(b), axis=1))  # predictors.prepare's [r, n * mlp]
   x = rng.randn(2, TOKENS // 2, D).astype(np.float32)
@@ -217,13 +219,5 @@ def test_predicted_step_passes_its_top_k_method_and_recall_target_on():
   params, preds, _, _, _, x, _ = setup(acts, False, False)
   mlp = layers.MlpBlock(intermediate_dim=FF, activations=acts, top_k=K, top_k_method="approx", top_k_recall_target=0.7,
                         intermediate_dropout_rate=0.0, sparse_decode=True, decode_candidates=C)
-  jaxpr = jax.make_jaxpr(lambda v, x: mlp.apply(v, x, decode=True, deterministic=True))(
-      {"params": params, "predictors": preds}, jnp.asarray(x)).jaxpr
-
-  def eqns(j):
-    for e in j.eqns:
-      yield e
-      for sub in jax.core.jaxprs_in_params(e.params):
-        yield from eqns(sub)
-
-  assert [e.params["recall_target"] for e in eqns(jaxpr) if e.primitive.name == "approx_top_k"] == [0.7]
+  assert recall_targets(lambda v, x: mlp.apply(v, x, decode=True, deterministic=True),
+                        {"params": params, "predictors": preds}, jnp.asarray(x)) == [0.7]

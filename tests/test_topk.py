@@ -20,6 +20,8 @@ import pytest
 from topk_transformers import layers
 from topk_transformers import topk
 
+from jaxpr_tools import equations, recall_targets
+
 DTYPES = [jnp.float32, jnp.bfloat16]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -315,15 +317,9 @@ SELECTION_PRIMITIVES = ("top_k", "approx_top_k", "population_count")
 def primitive_counts(fn, *args) -> dict:
   """How often each selection primitive occurs in ``fn``'s jaxpr, sub-jaxprs (jit, cond, loops) included."""
   counts = dict.fromkeys(SELECTION_PRIMITIVES, 0)
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name in counts:
-        counts[eqn.primitive.name] += 1
-      for sub in jax.core.jaxprs_in_params(eqn.params):
-        walk(sub)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  for eqn in equations(fn, *args):
+    if eqn.primitive.name in counts:
+      counts[eqn.primitive.name] += 1
   return counts
 
 
@@ -501,12 +497,6 @@ def test_topk_and_select_check_their_settings_and_pass_the_recall_target_on():
   with pytest.raises(ValueError, match="top_k_method must be one of"):
     topk.select(x, 2, "sorted")
 
-  def recall_targets(fn):
-    eqns = [e for e in jax.make_jaxpr(fn)(x).jaxpr.eqns if e.primitive.name == "approx_top_k"]
-    eqns += [e for outer in jax.make_jaxpr(fn)(x).jaxpr.eqns for sub in jax.core.jaxprs_in_params(outer.params)
-             for e in sub.eqns if e.primitive.name == "approx_top_k"]
-    return [e.params["recall_target"] for e in eqns]
-
-  assert recall_targets(lambda x: topk.topk(x, 2, "approx", recall_target=0.7)) == [0.7]
-  assert recall_targets(lambda x: topk.select(x, 2, "approx", recall_target=0.6)[0]) == [0.6]
-  assert recall_targets(lambda x: topk.select_f32(x, 2, "approx", recall_target=0.5)[0]) == [0.5]
+  assert recall_targets(lambda x: topk.topk(x, 2, "approx", recall_target=0.7), x) == [0.7]
+  assert recall_targets(lambda x: topk.select(x, 2, "approx", recall_target=0.6)[0], x) == [0.6]
+  assert recall_targets(lambda x: topk.select_f32(x, 2, "approx", recall_target=0.5)[0], x) == [0.5]
