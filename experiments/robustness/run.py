@@ -60,7 +60,7 @@ from topk_transformers import evaluate, gin_utils, plotting, robustness, runs, t
 from topk_transformers import sparsity_report as report_lib  # noqa: E402
 from topk_transformers.benchmarks import machine  # noqa: E402
 from topk_transformers.commands import common  # noqa: E402
-from topk_transformers.commands.train import EXIT_PREEMPTED  # noqa: E402
+from topk_transformers.commands.train import exit_if_preempted  # noqa: E402
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -118,12 +118,9 @@ def train_and_evaluate(model: str, noise: float, seed: int, run_dir: str, extra_
   gin_utils.configure(files, bindings + run_bindings(model, noise, seed, run_dir) + list(extra_bindings))
   os.makedirs(run_dir, exist_ok=True)
   result = gin.get_configurable(train.train)()
-  if result.preempted:
-    # Stopped by SIGTERM with its checkpoint written: evaluating would write eval_results.json, which marks a
-    # finished run, so a resumed table would skip it. The same command resumes it instead.
-    print(f"[{os.path.basename(run_dir)}] stopped by SIGTERM at step {int(result.state.step)}, checkpoint written; "
-          "run the same command again to resume", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_PREEMPTED)
+  # Stopped by SIGTERM with its checkpoint written: evaluating would write eval_results.json, which marks a
+  # finished run, so a resumed table would skip it. The same command resumes it instead.
+  exit_if_preempted(result, os.path.basename(run_dir))
   with open(os.path.join(run_dir, "config.gin"), "w") as f:
     f.write(gin.operative_config_str())
   trained = time.time()

@@ -9,9 +9,27 @@ Exit status 143 after SIGTERM, once the checkpoint is written.
 
 from __future__ import annotations
 
+import sys
+from typing import Optional
+
 from topk_transformers.commands import common
 
 EXIT_PREEMPTED = 143
+
+
+def exit_if_preempted(result: "train.TrainResult", run_name: str, train_steps: Optional[int] = None) -> None:
+  """For runners that train several runs: a run stopped by SIGTERM (its checkpoint written) ends the
+  process with :data:`EXIT_PREEMPTED`, before anything measures or evaluates an unfinished run.
+
+  The one-line message names the run and its step (``of train_steps`` when given); the same command
+  resumes it.
+  """
+  if not result.preempted:
+    return
+  of = "" if train_steps is None else f" of {train_steps}"
+  print(f"[{run_name}] stopped by SIGTERM at step {int(result.state.step)}{of}, checkpoint written; "
+        "run the same command again to resume", file=sys.stderr, flush=True)
+  raise SystemExit(EXIT_PREEMPTED)
 
 
 @common.command
