@@ -129,8 +129,13 @@ def test_every_runs_gin_stack_is_in_the_experiment_directory_and_parses(sparsity
   assert seen["t5_dense"] == (400, None, "/tmp/model_dir")
   assert seen["t5_dense_long"][:2] == (20000, None)
   assert [seen[f"t5_scale_long_{size}_seed1"][:2] for size in ("small", "medium", "large")] == [(3000, None)] * 3
+  assert [seen[f"t5_scale_long_{size}_seed0_warmup4000"][:2] for size in ("small", "large")] == [(3000, None)] * 2
   gin_utils.configure(*sparsity.scale_long_specs()[-1].configuration(None, None))
   assert gin_utils.get_macro("RANDOM_SEED") == 1 and gin.query_parameter("network.T5Config.emb_dim") == 192
+  assert gin.query_parameter("train.rsqrt_schedule.warmup_steps") == 4000  # lr 1/sqrt(4000)
+  gin_utils.configure(*sparsity.scale_long_specs()[0].configuration(None, None))
+  assert gin.query_parameter("train.rsqrt_schedule.warmup_steps") == 1000  # the packaged cpu_smoke.gin rate
+  assert len({s.name for s in sparsity.scale_long_specs()}) == 12  # 2 rates x 2 seeds x 3 sizes
   assert gin_utils.get_macro("TASK_FEATURE_LENGTHS") == {"inputs": 64, "targets": 16}
   assert seen["t5_short_dense"][:2] == seen["t5_size_small"][:2] == (300, None)
   assert [seen[f"t5_short_top{k}"][:2] for k in (16, 64, 256)] == [(300, 16), (300, 64), (300, 256)]
@@ -245,10 +250,29 @@ def test_sparsity_figures_of_the_experiments(sparsity, tmp_path):
   assert _is_png(sparsity.plot_topk(losses, str(tmp_path / "topk.png")))
   mean = sparsity.plot_mean_curves({"a": {"encoder": ([1, 2], [50.0, 40.0])}}, str(tmp_path / "mean.png"), "t")
   assert _is_png(mean)
-  rows = [{"seed": seed, "size": size, "parameters": p, "final_eval_loss": loss,
+  rows = [{"seed": seed, "size": size, "parameters": p, "held_out_loss": loss,
            "mean_percent_nonzero": {"encoder": pct, "decoder": pct - 5, "all": pct - 2.5}}
           for seed in (0, 1) for size, p, loss, pct in (("small", 4e5, 5.6, 43.0), ("large", 5e6, 5.2, 35.0))]
   assert _is_png(sparsity.plot_scale_long(rows, str(tmp_path / "scale_long.png")))
+  # Two rates; small is better at 1000, large at 4000.
+  worse = {("small", 4000), ("large", 1000)}
+  by_rate = [dict(r, warmup_steps=w, held_out_loss=r["held_out_loss"] + 0.2 * ((r["size"], w) in worse))
+             for r in rows for w in (1000, 4000)]
+  assert _is_png(sparsity.plot_scale_long(by_rate, str(tmp_path / "scale_long_best.png"),
+                                          sparsity.best_rates(by_rate)))
+
+
+def test_scale_long_compares_each_size_at_the_rate_with_the_lower_mean_held_out_loss(sparsity):
+  def row(size, warmup, loss):
+    return {"size": size, "warmup_steps": warmup, "held_out_loss": loss}
+
+  rows = [row("small", 1000, 4.90), row("small", 1000, 4.96), row("small", 4000, 4.91), row("small", 4000, 4.94),
+          row("large", 1000, 4.80), row("large", 1000, 5.10), row("large", 4000, 4.90), row("large", 4000, 4.91)]
+  # small: mean 4.930 against 4.925; large: 4.950 against 4.905, though its single best run is at 1000.
+  assert sparsity.best_rates(rows) == {"small": 4000, "large": 4000}
+  assert sparsity.best_rates(rows[:2] + rows[4:6]) == {"small": 1000, "large": 1000}  # one rate run: that one
+  tie = [row("small", 4000, 4.9), row("small", 1000, 4.9)]
+  assert sparsity.best_rates(tie) == {"small": 1000}  # a tie goes to the higher rate
 
 
 # ---------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from topk_transformers import sparsity_report as report_lib  # noqa: E402
 from topk_transformers import train as train_lib  # noqa: E402
 from topk_transformers.benchmarks import machine  # noqa: E402
 from topk_transformers.commands import common  # noqa: E402
-from topk_transformers.commands.train import EXIT_PREEMPTED  # noqa: E402
+from topk_transformers.commands.train import exit_if_preempted  # noqa: E402
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -108,12 +108,9 @@ def train_run(spec: RunSpec, root: str, steps: Optional[int] = None) -> Tuple[st
   start = time.time()
   result = gin.get_configurable(train_lib.train)()
   seconds = time.time() - start  # compilation, periodic evals and checkpoints included
-  if result.preempted:
-    # Stopped by SIGTERM with its checkpoint written: measuring (or training the next run) would
-    # report an unfinished run. The same command resumes it.
-    print(f"[{spec.name}] stopped by SIGTERM at step {int(result.state.step)} of {train_steps}, checkpoint written; "
-          "run the same command again to resume", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_PREEMPTED)
+  # Stopped by SIGTERM with its checkpoint written: measuring (or training the next run) would
+  # report an unfinished run. The same command resumes it.
+  exit_if_preempted(result, spec.name, train_steps)
   with open(timing, "w") as f:
     json.dump({"train_seconds": round(seconds, 1), "train_steps": train_steps}, f)
   return run_dir, seconds
@@ -169,17 +166,38 @@ VIT_RUNS = (
 )
 TOPK_VALUES = (16, 64, 256)
 SCALE_LONG_SEEDS = (0, 1)
+SCALE_LONG_WARMUPS = (1000, 4000)
+"""``train.rsqrt_schedule.warmup_steps`` of scale_long's two learning rates, 1/sqrt(1000) = 0.032 (the
+packaged cpu_smoke.gin's) and 1/sqrt(4000) = 0.016 (constant through 3000 steps): each size is compared
+at the rate that serves it better."""
 
 
-def scale_long_specs(seeds: Sequence[int] = SCALE_LONG_SEEDS) -> Tuple[RunSpec, ...]:
-  """Experiment 2's three sizes with t5_scale_long.gin, one run per size and seed."""
+def scale_long_specs(seeds: Sequence[int] = SCALE_LONG_SEEDS,
+                     warmups: Sequence[int] = SCALE_LONG_WARMUPS) -> Tuple[RunSpec, ...]:
+  """Experiment 2's three sizes with t5_scale_long.gin, one run per learning rate, seed and size.
+
+  The packaged rate's runs keep the names ``t5_scale_long_<size>_seed<seed>``; the others add
+  ``_warmup<steps>``.
+  """
   specs = []
-  for seed in seeds:
-    for size in T5_SIZES:
-      extra = size.gin_files[len(_SHORT):]
-      specs.append(RunSpec(f"t5_scale_long_{size.label}_seed{seed}", _SHORT + extra + ("t5_scale_long.gin",),
-                           (f"RANDOM_SEED = {seed}",), label=size.label))
+  for warmup in warmups:
+    for seed in seeds:
+      for size in T5_SIZES:
+        extra = size.gin_files[len(_SHORT):]
+        suffix, bindings = "", (f"RANDOM_SEED = {seed}",)
+        if warmup != SCALE_LONG_WARMUPS[0]:
+          suffix, bindings = f"_warmup{warmup}", bindings + (f"train.rsqrt_schedule.warmup_steps = {warmup}",)
+        specs.append(RunSpec(f"t5_scale_long_{size.label}_seed{seed}{suffix}",
+                             _SHORT + extra + ("t5_scale_long.gin",), bindings, label=size.label))
   return tuple(specs)
+
+
+def best_rates(rows: Sequence[dict]) -> Dict[str, int]:
+  """Per size, the warm-up (learning rate) with the lower mean held-out loss over the seeds."""
+  means: Dict[str, Dict[int, List[float]]] = {}
+  for r in rows:
+    means.setdefault(r["size"], {}).setdefault(r["warmup_steps"], []).append(r["held_out_loss"])
+  return {size: min(by_rate, key=lambda w: (float(np.mean(by_rate[w])), w)) for size, by_rate in means.items()}
 
 
 def topk_specs() -> Tuple[RunSpec, ...]:
@@ -256,27 +274,39 @@ def scale(out: str, steps: Optional[int] = None, eval_steps: Optional[int] = 10)
   return payload
 
 
-def scale_long(out: str, steps: Optional[int] = None, eval_steps: Optional[int] = 10) -> dict:
-  """Experiment 2 on a ten times larger token budget and 2 seeds: % nonzero against size and held-out loss."""
+def scale_long(out: str, steps: Optional[int] = None, eval_steps: Optional[int] = None) -> dict:
+  """Experiment 2 on a ten times larger token budget, 2 seeds and 2 learning rates: % nonzero against size and
+  held-out loss, each size at its better rate (:func:`best_rates`).
+
+  Loss and sparsity are measured on the whole held-out split (``eval_steps=None``; 73 batches): the
+  trainer's periodic eval reads its first 10 batches only, whose loss moves by 0.05 between evaluations.
+  """
   host = machine.machine_info()
   rows = []
   for spec in scale_long_specs():
     run_dir, seconds = train_run(spec, out, steps)
     (m,), n_params = measure_run(spec, run_dir, eval_steps, steps, with_init=False, splits="eval")
     loss = _scalar_curve(run_dir, "eval/loss")
+    warmup = int(gin.query_parameter("train.rsqrt_schedule.warmup_steps"))
     rows.append({"name": spec.name, "size": spec.label, "seed": int(gin_utils.get_macro("RANDOM_SEED")),
+                 "warmup_steps": warmup, "learning_rate": round(1.0 / np.sqrt(warmup), 5),
                  "gin_files": list(spec.gin_files), "parameters": n_params, "train_seconds": _round(seconds),
-                 "train_steps": int(gin_utils.get_macro("TRAIN_STEPS")), "final_eval_loss": loss[1][-1],
+                 "train_steps": int(gin_utils.get_macro("TRAIN_STEPS")), "held_out_loss": float(m.metrics["loss"]),
+                 "held_out_accuracy": float(m.metrics["accuracy"]), "final_eval_loss": loss[1][-1],
                  "eval_loss": {"steps": loss[0], "values": loss[1]}, "split": m.split,
                  "percent_nonzero": m.percent_nonzero, "mean_percent_nonzero": _means(m)})
+  best = best_rates(rows)
   exp_dir = os.path.join(out, "scale_long")
   payload = {"experiment": "scale_long", "eval_steps": eval_steps, "seeds": list(SCALE_LONG_SEEDS),
-             "machine": host, "runs": rows}
+             "warmup_steps": list(SCALE_LONG_WARMUPS), "best_warmup_steps": best, "machine": host, "runs": rows}
   _write_json(os.path.join(exp_dir, "scale_long.json"), payload)
-  plot_scale_long(rows, os.path.join(exp_dir, "scale_long.png"))
+  plot_scale_long(rows, os.path.join(exp_dir, "scale_long.png"), best)
+  def label(r):
+    return f"{r['size']} seed {r['seed']} lr {r['learning_rate']:.3f}" + (
+        " (better)" if best[r["size"]] == r["warmup_steps"] else "")
+
   _print_table("held-out loss and mean % nonzero (held-out data)", [
-      (f"{r['size']} seed {r['seed']}", r["parameters"],
-       {"eval loss": r["final_eval_loss"], **r["mean_percent_nonzero"]}) for r in rows])
+      (label(r), r["parameters"], {"held-out loss": r["held_out_loss"], **r["mean_percent_nonzero"]}) for r in rows])
   return payload
 
 
@@ -507,20 +537,31 @@ def plot_scale(results: List[dict], path: str) -> str:
   return plotting.save(fig, path)
 
 
-def plot_scale_long(rows: List[dict], path: str) -> str:
-  """Mean % nonzero on held-out data (per stack) against parameters (left) and held-out loss (right), per seed."""
+def plot_scale_long(rows: List[dict], path: str, best: Optional[Dict[str, int]] = None) -> str:
+  """Mean % nonzero on held-out data (per stack) against parameters (left) and held-out loss (right), per seed.
+
+  With ``best`` (size -> warm-up steps), the lines join each size's runs at its better rate; the other
+  runs are the faint points on the right.
+  """
   plt = plotting.pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.0), sharey=True)
+  chosen = [r for r in rows if best is None or best[r["size"]] == r.get("warmup_steps")]
+  others = [r for r in rows if r not in chosen]
   for stack, marker in (("encoder", "o"), ("decoder", "s")):
-    for seed in sorted({r["seed"] for r in rows}):
-      rs = sorted((r for r in rows if r["seed"] == seed), key=lambda r: r["parameters"])
+    for seed in sorted({r["seed"] for r in chosen}):
+      rs = sorted((r for r in chosen if r["seed"] == seed), key=lambda r: r["parameters"])
       ys = [r["mean_percent_nonzero"].get(stack, np.nan) for r in rs]
       style = "-" if stack == "encoder" else "--"
       left.plot([r["parameters"] / 1e6 for r in rs], ys, style, marker=marker, label=f"{stack}, seed {seed}")
-      right.plot([r["final_eval_loss"] for r in rs], ys, style, marker=marker, label=f"{stack}, seed {seed}")
+      right.plot([r["held_out_loss"] for r in rs], ys, style, marker=marker, label=f"{stack}, seed {seed}")
       for r, y in zip(rs, ys):
-        right.annotate(r["size"], (r["final_eval_loss"], y), fontsize="x-small", textcoords="offset points",
+        right.annotate(r["size"], (r["held_out_loss"], y), fontsize="x-small", textcoords="offset points",
                        xytext=(3, 3))
+    if others:
+      right.scatter([r["held_out_loss"] for r in others],
+                    [r["mean_percent_nonzero"].get(stack, np.nan) for r in others], marker=marker,
+                    facecolors="none", edgecolors="gray", alpha=0.6,
+                    label=f"{stack}, the other learning rate" if stack == "encoder" else None)
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 
   left.set_xscale("log")
@@ -528,11 +569,13 @@ def plot_scale_long(rows: List[dict], path: str) -> str:
   left.xaxis.set_minor_formatter(ticker.NullFormatter())
   left.set_xlabel("parameters (millions)")
   left.set_ylabel("% nonzero on held-out data (mean over layers)")
-  right.set_xlabel("held-out loss (final evaluation)")
+  right.set_xlabel("held-out loss (whole split, end of training)")
   for ax in (left, right):
     ax.grid(True, which="both", alpha=0.3)
   left.legend(fontsize="x-small")
-  fig.suptitle("Dense ReLU T5, three sizes, one token budget")
+  if others:
+    right.legend(handles=right.collections[:1], fontsize="x-small")
+  fig.suptitle("Dense ReLU T5, three sizes, one token budget" + (", each at its better learning rate" if best else ""))
   fig.tight_layout()
   return plotting.save(fig, path)
 
