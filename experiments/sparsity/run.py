@@ -565,7 +565,8 @@ def plot_scale_long(rows: List[dict], path: str, best: Optional[Dict[str, int]] 
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 
   left.set_xscale("log")
-  left.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+  left.set_xticks(sorted({r["parameters"] / 1e6 for r in chosen}))  # one tick per size
+  left.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
   left.xaxis.set_minor_formatter(ticker.NullFormatter())
   left.set_xlabel("parameters (millions)")
   left.set_ylabel("% nonzero on held-out data (mean over layers)")
