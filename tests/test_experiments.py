@@ -270,7 +270,7 @@ def test_scale_long_compares_each_size_at_the_rate_with_the_lower_mean_held_out_
           row("large", 1000, 4.80), row("large", 1000, 5.10), row("large", 4000, 4.90), row("large", 4000, 4.91)]
   # small: mean 4.930 against 4.925; large: 4.950 against 4.905, though its single best run is at 1000.
   assert sparsity.best_rates(rows) == {"small": 4000, "large": 4000}
-  assert sparsity.best_rates(rows[:2] + rows[4:6]) == {"small": 1000, "large": 1000}  # one rate run: that one
+  assert sparsity.best_rates(rows[:2] + rows[4:6]) == {"small": 1000, "large": 1000}  # one rate only: that one
   tie = [row("small", 4000, 4.9), row("small", 1000, 4.9)]
   assert sparsity.best_rates(tie) == {"small": 1000}  # a tie goes to the higher rate
 
