@@ -10,9 +10,12 @@ Exit status 143 after SIGTERM, once the checkpoint is written.
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from topk_transformers.commands import common
+
+if TYPE_CHECKING:  # the command imports train (and TensorFlow's data stack) only when it runs
+  from topk_transformers import train
 
 EXIT_PREEMPTED = 143
 
