@@ -3,6 +3,8 @@
 - ``k >= d_ff`` keeps every unit and logs one line saying so (once per width);
 - ``t5/runs/pretrain_c4.gin`` loads and pins T5's recipe: Adafactor, the rsqrt
   schedule, 2^19 steps, batch 128, packing, 512/114 tokens (no data is built);
+  ``t5/runs/finetune.gin`` pins T5X's fine-tuning recipe the same way, and both
+  take their optimizer, mesh and ``train.train`` block from ``runs/base_train.gin``;
 - ``SeqioDataset`` packs examples into rows with segment ids and positions, and
   ``ShardInfo`` gives each host a disjoint slice that together cover the split;
 - ``KEEP_CHECKPOINTS`` keeps the newest N checkpoints and prunes the data-iterator
@@ -89,6 +91,50 @@ def test_pretrain_c4_config_loads_and_pins_t5s_recipe():
     assert gin_utils.get_macro("PARAMETER_SHARDING") == "1d"
   finally:
     gin.clear_config()
+
+
+def test_finetune_config_pins_t5xs_finetuning_recipe():
+  """runs/finetune.gin shares base_train.gin with pretrain_c4.gin; what it binds of its own reaches the trainer."""
+  try:
+    gin_utils.configure(["t5/t5_1_0/base.gin", "t5/topk.gin", "t5/runs/finetune.gin"],
+                        ["MODEL_DIR = '/nonexistent'", "INITIAL_CHECKPOINT_PATH = '/ckpt'",
+                         "MIXTURE_OR_TASK_NAME = 'glue_sst2_v2'", "VOCABULARY_PATH = '/spiece.model'", "EXTRA_IDS = 100"])
+    expected = dict(model_dir="/nonexistent", train_steps=2 ** 18, batch_size=128, eval_period=1000, eval_steps=20,
+                    log_period=100, checkpoint_period=5000, keep_checkpoints=None, seed=0,
+                    initial_checkpoint_path="/ckpt", initial_checkpoint_format="auto")
+    for name, value in expected.items():
+      assert runs.build_from_gin(f"train.train.{name}") == value, name
+    optimizer = gin.query_parameter("train.train.optimizer")
+    assert optimizer.selector == "optax.adafactor" and not optimizer.evaluate
+    assert (gin.query_parameter("optax.adafactor.decay_rate"), gin.query_parameter("optax.adafactor.factored"),
+            gin.query_parameter("optax.adafactor.multiply_by_parameter_scale"),
+            gin.query_parameter("optax.adafactor.clipping_threshold"),
+            gin.query_parameter("optax.adafactor.min_dim_size_to_factor")) == (0.8, True, True, 1.0, 128)
+    schedule = runs.build_from_gin("train.train.learning_rate")  # constant 1e-3, no warm-up
+    for step in (0, 1, 10_000, 2 ** 18):
+      np.testing.assert_allclose(float(schedule(step)), 1e-3, rtol=1e-6)
+    dataset = runs.build_from_gin("train.train.dataset")
+    assert isinstance(dataset, seqio_input.SeqioDataset) and dataset.pack
+    assert dataset.mixture_or_task_name == "glue_sst2_v2"
+    assert dataset.task_feature_lengths == {"inputs": 512, "targets": 16}
+    assert (dataset.train_split, dataset.eval_split) == ("train", "validation")
+    assert runs.build_from_gin("tasks.register_glue_task.vocabulary_path") == "/spiece.model"
+    partitioner = runs.build_from_gin("train.train.partitioner")
+    assert partitioner.num_partitions == 1 and gin_utils.get_macro("PARAMETER_SHARDING") == "1d"
+    model = gin_utils.get_macro("MODEL")
+    assert model.module.config.dropout_rate == 0.1 and model.module.config.top_k is not None
+  finally:
+    gin.clear_config()
+
+
+def test_pretrain_and_finetune_share_one_train_block():
+  """The optimizer, mesh and train.train bindings come from runs/base_train.gin, not copies of it."""
+  for name in ("pretrain_c4", "finetune"):
+    with open(os.path.join(ROOT, "configs", "t5", "runs", f"{name}.gin"), encoding="utf-8") as f:
+      text = f.read()
+    assert "include 't5/runs/base_train.gin'" in text
+    for shared in ("optax.adafactor:", "partitioning.Partitioner:", "seqio_input.SeqioDataset:", "model_dir ="):
+      assert shared not in text, (name, shared)
 
 
 # ---------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """T5X-style gin command lines: ``--gin_file=...`` and ``--gin.NAME=VALUE``.
 
-Commands do::
+Commands do (``commands/common.py`` wraps the first line)::
 
-  gin_files, bindings, argv = gin_utils.parse_gin_flags(sys.argv[1:])
+  gin_files, bindings, rest = gin_utils.parse_gin_flags(argv)
   gin_utils.configure(gin_files, bindings)
   model = gin_utils.get_macro('MODEL')        # builds the object
   model_dir = gin_utils.get_macro('MODEL_DIR')
@@ -17,18 +17,17 @@ the working directory).
 Every configuration mistake (a missing file, an unknown configurable or macro,
 a malformed binding, a value the model rejects such as ``TOP_K = 0``) comes
 out as one :class:`ConfigError` (a ``ValueError``) whose message is one line
-naming the culprit; :func:`exit_on_config_error` turns it into ``error: ...``
-on stderr and exit status 2, without a traceback.
+naming the culprit; the commands (``commands/common.py``, the one front end that
+reads ``--gin_file`` flags) print it as ``error: ...`` and exit with status 2,
+without a traceback.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
-import sys
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import gin
 
@@ -168,8 +167,9 @@ def get_macro(name: str, default: Any = gin.REQUIRED, evaluate: bool = True) -> 
   """The value bound to macro ``name`` (``%NAME``), built if it is ``@configurable()``.
 
   Raises:
-    ConfigError: the macro is unbound (and no default given), or building it
-      failed, e.g. ``TOP_K = 0`` -> ``top_k must be a positive integer ...``.
+    ConfigError: the macro is unbound (and no default given), still bound to
+      ``%gin.REQUIRED``, or building it failed, e.g. ``TOP_K = 0`` ->
+      ``top_k must be a positive integer ...``.
   """
   try:
     value = gin.query_parameter(f"%{name}")
@@ -180,12 +180,16 @@ def get_macro(name: str, default: Any = gin.REQUIRED, evaluate: bool = True) -> 
   if not evaluate:
     return value
   try:
-    return build(value)
+    built = build(value)
   except Exception as e:  # gin wraps errors raised while building configurables
     macro = unset_macro(e)
     if macro:  # gin's own message for these is an opaque TypeError
       raise ConfigError(f"building %{name}: gin macro %{macro} is used but never set") from None
     raise ConfigError(f"building %{name}: {one_line(e)}") from None
+  if built is gin.REQUIRED:  # gin hands the marker itself to whatever reads a macro bound to %gin.REQUIRED
+    raise ConfigError(f"gin macro {name} is required (%gin.REQUIRED) but not set: "
+                      f"add --gin.{name}=VALUE (a string in both quotes: --gin.{name}=\"'...'\")")
+  return built
 
 
 _UNSET_MACRO = re.compile(r"configurable 'macro' \(.*\) in scope '([^']+)'")
@@ -195,26 +199,3 @@ def unset_macro(error: BaseException) -> Optional[str]:
   """The macro named by gin's error for a ``%MACRO`` that is used but never set, else ``None``."""
   found = _UNSET_MACRO.search(str(error))
   return found.group(1) if found else None
-
-
-def exit_on_config_error(main: Callable[..., Any]) -> Callable[..., Any]:
-  """Decorator for script ``main``s: a :class:`ConfigError` prints ``error: ...`` and exits 2."""
-
-  @functools.wraps(main)
-  def wrapper(*args, **kwargs):
-    try:
-      return main(*args, **kwargs)
-    except ConfigError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-
-  return wrapper
-
-
-def configure_from_argv(argv: Optional[Sequence[str]] = None) -> List[str]:
-  """``parse_gin_flags`` + ``configure`` on ``argv`` (default ``sys.argv[1:]``); returns the other arguments."""
-  gin_files, bindings, rest = parse_gin_flags(sys.argv[1:] if argv is None else argv)
-  if not gin_files:
-    raise ConfigError("no --gin_file given (e.g. --gin_file=t5/runs/cpu_smoke.gin)")
-  configure(gin_files, bindings)
-  return rest
