@@ -60,8 +60,9 @@ class ToyModel(models.BaseModel):
 
   def describe(self):
     m = self.module
-    return {"config": {"width": m.width, "hidden": m.hidden}, "top_k": m.top_k,
-            "mlp": dict(d=m.width, ff=m.hidden, n_wi=1, top_k=m.top_k, stacks={"mlp": 1})}
+    return models.ModelDescription(
+        config={"width": m.width, "hidden": m.hidden}, top_k=m.top_k,
+        mlp=models.MlpDescription(d=m.width, ff=m.hidden, n_wi=1, top_k=m.top_k, stacks={"mlp": 1}))
 
 
 class ToyDataset:

@@ -63,8 +63,8 @@ class RobustnessEvaluator:
     results = robustness.evaluate(
         predict, run.dataset, run.batch_size, corruptions=self.corruptions, severities=self.severities,
         run_dir=results_dir, name=self.name, seed=gin_utils.get_macro("RANDOM_SEED", default=None),
-        top_k=facts.get("top_k"), corruption_seed=self.corruption_seed,
-        extra={"step": run.step, "mlp_activation": facts.get("mlp_activation"), "variant": facts.get("variant")})
+        top_k=facts.top_k, corruption_seed=self.corruption_seed,
+        extra={"step": run.step, "mlp_activation": facts.mlp_activation, "variant": facts.variant})
     results["summary"] = self.summary(results)
     if results_dir is not None:
       results["results_file"] = robustness.write_results(results_dir, results)

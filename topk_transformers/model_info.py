@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional
 import flax.linen as nn
 import jax
 
+from topk_transformers import models
+
 DEFAULT_REPORT_K = 128  # configs/t5/topk.gin's k, used when the config has no top_k
 
 
@@ -42,19 +44,19 @@ def param_rows(params: Any) -> List[Dict[str, Any]]:
   return rows
 
 
-def mlp_flops(shape: Dict[str, Any], k: Optional[int] = None) -> Dict[str, Any]:
-  """MLP FLOPs per token, dense vs Top-k, for a model's ``describe()["mlp"]`` (the module docstring says what counts)."""
-  d, ff, n_wi = shape["d"], shape["ff"], shape["n_wi"]
+def mlp_flops(shape: models.MlpDescription, k: Optional[int] = None) -> Dict[str, Any]:
+  """MLP FLOPs per token, dense vs Top-k, for a model's ``describe().mlp`` (the module docstring says what counts)."""
+  d, ff, n_wi = shape.d, shape.ff, shape.n_wi
   k_source = "config"
   if k is None:
-    k, k_source = shape["top_k"], "config"
+    k, k_source = shape.top_k, "config"
   if k is None:
     k, k_source = DEFAULT_REPORT_K, "default (config has no top_k)"
   k_eff = min(int(k), ff)
   dense = 2 * d * ff * n_wi + 2 * ff * d
   sparse = 2 * d * ff * n_wi + 2 * k_eff * d
   per_stack = {}
-  for stack, n_layers in shape["stacks"].items():
+  for stack, n_layers in shape.stacks.items():
     per_stack[stack] = {"layers": n_layers, "dense": dense * n_layers, "topk": sparse * n_layers}
   return {
       "k": int(k), "k_source": k_source, "k_effective": k_eff, "d_model": d, "d_ff": ff, "wi_branches": n_wi,
@@ -72,10 +74,10 @@ def model_info(model: Any, k: Optional[int] = None) -> Dict[str, Any]:
   facts = model.describe()
   return {
       "model": type(model.module).__name__,
-      "config": facts["config"],
+      "config": dict(facts.config),
       "param_count": sum(r["count"] for r in rows),
       "params": rows,
-      "mlp_flops_per_token": mlp_flops(facts["mlp"], k),
+      "mlp_flops_per_token": mlp_flops(facts.mlp, k),
   }
 
 

@@ -13,22 +13,62 @@ output of :meth:`BaseModel.eval_fn` hold:
 * ``"weight"``: the batch's weight in that average (target tokens for T5,
   examples for ViT), so that padding does not count;
 * ``"sums"`` (eval only): arrays that add up over batches, such as calibration
-  bins. :meth:`BaseModel.finalize_eval` turns the dataset's means and sums into
-  the final metrics (for example the ECE from the summed bins);
+  bins; an evaluator finishes the dataset's sums (for example the ECE from the
+  summed bins, ``evaluators/calibration.py``);
 * ``"intermediates"``: the statistics every Top-k ``MlpBlock`` sows
-  (``sparsity.py`` reads them).
+  (the sparsity evaluator reads them).
+
+Initial parameters from an imported checkpoint and the check that a checkpoint
+fits the model are methods too, so that the trainer and the run loader never
+ask which model they hold; :meth:`BaseModel.describe` returns the typed
+:class:`ModelDescription` that reports and evaluators read.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 
+from topk_transformers.errors import ConfigError
+
 Array = jax.Array
 Batch = Mapping[str, Array]
 Shapes = Mapping[str, Tuple[int, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class MlpDescription:
+  """The shape of a model's Top-k MLPs (what ``model_info`` counts FLOPs of)."""
+
+  d: int
+  """The model width, the MLP's input and output size."""
+  ff: int
+  """The hidden width ``d_ff``."""
+  n_wi: int
+  """The number of ``wi`` branches (2 for a gated MLP such as T5 v1.1's)."""
+  top_k: Optional[int]
+  """The units kept per token; ``None`` for a dense MLP."""
+  stacks: Mapping[str, int]
+  """Layers per stack, e.g. ``{"encoder": 12, "decoder": 12}``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDescription:
+  """Facts about a model for reports and evaluators (:meth:`BaseModel.describe`)."""
+
+  config: Mapping[str, Any]
+  """The network's settings, JSON-able (``topk-model-info`` prints them)."""
+  mlp: MlpDescription
+  """The shape of its MLPs."""
+  top_k: Optional[int]
+  """The Top-k of its MLPs; ``None`` when dense."""
+  variant: Optional[str] = None
+  """The named size, e.g. ViT's ``"B/16"``; ``None`` where the model has no variant table."""
+  mlp_activation: Optional[str] = None
+  """The MLP's activation where the model names one (ViT); ``None`` otherwise."""
 
 
 class BaseModel(abc.ABC):
@@ -64,6 +104,33 @@ class BaseModel(abc.ABC):
     """Small batch shapes that fix every parameter's shape (for abstract inits such as ``topk-model-info``)."""
 
   @abc.abstractmethod
-  def describe(self) -> Dict[str, Any]:
-    """Facts for reports: ``"config"`` (the network's settings, JSON-able), ``"mlp"`` (``d``, ``ff``,
-    ``n_wi`` wi branches, ``top_k``, ``stacks``: layers per stack) and ``"top_k"``."""
+  def describe(self) -> ModelDescription:
+    """Facts for reports: the network's settings, its MLPs' shape and Top-k."""
+
+  def load_initial_params(self, path: str, fmt: str, abstract_params: Any, shardings: Any) -> Any:
+    """The params of checkpoint ``path`` for this model, placed with ``shardings`` (T5X's ``initial_checkpoint_path``).
+
+    Args:
+      path: the checkpoint.
+      fmt: its format, ``'auto'`` or one the model reads; by default only the project's own checkpoints
+        (``'project'``), which a model that imports other formats (T5: Hugging Face, T5X) overrides.
+      abstract_params, shardings: the params' shapes and where they go.
+
+    Raises:
+      ConfigError: a format this model does not read.
+      checkpoints.CheckpointError: no checkpoint there, or one that does not fit.
+    """
+    if fmt not in ("auto", "project"):
+      raise ConfigError(f"initial_checkpoint_format={fmt!r}: {type(self).__name__} reads project checkpoints only")
+    # Imported here: the running layer (orbax, TensorFlow's gfile) only when a checkpoint is read.
+    from topk_transformers import checkpoints  # pylint: disable=g-import-not-at-top
+    return checkpoints.restore_params(path, abstract_params, shardings)[0]
+
+  def check_checkpoint(self, checkpoints_dir: str) -> None:
+    """Raises a one-line error if the checkpoints in ``checkpoints_dir`` (``RUN/checkpoints``) are not of this model.
+
+    Called before any data is built. By default nothing is checked ahead: restoring a checkpoint of
+    other shapes is itself a one-line ``CheckpointError``. A model whose checkpoints record their
+    configuration names the fields that differ.
+    """
+    del checkpoints_dir

@@ -160,9 +160,7 @@ def load_run(checkpoint: str = INIT, *, gin_files: Optional[Sequence[str]] = Non
   from_gin = model is None or gin_files is not None
   model = gin_utils.get_macro("MODEL") if model is None else model
   if ckpt_dir is not None:
-    # topk-convert's checkpoints record their T5Config: a model that disagrees is named by field.
-    from topk_transformers.t5 import convert  # pylint: disable=g-import-not-at-top
-    convert.check_recorded_config(ckpt_dir, getattr(getattr(model, "module", None), "config", None))
+    model.check_checkpoint(ckpt_dir)  # a checkpoint of another model: one line, before any data is built
   if dataset is None and input_shapes is None:
     dataset = build_from_gin("train.train.dataset")
   if partitioner is None:

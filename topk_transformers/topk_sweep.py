@@ -78,7 +78,7 @@ def sweep(run: Any, ks: Sequence[int], split: Optional[str] = None, eval_steps: 
           row[f"delta_{name}"] = row[name] - dense[name]
     rows.append(row)
   out = {"checkpoint": run.checkpoint, "step": run.step, "split": split, "eval_steps": eval_steps,
-         "mlp_dim": run.model.describe()["mlp"]["ff"], "rows": rows}
+         "mlp_dim": run.model.describe().mlp.ff, "rows": rows}
   out["text"] = format_table(out)
   return out
 

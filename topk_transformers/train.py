@@ -224,8 +224,8 @@ def train(
     state = restored
     logging.info("Restored step %d from %s", int(state.step), manager.directory)
   elif initial_checkpoint_path:
-    params = load_initial_params(model, initial_checkpoint_path, initial_checkpoint_format, abstract_params,
-                                 params_shardings)
+    params = model.load_initial_params(initial_checkpoint_path, initial_checkpoint_format, abstract_params,
+                                       params_shardings)
     fresh = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
                                  nonfinite_step=jnp.full((), -1, jnp.int32))
     state = jax.jit(fresh, out_shardings=state_shardings)(params)
@@ -327,24 +327,6 @@ def train(
                                                if k.startswith("sparsity/")})
   return TrainResult(state=state, train_metrics=train_metrics, eval_metrics=eval_metrics,
                      sparsity=eval_sparsity, preempted=preempted, log=train_log)
-
-
-def load_initial_params(model: Any, path: str, fmt: str, abstract_params: Any, shardings: Any) -> Any:
-  """The params of ``path`` for ``model``, placed with ``shardings``; a checkpoint of another model is a one-line error.
-
-  A T5 model reads any format through ``t5.convert`` (its architecture checked field by field); other
-  models read the params of a project checkpoint.
-  """
-  from topk_transformers.t5 import convert  # pylint: disable=g-import-not-at-top
-  from topk_transformers.t5 import network  # pylint: disable=g-import-not-at-top
-
-  config = getattr(getattr(model, "module", None), "config", None)
-  if isinstance(config, network.T5Config):
-    _, params = convert.load(path, fmt, config)
-    return jax.device_put(params, shardings)
-  if fmt not in ("auto", "project"):
-    raise ConfigError(f"initial_checkpoint_format={fmt!r} needs a T5 model; this model reads project checkpoints")
-  return ckpt_lib.restore_params(path, abstract_params, shardings)[0]
 
 
 def train_from_gin() -> TrainResult:

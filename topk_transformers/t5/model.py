@@ -17,6 +17,7 @@ import seqio
 
 from topk_transformers import decoding
 from topk_transformers import models
+from topk_transformers.t5 import convert
 
 
 class EncoderDecoderModel(models.BaseModel):
@@ -114,13 +115,26 @@ class EncoderDecoderModel(models.BaseModel):
   def default_input_shapes(self, batch_size: int = 1):
     return {"encoder_input_tokens": (batch_size, 1), "decoder_input_tokens": (batch_size, 1)}
 
-  def describe(self):
+  def describe(self) -> models.ModelDescription:
     c = self.module.config
     config = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
     config.update(dtype=str(config["dtype"]), mlp_activations=list(config["mlp_activations"]))
-    mlp = dict(d=c.emb_dim, ff=c.mlp_dim, n_wi=len(c.mlp_activations), top_k=c.top_k,
-               stacks={"encoder": c.num_encoder_layers, "decoder": c.num_decoder_layers})
-    return {"config": config, "mlp": mlp, "top_k": c.top_k}
+    mlp = models.MlpDescription(d=c.emb_dim, ff=c.mlp_dim, n_wi=len(c.mlp_activations), top_k=c.top_k,
+                                stacks={"encoder": c.num_encoder_layers, "decoder": c.num_decoder_layers})
+    return models.ModelDescription(config=config, mlp=mlp, top_k=c.top_k)
+
+  def load_initial_params(self, path: str, fmt: str, abstract_params: Any, shardings: Any) -> Any:
+    """Reads a Hugging Face, T5X or project checkpoint (``fmt``: ``'hf'``, ``'t5x'``, ``'project'``, ``'auto'``).
+
+    ``t5.convert`` checks the checkpoint's architecture against this model's config field by field.
+    """
+    del abstract_params  # convert checks every shape against the config itself
+    _, params = convert.load(path, fmt, self.module.config)
+    return jax.device_put(params, shardings)
+
+  def check_checkpoint(self, checkpoints_dir: str) -> None:
+    """``topk-convert``'s checkpoints record their ``T5Config``: a model that disagrees is named by field."""
+    convert.check_recorded_config(checkpoints_dir, self.module.config)
 
   def score_batch(self, params, batch) -> jax.Array:
     """Sum of target log-likelihoods per example (padding excluded)."""

@@ -3,8 +3,9 @@
 :class:`ClassificationModel` implements ``models.BaseModel``, with
 ``input_shapes = {"image": (B, H, W, C)}`` and batches
 ``{"image": float [B, H, W, C], "label": int [B]}`` plus an optional
-``"weight"`` ``[B]`` (0 for padding examples). Its evaluation sums the
-calibration bins over the split and finishes with the ECE.
+``"weight"`` ``[B]`` (0 for padding examples). Its evaluation gives each
+batch's calibration bins, which ``evaluators.CalibrationEvaluator`` sums over
+the split and finishes with the ECE.
 
 Calibration follows Guo et al. (2017), as in the paper's Table 1: confidences
 (the top softmax probability) fall into ``num_bins`` equal-width bins, bin ``m``
@@ -165,7 +166,7 @@ class ClassificationModel(models.BaseModel):
   def eval_fn(self, params: Any, batch: Batch, num_bins: int = DEFAULT_NUM_BINS) -> dict:
     """Deterministic forward pass: loss and accuracy, and this batch's calibration bins in ``"sums"``.
 
-    The bins (:func:`calibration_bins`) add up over batches; :meth:`finalize_eval`
+    The bins (:func:`calibration_bins`) add up over batches; the calibration evaluator
     takes the split's ECE from their sum, since a mean of per-batch ECEs is not the ECE.
     """
     logits, intermediates = self._apply(params, batch["image"], None)
@@ -189,10 +190,12 @@ class ClassificationModel(models.BaseModel):
     size = self.module.image_size or 224
     return {"image": (batch_size, size, size, 3)}
 
-  def describe(self):
+  def describe(self) -> models.ModelDescription:
     m = self.module
     config = {name: getattr(m, name) for name in ("variant", "num_classes", "top_k", "top_k_method",
                                                    "mlp_activation", "pool_type", "representation_size")}
     config.update(m.shape)
-    mlp = dict(d=m.shape["width"], ff=m.shape["mlp_dim"], n_wi=1, top_k=m.top_k, stacks={"encoder": m.shape["depth"]})
-    return {"config": config, "mlp": mlp, "top_k": m.top_k, "mlp_activation": m.mlp_activation, "variant": m.variant}
+    mlp = models.MlpDescription(d=m.shape["width"], ff=m.shape["mlp_dim"], n_wi=1, top_k=m.top_k,
+                                stacks={"encoder": m.shape["depth"]})
+    return models.ModelDescription(config=config, mlp=mlp, top_k=m.top_k, variant=m.variant,
+                                   mlp_activation=m.mlp_activation)
