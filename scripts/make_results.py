@@ -313,6 +313,8 @@ def quality_page(root: Path) -> tuple[str, dict]:
         f"**These figures hold for this d_model = {d['emb_dim']} model (r = 32 is r/d = 1/{d['emb_dim'] // 32})**; "
         "at T5-Large, r = 32 is r/d = 1/32, and no trained T5-Large was measured.",
         "",
+        f"![predictor quality](../../{QUALITY_FILE.removesuffix('.json')}.png)",
+        "",
         "## Command",
         "",
         *command_block([(QUALITY_FILE, d.get("command"), None)]),
