@@ -372,7 +372,7 @@ def emergence_pages(root: Path) -> tuple[dict, dict]:
               SP_CMD.format("emergence"),
               ["emergence_per_layer.png", "emergence_over_steps.png", "emergence_firing_step_400_validation.png"]),
              ("sparsity_emergence_2000", "emergence_2000_steps.json", "Sparsity emerges: the same T5, 2000 steps",
-              SP_CMD.format("emergence") + " --steps=2000",
+              "python experiments/sparsity/run.py --experiment=emergence --steps=2000 --out=/tmp/sparsity_long",
               ["emergence_2000_steps_per_layer.png", "emergence_2000_steps_over_steps.png",
                "emergence_2000_steps_firing_validation.png"]),
              ("sparsity_emergence_long", "emergence_long.json", "Sparsity emerges: the same T5, 20,000 steps",
