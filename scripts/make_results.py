@@ -204,7 +204,8 @@ def decoding_page(root: Path) -> tuple[str, dict]:
             if key not in newest or d["machine"]["date"] > newest[key][1]["machine"]["date"]:
                 newest[key] = (rel, d)
     rows, head = [], {}
-    for key in sorted(newest, key=lambda k: (k[0], ["large", "3B", "11B"].index(k[1]), k[2])):
+    spreads = []
+    for key in sorted(newest, key=lambda k: (k[0], ["large", "3B", "11B"].index(k[1]), k[2] != "float32")):
         rel, d = newest[key]
         rs = [r for r in d["results"] if (r["version"], r["size"], r["dtype"], r["num_decoder_layers"]) == key
               and r.get("row_kernels", True)]
@@ -221,12 +222,16 @@ def decoding_page(root: Path) -> tuple[str, dict]:
                      "row kernels" if d["machine"].get("row_kernels") else "XLA (older code)",
                      f"{d['machine']['load_average_at_start'][0]:.1f}", d["machine"]["date"][:10], link(rel)])
         head[key] = (sparse, pred, rel)
+        for r in (sparse, pred):
+            if r:
+                est = (r["speedup"], r["paired_speedup"], r["best_speedup"])
+                spreads.append(max(est) - min(est))
     body = [
         "Unbatched greedy decoding at the published T5 shapes, k = 128, `exact` selection, on random weights and random",
         "predictors (the cost does not depend on their values). Dense, sparse and predicted steps alternate within one run",
         "of each command. Speedups are dense over Top-k as three estimates: ratio of medians / median of the paired",
         "per-repetition ratios / ratio of the best repetitions. The bound is the speedup that the bytes of weights read per",
-        "token allow. Rows read by the row kernels where the JSON says so. For each model and dtype, the newest JSON is shown.",
+        "token allow. For each model and dtype, the newest JSON is shown.",
         "",
         *table(["model (decoder layers)", "dtype", "dense ms/token (GB/s)", "sparse ms", "sparse speedup", "bound",
                 f"predicted {DEFAULT_RC} ms", "predicted speedup", "bound", "rows read by", "load", "date", "JSON"],
@@ -254,8 +259,8 @@ def decoding_page(root: Path) -> tuple[str, dict]:
     body += [
         "",
         "**What it shows.** In float32 the sparse path reads k rows of `wo` and reaches its memory-traffic bound; the predicted path",
-        "also skips most of `wi`. The three estimates of one run differ by up to 0.2x, and so do repeated runs on this",
-        "shared machine: quote a speedup with its range, not its best estimate.",
+        f"also skips most of `wi`. The three estimates of one run differ by up to {max(spreads):.2f}x, and repeated runs "
+        "on this shared machine differ as much: quote a speedup with its range, not its best estimate.",
         "",
         "**Quality is not measured here.** These runs use random weights and random predictors. The only quality figures",
         "are those of the [predictor quality](predictor_quality.md) page, measured on the project's small Top-k T5",
