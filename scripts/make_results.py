@@ -143,6 +143,8 @@ def training_page(root: Path) -> tuple[str, dict]:
                          cell("threshold", 64), cell("threshold", 128), cell("threshold", 256), cell("exact", 128),
                          f"{dense['median_s'] * 1e3:.0f}", str(d["settings"]["reps"]), f"{load0:.1f}", link(rel)])
     lo, hi = min(k128_quiet), max(k128_quiet)
+    loaded = [load(root, rel)["machine"]["load_average_at_start"][0] for rel in TRAIN_FILES]
+    loaded = [x for x in loaded if x >= QUIET_LOAD]
     body = [
         "A jitted training step (forward, backward, Adafactor) on random data, 2 layers per stack, dense against Top-k,",
         "interleaved within one run. Each cell is the Top-k step's median over the dense step's median in the same run, then",
@@ -155,7 +157,10 @@ def training_page(root: Path) -> tuple[str, dict]:
         "",
         f"**What it shows.** At a load average below {QUIET_LOAD:.0f}, the `threshold` Top-k step (what `auto` picks for "
         f"training) costs {lo[0]:.2f}x ({lo[1]}) to {hi[0]:.2f}x ({hi[1]}) of the dense step at k = 128. "
-        "`exact` (`lax.top_k` and a scatter) costs more. The rows at load 15-18 say more about the machine than the method.",
+        "`exact` (`lax.top_k` and a scatter) costs more. " + (
+            f"The rows at load {min(loaded):.1f}-{max(loaded):.1f} (the 1-minute load average at the start) say more about "
+            "the machine than about the method."
+            if loaded else ""),
         "",
     ]
     sel_src = "benchmarks/train_t5_1.0_small_base.json"
@@ -671,8 +676,11 @@ def k_sweep_page(root: Path) -> str:
             *table(["model", "test acc, end", "Top-k − dense, end (points)", "test acc, best step", "best step",
                     "changed labels fitted (%)", "% nonzero, test (mean of layers)"], rows, "lrrrrrr"),
             "",
-            "**What it shows.** Every k fits the noisy labels as the dense model does; no k separates from dense by more "
-            "than the spread over the seeds.", "",
+            "**What it shows.** Every k fits the noisy labels as the dense model does; " + (
+                "no k separates from dense by more than the spread of its paired differences over the seeds."
+                if all(abs(c["mean"]) <= c["std"] for c in d["paired_differences_end"]["label_noise_0.4"].values())
+                else "some k differs from dense by more than the spread of its paired differences; see the table."),
+            "",
             f"![k sweep](../../{RB}k_sweep_k.png)", "", "## Command", "",
             *command_block([(rel, "python " + d["command"] if d.get("command") else None, None)]), "",
             f"Machine (the invocation that built the table): {machine_line(d.get('machine'))}"]
