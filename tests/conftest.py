@@ -1,4 +1,5 @@
-"""Shared test set-up: quiet TensorFlow, keep it off accelerators (JAX owns them), and one JAX compilation cache.
+"""Shared test set-up: quiet TensorFlow, keep it off accelerators (JAX owns them), one JAX compilation cache,
+and the tiny models that many tests build (``tiny_t5_config``, ``tiny_t5``, ``save_tiny_hf_t5``).
 
 The cache is a fresh directory per session, removed at its end, so every session starts cold as on a new
 clone. Many tests build the same program more than once (a trainer's step after a restart, an evaluation
@@ -24,3 +25,57 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import tensorflow as tf  # noqa: E402
 
 tf.config.set_visible_devices([], "GPU")
+
+import pytest  # noqa: E402
+
+# The tiny T5 most tests build: one encoder and one decoder layer, width 16, deterministic (no dropout).
+TINY_T5 = dict(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, num_encoder_layers=1, num_decoder_layers=1,
+               mlp_dim=32, dropout_rate=0.0)
+
+
+def tiny_t5_config(**overrides):
+  """A tiny ``network.T5Config`` (:data:`TINY_T5`), with ``overrides`` for the fields a test varies.
+
+  A plain function as well as the fixture of the same name, so that a test's subprocess script can import it.
+  """
+  from topk_transformers.t5 import network  # pylint: disable=g-import-not-at-top
+
+  return network.T5Config(**{**TINY_T5, **overrides})
+
+
+@pytest.fixture(name="tiny_t5_config")
+def _tiny_t5_config_factory():
+  """The :func:`tiny_t5_config` factory: ``tiny_t5_config(top_k=4, mlp_dim=64)``."""
+  return tiny_t5_config
+
+
+@pytest.fixture
+def tiny_t5():
+  """The tiny T5 (``tiny_t5_config()``) as the model the trainer and decoders use, without vocabularies."""
+  from topk_transformers.t5 import model as t5_model  # pylint: disable=g-import-not-at-top
+  from topk_transformers.t5 import network  # pylint: disable=g-import-not-at-top
+
+  return t5_model.EncoderDecoderModel(network.Transformer(tiny_t5_config()))
+
+
+# The tiny Hugging Face T5 that the import and fine-tuning tests save: two layers each side, width 32.
+TINY_HF_T5 = dict(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+
+
+@pytest.fixture
+def save_tiny_hf_t5():
+  """Saves a tiny ``transformers`` T5 (:data:`TINY_HF_T5` with overrides, torch seed 0) to a directory.
+
+  ``save_tiny_hf_t5(path, feed_forward_proj='gated-gelu')``; needs torch and transformers (the test skips
+  without them, through its own ``pytest.importorskip``).
+  """
+
+  def save(path, **overrides):
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(transformers.T5Config(**{**TINY_HF_T5, **overrides})).save_pretrained(path)
+    return str(path)
+
+  return save

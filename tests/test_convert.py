@@ -156,15 +156,21 @@ def project_params(config, seed=0):
   return jax.tree_util.tree_map(np.asarray, nn.meta.unbox(variables["params"]))
 
 
-def tiny_config(version):
-  return network.T5Config(vocab_size=VOCAB, emb_dim=D, num_heads=HEADS, head_dim=DKV, mlp_dim=FF,
-                          num_encoder_layers=LAYERS, num_decoder_layers=LAYERS, dropout_rate=0.0,
+@pytest.fixture
+def tiny_config(tiny_t5_config):
+  """``tiny_config(version)``: the shared tiny T5 at the shapes of :func:`hf_model`, v1.0 or v1.1."""
+
+  def make(version):
+    return tiny_t5_config(vocab_size=VOCAB, emb_dim=D, num_heads=HEADS, head_dim=DKV, mlp_dim=FF,
+                          num_encoder_layers=LAYERS, num_decoder_layers=LAYERS,
                           mlp_activations=("relu",) if version == "1.0" else ("gelu", "linear"),
                           logits_via_embedding=version == "1.0")
 
+  return make
+
 
 @pytest.mark.parametrize("version", list(VERSIONS))
-def test_export_then_from_pretrained_gives_the_same_logits(version, tmp_path):
+def test_export_then_from_pretrained_gives_the_same_logits(version, tmp_path, tiny_config):
   config = tiny_config(version)
   params = project_params(config)
   convert.to_hf(config, params, str(tmp_path))
@@ -176,7 +182,7 @@ def test_export_then_from_pretrained_gives_the_same_logits(version, tmp_path):
 
 
 @pytest.mark.parametrize("version", list(VERSIONS))
-def test_project_to_hf_to_project_is_bit_exact(version, tmp_path):
+def test_project_to_hf_to_project_is_bit_exact(version, tmp_path, tiny_config):
   config = tiny_config(version)
   params = project_params(config, seed=3)
   convert.to_hf(config, params, str(tmp_path / "hf"))
@@ -220,7 +226,7 @@ def write_t5x_msgpack(params, ckpt_dir, inline=("scale",)):
 
 
 @pytest.mark.parametrize("version", list(VERSIONS))
-def test_t5x_msgpack_zarr_checkpoint_imports_the_same_params(version, tmp_path):
+def test_t5x_msgpack_zarr_checkpoint_imports_the_same_params(version, tmp_path, tiny_config):
   config = tiny_config(version)
   params = project_params(config, seed=5)
   ckpt = str(tmp_path / "checkpoint_1000")
@@ -233,7 +239,7 @@ def test_t5x_msgpack_zarr_checkpoint_imports_the_same_params(version, tmp_path):
   assert convert.detect_format(ckpt) == "t5x"
 
 
-def test_t5x_export_round_trips_bit_exact_in_t5x_layout(tmp_path):
+def test_t5x_export_round_trips_bit_exact_in_t5x_layout(tmp_path, tiny_config):
   """project -> t5x -> project: the msgpack file names every array, one zarr array per parameter."""
   from flax import serialization  # pylint: disable=g-import-not-at-top
 
@@ -259,7 +265,7 @@ def test_t5x_export_round_trips_bit_exact_in_t5x_layout(tmp_path):
     convert.to_t5x(config, convert.unflatten(wrong), str(tmp_path / "bad"))
 
 
-def test_t5x_orbax_checkpoint_imports_the_same_params(tmp_path):
+def test_t5x_orbax_checkpoint_imports_the_same_params(tmp_path, tiny_config):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   config = tiny_config("1.1")
@@ -333,7 +339,7 @@ def copy_hf(src, dst, drop=None, replace=None):
   return cfg
 
 
-def test_missing_and_wrong_shaped_tensors_name_the_parameter_and_shapes(hf_dirs, tmp_path):
+def test_missing_and_wrong_shaped_tensors_name_the_parameter_and_shapes(hf_dirs, tmp_path, tiny_config):
   _, path = hf_dirs["1.0"]
   name = "encoder.block.1.layer.1.DenseReluDense.wi.weight"
   copy_hf(path, tmp_path / "missing", drop=[name])
@@ -377,7 +383,7 @@ def test_unknown_architecture_says_what_it_found(hf_dirs, tmp_path):
     assert found in one_line(e)
 
 
-def test_missing_empty_and_corrupt_files(hf_dirs, tmp_path):
+def test_missing_empty_and_corrupt_files(hf_dirs, tmp_path, tiny_config):
   _, path = hf_dirs["1.0"]
   cases = {}
   cases["no such directory"] = str(tmp_path / "nowhere")

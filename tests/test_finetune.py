@@ -15,8 +15,8 @@ from topk_transformers.data import tasks, vocab
 from topk_transformers.errors import ConfigError
 from topk_transformers.t5 import convert
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("torch")  # save_tiny_hf_t5 saves a transformers T5
+pytest.importorskip("transformers")
 
 WORDS = "the of and to in is was for on that with river city king war music church school island water".split()
 
@@ -85,11 +85,8 @@ GIN_FILES = ["t5/t5_1_1/tiny.gin", "t5/topk.gin", "t5/runs/finetune.gin"]
 
 
 @pytest.mark.slow
-def test_finetune_from_a_hugging_face_checkpoint_starts_from_it_and_learns(spm, tmp_path):
-  cfg = transformers.T5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                              feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-  torch.manual_seed(0)
-  transformers.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "hf")
+def test_finetune_from_a_hugging_face_checkpoint_starts_from_it_and_learns(spm, tmp_path, save_tiny_hf_t5):
+  save_tiny_hf_t5(tmp_path / "hf", feed_forward_proj="gated-gelu", tie_word_embeddings=False)
   _, imported = convert.from_hf(str(tmp_path / "hf"))
   model_dir = str(tmp_path / "run")
   with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -106,11 +103,9 @@ def test_finetune_from_a_hugging_face_checkpoint_starts_from_it_and_learns(spm, 
   assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:2]), losses
 
 
-def test_initial_checkpoint_of_another_architecture_names_the_field(spm, tmp_path):
-  cfg = transformers.T5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                              feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                              relative_attention_max_distance=64)
-  transformers.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "hf")
+def test_initial_checkpoint_of_another_architecture_names_the_field(spm, tmp_path, save_tiny_hf_t5):
+  save_tiny_hf_t5(tmp_path / "hf", feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                  relative_attention_max_distance=64)
   gin_utils.configure(GIN_FILES, finetune_bindings(spm, str(tmp_path / "run"), tmp_path / "hf", 1))
   with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
     with pytest.raises(ConfigError) as e:

@@ -100,10 +100,8 @@ def _random_params(module, batch):
   return jax.tree_util.tree_map_with_path(draw, abstract["params"])
 
 
-def test_packed_rows_score_the_sum_of_their_examples_unpacked():
-  cfg = network.T5Config(vocab_size=VOCAB, emb_dim=16, num_heads=2, head_dim=8, num_encoder_layers=1,
-                         num_decoder_layers=1, mlp_dim=16, dropout_rate=0.0, mlp_activations=("relu",),
-                         logits_via_embedding=True)
+def test_packed_rows_score_the_sum_of_their_examples_unpacked(tiny_t5_config):
+  cfg = tiny_t5_config(vocab_size=VOCAB, mlp_dim=16, mlp_activations=("relu",), logits_via_embedding=True)
   model = t5_model.EncoderDecoderModel(network.Transformer(cfg))
   params = _random_params(model.module, PACKED)
   score = jax.jit(model.score_batch)  # one program: the batches below share their shapes and keys

@@ -20,6 +20,7 @@ _SCRIPT = textwrap.dedent(r"""
     import json, sys
     import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, optax
     sys.path.insert(0, {tests!r})
+    from conftest import tiny_t5_config
     from toy import ReverseCopyDataset
     from topk_transformers import gin_utils, partitioning, train
     from topk_transformers.t5 import network
@@ -27,9 +28,7 @@ _SCRIPT = textwrap.dedent(r"""
     assert jax.device_count() == 8, jax.devices()
 
     # PARAMETER_SHARDING: '1d' and '2d' against one device, on a forward pass.
-    cfg = network.T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, num_encoder_layers=1,
-                           num_decoder_layers=1, mlp_dim=32, dropout_rate=0.0, top_k=4)
-    net = network.Transformer(cfg)
+    net = network.Transformer(tiny_t5_config(top_k=4))
     tokens = jnp.asarray(np.random.default_rng(0).integers(2, 64, (8, 6)), jnp.int32)
     boxed = net.init(jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False)["params"]
     forward = lambda p, t: net.apply({{"params": p}}, t, t, t, enable_dropout=False)

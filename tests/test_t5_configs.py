@@ -136,9 +136,8 @@ def test_relative_position_settings_whose_buckets_break_are_one_line_errors(bind
   assert_one_line_error(["t5_1_0/tiny"], bindings, shown)
 
 
-def test_the_smallest_valid_relative_position_settings_give_buckets_in_range():
-  cfg = network.T5Config(vocab_size=8, emb_dim=4, num_heads=1, head_dim=4, mlp_dim=4, relpos_num_buckets=8,
-                         relpos_max_distance=5)
+def test_the_smallest_valid_relative_position_settings_give_buckets_in_range(tiny_t5_config):
+  cfg = tiny_t5_config(relpos_num_buckets=8, relpos_max_distance=5)  # the config accepts them
   for bidirectional in (True, False):
     buckets = layers.relative_position_bucket(np.arange(-40, 41), bidirectional, cfg.relpos_num_buckets,
                                               cfg.relpos_max_distance)

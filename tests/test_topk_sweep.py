@@ -13,8 +13,8 @@ from topk_transformers.commands import topk_sweep as sweep_cmd
 from topk_transformers.data import tasks, vocab
 from topk_transformers.t5 import convert
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("torch")  # save_tiny_hf_t5 saves a transformers T5
+pytest.importorskip("transformers")
 
 
 @pytest.fixture(autouse=True)
@@ -26,15 +26,12 @@ def clean_gin(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sweep_command_on_an_imported_dense_model(tmp_path, capsys):
+def test_sweep_command_on_an_imported_dense_model(tmp_path, capsys, save_tiny_hf_t5):
   rng = np.random.default_rng(0)
   words = "the of and to in river city king war music sst2 sentence positive negative".split()
   (tmp_path / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words, 10)) for _ in range(200)) + "\n")
   spm = vocab.train_sentencepiece([str(tmp_path / "corpus.txt")], str(tmp_path / "spm"), vocab_size=32)
-  cfg = transformers.T5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                              feed_forward_proj="relu", dropout_rate=0.0)
-  torch.manual_seed(0)
-  transformers.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "hf")
+  save_tiny_hf_t5(tmp_path / "hf", feed_forward_proj="relu", dropout_rate=0.0)
   config, params = convert.from_hf(str(tmp_path / "hf"))
   convert.save_project(config, params, str(tmp_path / "project"))
   # topk.gin sets the run's own TOP_K (8): the sweep's dense row must still be dense.
