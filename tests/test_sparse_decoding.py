@@ -1,5 +1,6 @@
 """The sparse decoding path gives the dense Top-k results while reading only k rows of ``wo``."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,15 +145,17 @@ def test_bfloat16_sparse_step_stays_in_bfloat16():
   assert out_dtype(False) == out_dtype(True) == jnp.bfloat16
 
 
-def test_sparse_step_checks_the_wo_parameters_it_reads():
+def test_sparse_step_reads_wo_through_flax():
+  """The block declares ``wo`` itself, so a missing or misshapen one is Flax's error before any step runs (the pure
+  step's own checks are in ``test_mlp_steps.py``)."""
   block = mlp(V10, "exact", True)
   wi = {"kernel": jnp.ones((16, 64))}
   step = lambda p: jax.eval_shape(lambda: block.apply({"params": p}, jnp.ones((1, 1, 16)), decode=True,
                                                       deterministic=True))  # traced only: the checks are static
   assert step({"wi": wi, "wo": {"kernel": jnp.ones((64, 16))}}).shape == (1, 1, 16)
-  with pytest.raises(ValueError, match="sparse decoding needs the MLP's 'wo' parameters"):
+  with pytest.raises(flax.errors.ScopeParamNotFoundError, match='"kernel" in scope "/wo"'):
     step({"wi": wi})
-  with pytest.raises(ValueError, match=r"'wo' kernel has shape \(64, 8\), expected \(64, 16\)"):
+  with pytest.raises(flax.errors.ScopeParamShapeError, match=r"\"/wo\".* shape \(64, 16\), .* shape \(64, 8\)"):
     step({"wi": wi, "wo": {"kernel": jnp.ones((64, 8))}})
 
 

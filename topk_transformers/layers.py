@@ -11,16 +11,15 @@ maps them onto the device mesh (see ``partitioning.py``).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from topk_transformers import row_kernels
+from topk_transformers import mlp_steps
 from topk_transformers import topk as topk_lib
-from topk_transformers.errors import ConfigError
 
 Array = jax.Array
 DType = Any
@@ -78,16 +77,33 @@ class DenseGeneral(nn.Module):
     return y
 
 
-def resolve_activation(fn_or_string: Union[str, Callable]) -> Callable:
-  if callable(fn_or_string):
-    return fn_or_string
-  if fn_or_string == "linear":
-    return lambda x: x
-  if fn_or_string == "gelu_exact":
-    return functools.partial(nn.gelu, approximate=False)
-  if hasattr(nn, fn_or_string):
-    return getattr(nn, fn_or_string)
-  raise ConfigError(f"unknown MLP activation {fn_or_string!r}")
+resolve_activation = mlp_steps.resolve_activation
+
+
+class Weights(nn.Module):
+  """A kernel ``[in, out]`` and, with ``use_bias``, a bias ``[out]``, declared as ``DenseGeneral`` declares them.
+
+  Same names, logical axes, initialisers and order (the same rng gives the same values), but returned rather than
+  applied, so that each of ``MlpBlock``'s paths reads the parameters it needs through Flax. ``kernel=False``
+  declares the bias alone: the predicted decoding step reads ``wi`` from its row layout instead.
+  """
+
+  shape: Tuple[int, int]
+  kernel_axes: Tuple[str, str]
+  kernel_init: Initializer = default_kernel_init
+  use_bias: bool = False
+  bias_init: Initializer = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, kernel: bool = True) -> Dict[str, Array]:
+    out = {}
+    if kernel:
+      out["kernel"] = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                                 self.shape, jnp.float32)
+    if self.use_bias:
+      out["bias"] = self.param("bias", nn.with_logical_partitioning(self.bias_init, self.kernel_axes[-1:]),
+                               self.shape[-1:], jnp.float32)
+    return out
 
 
 class MlpBlock(nn.Module):
@@ -102,37 +118,29 @@ class MlpBlock(nn.Module):
   exact method keeps the same units, so training, evaluation and the sown
   statistics below do not depend on it.
 
-  Sows into the ``intermediates`` collection (when it is mutable), per call:
-  ``nonzero_count`` (nonzero hidden activations summed over the counted tokens),
-  ``token_count`` (counted tokens) and ``neuron_fire_count`` (``[mlp]``, on how
-  many counted tokens each hidden unit was nonzero). ``mask`` (``[batch, length]``,
-  nonzero for real tokens) excludes padding from these counts. The forward result
-  does not depend on whether anything is sown.
+  Sows into the ``intermediates`` collection (when it is mutable), per call, the
+  ``mlp_steps.Statistics``: ``nonzero_count``, ``token_count`` and
+  ``neuron_fire_count`` (``[mlp]``). ``mask`` (``[batch, length]``, nonzero for
+  real tokens) excludes padding from these counts. The forward result does not
+  depend on whether anything is sown.
 
-  Sparse decoding: with ``decode=True`` and an active Top-k, the block can skip
-  the scatter and the full ``wo`` matmul and compute ``sum_j v_j * wo[i_j, :]``
-  over the ``k`` selected ``(v_j, i_j)`` (``topk.sparse_matmul``), reading ``k``
-  rows of ``wo`` instead of ``d_ff``. Same parameters, same output up to float
-  rounding, same sown statistics. ``sparse_decode``: ``None`` chooses it when
-  ``tokens * k <= d_ff / 4`` (tokens = all positions of the call, e.g. batch x
-  beams in a decoding step), ``True`` / ``False`` force it on / off. It is never
-  taken while dropout is active, nor by ``init``.
+  Decoding (``decode=True``) with an active Top-k takes one of the steps of
+  ``mlp_steps.py``, on the same parameters, with the same statistics:
 
-  Predicted-neuron decoding: with ``decode=True``, an active Top-k,
-  ``decode_candidates = c`` and a predictor in this block's ``predictors``
-  collection (``predictors.py``: ``a [embed, r]``, ``b [branches, r, mlp]`` and,
-  from ``predictors.prepare``, ``wi_rows [branches, mlp, embed]``, the ``wi``
-  kernels in row layout), the block scores every unit with the low-rank
-  ``x @ a @ b``, takes the ``c`` best as candidates, computes the hidden
-  activations of those alone from their contiguous rows of ``wi_rows`` (both
-  branches for v1.1), selects the Top-k among them and reads those k rows of
-  ``wo``. With ``c >= d_ff``, or a predictor that ranks the units as they are,
-  the result is that of the exact sparse path. Without a predictor (or with
-  ``c = None``) nothing changes.
+  * ``mlp_steps.sparse_step`` reads only the ``k`` selected rows of ``wo``.
+    ``sparse_decode``: ``None`` chooses it when ``tokens * k <= d_ff / 4``
+    (tokens = all positions of the call, e.g. batch x beams in a decoding step),
+    since the gather reads each row at lower throughput than a streaming matmul;
+    ``True`` / ``False`` force it on / off.
+  * ``mlp_steps.predicted_step``, with ``decode_candidates = c`` and a predictor
+    in this block's ``predictors`` collection (``predictors.py``: ``a``, ``b``,
+    ``wi_rows`` and, for gated blocks, ``b_cols``), computes only the ``c``
+    candidates' hidden units. It reads ``wi`` from ``wi_rows`` alone, so the
+    ``wi`` kernels may be left out of the parameters (``predictors.prepare``).
+    Without a predictor (or with ``c = None``) nothing changes.
 
-  Both decoding paths read their rows through ``row_kernels`` (on CPU in float32
-  a kernel that reads each row once; elsewhere XLA's gather). ``use_row_kernels=False``
-  keeps XLA's gather everywhere.
+  Neither is taken while dropout is active (forcing one is then an error), nor by
+  ``init``. ``use_row_kernels=False`` reads their rows with XLA's gather everywhere.
   """
 
   intermediate_dim: int = 2048
@@ -157,163 +165,63 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, inputs: Array, decode: bool = False, deterministic: bool = False,
                mask: Optional[Array] = None) -> Array:
-    gated = len(self.activations) > 1
-    if decode and self._use_predicted(deterministic):
-      return self._predicted_output(inputs, mask, by_magnitude=gated)
-    branches = []
-    for i, act in enumerate(self.activations):
-      name = f"wi_{i}" if gated else "wi"
-      h = DenseGeneral(
-          self.intermediate_dim, dtype=self.dtype, kernel_init=self.kernel_init,
-          kernel_axes=("embed", "mlp"), use_bias=self.use_bias, bias_init=self.bias_init, name=name,
-      )(inputs)
-      branches.append(resolve_activation(act)(h))
-    x = functools.reduce(lambda a, b: a * b, branches)
-    if decode and self._use_sparse(x, deterministic):
-      return self._sparse_output(x, inputs.shape[-1], mask, by_magnitude=gated)
-    x = topk_lib.topk(x, self.top_k, self.top_k_method, self.top_k_recall_target, by_magnitude=gated)
-    self._sow_stats(x, mask)
-    x = nn.with_logical_constraint(x, ("batch", "length", "mlp")) if x.ndim == 3 else x
-    x = nn.Dropout(rate=self.intermediate_dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
-    return DenseGeneral(
-        inputs.shape[-1], dtype=self.dtype, kernel_init=self.kernel_init, kernel_axes=("mlp", "embed"),
-        use_bias=self.use_bias, bias_init=self.bias_init, name="wo",
-    )(x)
-
-  def _sow_stats(self, x: Array, mask: Optional[Array]) -> None:
-    if not self.is_mutable_collection("intermediates"):
-      return
-    fired = (x != 0).reshape(-1, x.shape[-1]).astype(jnp.float32)
-    if mask is None:
-      weights = jnp.ones(fired.shape[:1], jnp.float32)
+    path = self._path(inputs, decode, deterministic)
+    params = self._params(inputs.shape[-1], wi_kernels=path != "predicted")
+    stats = None
+    if path == "sparse":
+      y, stats = mlp_steps.sparse_step(params, inputs, self.step_settings(), mask)
+    elif path == "predicted":
+      predictor = {name: self.get_variable("predictors", name) for name in ("a", "b", "b_cols", "wi_rows")
+                   if self.has_variable("predictors", name)}
+      y, stats = mlp_steps.predicted_step(params, predictor, inputs, self.step_settings(), mask)
     else:
-      weights = (jnp.broadcast_to(mask, x.shape[:-1]).reshape(-1) != 0).astype(jnp.float32)
-    per_neuron = weights @ fired
-    self.sow("intermediates", "nonzero_count", jnp.sum(per_neuron))
-    self.sow("intermediates", "token_count", jnp.sum(weights))
-    self.sow("intermediates", "neuron_fire_count", per_neuron)
+      h = mlp_steps.hidden(params, inputs, self.activations, self.dtype)
+      h = topk_lib.topk(h, self.top_k, self.top_k_method, self.top_k_recall_target,
+                        by_magnitude=len(self.activations) > 1)
+      if self.is_mutable_collection("intermediates"):
+        stats = mlp_steps.statistics(h, mask)
+      h = nn.with_logical_constraint(h, ("batch", "length", "mlp")) if h.ndim == 3 else h
+      h = nn.Dropout(rate=self.intermediate_dropout_rate, broadcast_dims=(-2,))(h, deterministic=deterministic)
+      y = mlp_steps.linear(h, params["wo"], self.dtype)
+    if stats is not None and self.is_mutable_collection("intermediates"):
+      for name, value in stats._asdict().items():
+        self.sow("intermediates", name, value)
+    return y
 
-  def _use_sparse(self, x: Array, deterministic: bool) -> bool:
-    """Whether this decoding call takes the sparse path (static: shapes and settings only)."""
-    if not topk_lib.is_active(self.top_k, x.shape[-1]) or self.sparse_decode is False:
-      return False
-    if self.is_initializing():
-      return False  # init creates the parameters through the dense path
+  def step_settings(self) -> mlp_steps.Settings:
+    """The settings of this block's decoding steps."""
+    return mlp_steps.Settings(
+        top_k=self.top_k, activations=tuple(self.activations), method=self.top_k_method,
+        recall_target=self.top_k_recall_target, candidates=self.decode_candidates, dtype=self.dtype,
+        row_kernels=self.use_row_kernels)
+
+  def _params(self, width: int, wi_kernels: bool = True) -> Dict[str, Dict[str, Array]]:
+    """``{'wi' | 'wi_i': ..., 'wo': ...}``, each ``{'kernel', 'bias'?}``: T5X's names, shapes and logical axes."""
+    out = {}
+    for name in mlp_steps.branch_names(len(self.activations)):
+      out[name] = Weights((width, self.intermediate_dim), ("embed", "mlp"), self.kernel_init, self.use_bias,
+                          self.bias_init, name=name)(kernel=wi_kernels)
+    out["wo"] = Weights((self.intermediate_dim, width), ("mlp", "embed"), self.kernel_init, self.use_bias,
+                        self.bias_init, name="wo")()
+    return out
+
+  def _path(self, inputs: Array, decode: bool, deterministic: bool) -> str:
+    """``'dense'``, ``'sparse'`` or ``'predicted'``: static, from shapes, settings and the variables present."""
+    if not decode or self.is_initializing() or not topk_lib.is_active(self.top_k, self.intermediate_dim):
+      return "dense"  # init creates the parameters through the dense path
     dropout_on = not deterministic and self.intermediate_dropout_rate > 0.0
+    if self.decode_candidates is not None and self.has_variable("predictors", "a"):
+      if dropout_on:
+        raise ValueError(f"predicted decoding needs deterministic=True (intermediate dropout "
+                         f"{self.intermediate_dropout_rate} is active)")
+      return "predicted"
     if self.sparse_decode is None:
-      # The k rows per token must stay well below the whole of wo: the gather
-      # reads each row at lower throughput than a streaming matmul does.
-      tokens = int(np.prod(x.shape[:-1]))
-      return not dropout_on and 4 * tokens * self.top_k <= x.shape[-1]
-    if dropout_on:
+      tokens = int(np.prod(inputs.shape[:-1]))
+      return "sparse" if not dropout_on and 4 * tokens * self.top_k <= self.intermediate_dim else "dense"
+    if self.sparse_decode and dropout_on:
       raise ValueError(f"sparse_decode=True needs deterministic=True (intermediate dropout "
                        f"{self.intermediate_dropout_rate} is active)")
-    return True
-
-  def _sparse_output(self, x: Array, features: int, mask: Optional[Array], by_magnitude: bool) -> Array:
-    """``wo(TopK(x))`` from the k selected units: the rows of ``wo`` they index, nothing else."""
-    params = self.variables.get("params", {})
-    if "wo" not in params:
-      raise ValueError("sparse decoding needs the MLP's 'wo' parameters (initialise the model first)")
-    vals, idx = topk_lib.select_f32(x, self.top_k, self.top_k_method, self.top_k_recall_target, by_magnitude)
-    self._sow_sparse_stats(vals, idx, x.shape[-1], mask)
-    kernel = nn.meta.unbox(params["wo"]["kernel"])
-    if kernel.shape != (x.shape[-1], features):
-      raise ValueError(f"'wo' kernel has shape {kernel.shape}, expected {(x.shape[-1], features)}")
-    y = self._rows_of_wo(vals, idx, kernel)
-    if self.use_bias:
-      y = y + jnp.asarray(nn.meta.unbox(params["wo"]["bias"]), self.dtype)
-    return y
-
-  def _rows_of_wo(self, vals: Array, idx: Array, kernel: Array) -> Array:
-    """``sum_j vals_j * wo[idx_j]``: the k rows of ``wo``, through the CPU row kernel where it applies."""
-    if jnp.dtype(self.dtype) == jnp.float32 and kernel.dtype == jnp.float32:
-      return row_kernels.gather_vecmat(vals.astype(jnp.float32), kernel, idx, native=self._native())
-    return topk_lib.sparse_matmul(vals, idx, kernel, dtype=self.dtype)
-
-  def _native(self) -> Optional[bool]:
-    return None if self.use_row_kernels else False
-
-  def _use_predicted(self, deterministic: bool) -> bool:
-    """Whether this decoding call takes the predicted-neuron path (static: settings and variables present)."""
-    if self.decode_candidates is None or not self.has_variable("predictors", "a"):
-      return False
-    if not topk_lib.is_active(self.top_k, self.intermediate_dim) or self.is_initializing():
-      return False
-    if not deterministic and self.intermediate_dropout_rate > 0.0:
-      raise ValueError(f"predicted decoding needs deterministic=True (intermediate dropout "
-                       f"{self.intermediate_dropout_rate} is active)")
-    return True
-
-  def _predicted_output(self, inputs: Array, mask: Optional[Array], by_magnitude: bool) -> Array:
-    """``wo(TopK(h))`` from the candidates the predictor proposes: ``c`` rows of each ``wi``, ``k`` rows of ``wo``."""
-    params = self.variables.get("params", {})
-    preds = self.variables["predictors"]
-    if "wi_rows" not in preds:
-      raise ConfigError("predicted decoding needs the 'wi_rows' layout of the predictors (predictors.prepare)")
-    ff, c = self.intermediate_dim, min(self.decode_candidates, self.intermediate_dim)
-    n = len(self.activations)
-    a, b, wi_rows = preds["a"], preds["b"], preds["wi_rows"]
-    if b.shape[0] != n or b.shape[2] != ff or wi_rows.shape != (n, ff, inputs.shape[-1]):
-      raise ConfigError(f"predictor shapes b {b.shape}, wi_rows {wi_rows.shape} do not fit an MLP of {n} branch(es), "
-                       f"{ff} units, width {inputs.shape[-1]}")
-    x = jnp.asarray(inputs, self.dtype)
-    acts = [resolve_activation(act) for act in self.activations]
-    if c < ff:
-      low = jnp.dot(x, jnp.asarray(a, self.dtype))
-      # Products with b as it lies: an einsum over b [n, r, mlp] makes XLA:CPU transpose and copy b in every
-      # step, and so does a slice b[i] for n > 1. For v1.0, b[0] is a free reshape; for gated v1.1 prepare's
-      # b_cols [r, n * mlp] (the branches side by side) gives both in one product.
-      if n == 1:
-        pred = [jnp.dot(low, jnp.asarray(b[0], self.dtype))]
-      elif "b_cols" in preds:
-        both = jnp.dot(low, jnp.asarray(preds["b_cols"], self.dtype))
-        pred = [both[..., i * ff:(i + 1) * ff] for i in range(n)]
-      else:
-        pred = [jnp.dot(low, jnp.asarray(b[i], self.dtype)) for i in range(n)]
-      # v1.0 ranks by the predicted pre-activation (ReLU is monotone); gated v1.1 by the predicted |product|.
-      score = pred[0] if n == 1 else jnp.abs(functools.reduce(lambda u, v: u * v, [f(p) for f, p in zip(acts, pred)]))
-      # In predicted order, not sorted (a sort of c indices costs XLA:CPU ~9 us per layer, for nothing but ties).
-      # So an exact tie of two nonzero activations at the k-th place may break by predicted rank rather than
-      # by position; zeros picked when fewer than k are positive add nothing to the output or the statistics.
-      _, cand = jax.lax.top_k(score.astype(jnp.float32), c)
-    else:
-      cand = jnp.broadcast_to(jnp.arange(ff, dtype=jnp.int32), x.shape[:-1] + (ff,))
-    # The c candidates' rows of each branch of wi_rows [n, mlp, embed], each contiguous, in one read: the branches
-    # as one [n * mlp, embed] matrix (a free reshape; a slice wi_rows[i] would be copied whole for n > 1).
-    rows = jnp.asarray(wi_rows, self.dtype).reshape(n * ff, wi_rows.shape[-1])
-    both = cand if n == 1 else jnp.concatenate([cand + i * ff for i in range(n)], axis=-1)
-    h_all = row_kernels.gather_matvec(x, rows, both, native=self._native())
-    hs = []
-    for i, f in enumerate(acts):
-      h = h_all[..., i * cand.shape[-1]:(i + 1) * cand.shape[-1]]
-      if self.use_bias:
-        name = f"wi_{i}" if n > 1 else "wi"
-        h = h + jnp.take(jnp.asarray(nn.meta.unbox(params[name]["bias"]), self.dtype), cand)
-      hs.append(f(h))
-    h = functools.reduce(lambda u, v: u * v, hs)
-    vals, j = topk_lib.select_f32(h, self.top_k, self.top_k_method, self.top_k_recall_target, by_magnitude)
-    idx = jnp.take_along_axis(cand, j, axis=-1)
-    self._sow_sparse_stats(vals, idx, ff, mask)
-    y = self._rows_of_wo(vals, idx, nn.meta.unbox(params["wo"]["kernel"]))
-    if self.use_bias:
-      y = y + jnp.asarray(nn.meta.unbox(params["wo"]["bias"]), self.dtype)
-    return y
-
-  def _sow_sparse_stats(self, vals: Array, idx: Array, hidden_dim: int, mask: Optional[Array]) -> None:
-    """The statistics of :meth:`_sow_stats`, from the selected ``(vals, idx)`` alone."""
-    if not self.is_mutable_collection("intermediates"):
-      return
-    k = vals.shape[-1]
-    fired = (vals != 0).reshape(-1, k).astype(jnp.float32)
-    if mask is None:
-      weights = jnp.ones(fired.shape[:1], jnp.float32)
-    else:
-      weights = (jnp.broadcast_to(mask, vals.shape[:-1]).reshape(-1) != 0).astype(jnp.float32)
-    per_neuron = jnp.zeros((hidden_dim,), jnp.float32).at[idx.reshape(-1)].add((fired * weights[:, None]).reshape(-1))
-    self.sow("intermediates", "nonzero_count", jnp.sum(per_neuron))
-    self.sow("intermediates", "token_count", jnp.sum(weights))
-    self.sow("intermediates", "neuron_fire_count", per_neuron)
+    return "sparse" if self.sparse_decode else "dense"
 
 
 # ---------------------------------------------------------------------------
