@@ -31,7 +31,7 @@ setup(
         "importlib_resources",  # tfds needs it to prepare datasets
         "numpy",
         "matplotlib",
-        "safetensors",  # Hugging Face checkpoints (t5/convert.py), read through numpy
+        "safetensors>=0.8",  # Hugging Face checkpoints (t5/convert.py), read through numpy (bfloat16 from 0.8 on)
         "msgpack",  # T5X checkpoints
         "tensorstore",
     ],

@@ -37,7 +37,6 @@ import functools
 import json
 import os
 import shutil
-import struct
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
@@ -302,40 +301,21 @@ def params_to_hf_state(config: network.T5Config, params: Mapping[str, Any]) -> D
 
 
 def _read_safetensors_file(path: str) -> Dict[str, np.ndarray]:
-  """All tensors of one ``.safetensors`` file as NumPy (bfloat16 through ml_dtypes, which NumPy lacks)."""
+  """All tensors of one ``.safetensors`` file as NumPy.
+
+  The NumPy reader (not ``framework="flax"``, which would place every tensor on the default device) gives
+  bfloat16 tensors as ml_dtypes' bfloat16 from safetensors 0.8 on.
+  """
   from safetensors import SafetensorError, safe_open  # pylint: disable=g-import-not-at-top
 
-  out = {}
   try:
     with safe_open(path, framework="numpy") as f:
-      for name in f.keys():
-        try:
-          out[name] = f.get_tensor(name)
-        except TypeError:  # "data type 'bfloat16' not understood"
-          out[name] = None
+      return {name: f.get_tensor(name) for name in f.keys()}
   except (SafetensorError, OSError, ValueError) as e:
     raise ConfigError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
-  if any(v is None for v in out.values()):
-    out.update(_read_bf16_safetensors(path, [k for k, v in out.items() if v is None]))
-  return out
-
-
-def _read_bf16_safetensors(path: str, names) -> Dict[str, np.ndarray]:
-  import ml_dtypes  # pylint: disable=g-import-not-at-top  # a jax dependency
-
-  with open(path, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(n))
-    start = 8 + n
-    out = {}
-    for name in names:
-      info = header[name]
-      if info["dtype"] != "BF16":
-        raise ConfigError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which NumPy cannot read")
-      begin, end = info["data_offsets"]
-      f.seek(start + begin)
-      out[name] = np.frombuffer(f.read(end - begin), dtype=ml_dtypes.bfloat16).reshape(info["shape"])
-  return out
+  except TypeError as e:  # an older safetensors: "data type 'bfloat16' not understood"
+    raise ConfigError(f"{path}: this safetensors cannot read its tensors as NumPy ({e}); "
+                      "pip install 'safetensors>=0.8'") from None
 
 
 def _read_torch_bin(path: str) -> Dict[str, np.ndarray]:
