@@ -5,7 +5,7 @@ import os
 import gin
 import pytest
 
-from topk_transformers import gin_utils
+from topk_transformers import gin_utils, runs
 from topk_transformers.commands import train as train_command
 
 
@@ -163,6 +163,14 @@ def test_a_run_file_requires_model_dir(files):
                              "add --gin.MODEL_DIR=VALUE (a string in both quotes: --gin.MODEL_DIR=\"'...'\")")
   gin_utils.configure(files, ["MODEL_DIR = '/tmp/run'"])
   assert gin_utils.get_macro("MODEL_DIR") == "/tmp/run"
+
+
+def test_reading_a_run_file_without_training_needs_no_model_dir():
+  """topk-eval, topk-sparsity and topk-topk-sweep take a run file and a --checkpoint, never MODEL_DIR."""
+  gin_utils.configure(["t5/t5_1_0/tiny.gin", "t5/topk.gin", "t5/runs/pretrain_c4.gin"])
+  assert gin_utils.get_macro("MODEL").module.config.top_k is not None
+  assert runs.build_from_gin("train.train.dataset").mixture_or_task_name == "c4_span_corruption"
+  assert runs.build_from_gin("train.train.seed") == 0
 
 
 @pytest.mark.parametrize("run, model_dir", [("t5/runs/cpu_smoke.gin", "/tmp/topk_t5_smoke"),
