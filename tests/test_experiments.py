@@ -316,9 +316,9 @@ def test_a_robustness_run_stopped_by_sigterm_exits_143_without_evaluating(robust
 def test_robustness_runs_are_paired_by_seed(robustness_runner):
   dense = robustness_runner.run_bindings("dense", 0.4, 2, "/tmp/r")
   assert "RANDOM_SEED = 2" in dense and "LABEL_NOISE_SEED = 2" in dense and "LABEL_NOISE = 0.4" in dense
-  assert "evaluate.RobustnessEvaluator.corruptions = []" in dense  # corruptions only on clean labels
+  assert "evaluators.CorruptionEvaluator.corruptions = []" in dense  # corruptions only on clean labels
   clean = robustness_runner.run_bindings("topk", 0.0, 2, "/tmp/r")
-  assert "evaluate.RobustnessEvaluator.name = 'topk'" in clean
+  assert "evaluators.CorruptionEvaluator.name = 'topk'" in clean
   assert not any("corruptions" in b for b in clean)
   assert robustness_runner.run_name("dense", 0.4, 2) == "dense_noise0.4_seed2"
   assert robustness_runner.MODELS["dense"] == robustness_runner.MODELS["topk"] + ["vit/relu.gin"]

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from topk_transformers import gin_utils, runs
+from topk_transformers import evaluators, gin_utils, runs
 from topk_transformers.commands import eval as eval_command
 from topk_transformers import train as train_lib
 from topk_transformers.vit import model as vit_model
@@ -48,8 +48,8 @@ def test_smoke_config_trains_a_topk_vit_on_digits(smoke_run):
 def test_eval_command_writes_table1_results_for_the_checkpoint(smoke_run, tmp_path):
   run_dir, bindings, result = smoke_run
   flags = [f"--gin_file={SMOKE}"] + [f"--gin_bindings={b}" for b in bindings]
-  flags += ["--gin_bindings=evaluate.RobustnessEvaluator.corruptions = ['impulse_noise']",
-            "--gin_bindings=evaluate.RobustnessEvaluator.severities = [1, 5]", f"--json={tmp_path / 'eval.json'}"]
+  flags += ["--gin_bindings=evaluators.CorruptionEvaluator.corruptions = ['impulse_noise']",
+            "--gin_bindings=evaluators.CorruptionEvaluator.severities = [1, 5]", f"--json={tmp_path / 'eval.json'}"]
   assert eval_command.main(flags + [f"--checkpoint={run_dir}"]) == 0
   out = json.loads((tmp_path / "eval.json").read_text())
   with open(os.path.join(run_dir, "eval_results.json")) as f:
@@ -89,8 +89,9 @@ def test_run_layers_on_b16_topk(run, tfds_name, train_split, eval_split, num_cla
   assert (vit.variant, vit.top_k, vit.mlp_activation, vit.num_classes) == ("B/16", 256, "relu", num_classes)
   assert (dataset.tfds_name, dataset.train_split, dataset.eval_split) == (tfds_name, train_split, eval_split)
   assert dataset.num_classes == num_classes and dataset.image_size == 224 and dataset.label_noise == 0.8
-  assert len(gin.query_parameter("RobustnessEvaluator.corruptions")) == corruptions
-  assert [type(e).__name__ for e in gin_utils.get_macro("EVALUATORS")] == ["RobustnessEvaluator"]
+  assert len(gin.query_parameter("evaluators.CorruptionEvaluator.corruptions")) == corruptions
+  assert [e.__name__ for e in evaluators.from_gin()] == ["MetricsEvaluator", "SparsityEvaluator",
+                                                         "CalibrationEvaluator", "CorruptionEvaluator"]
   # AdamW with warm-up then cosine decay, as the trainer will build it.
   schedule = runs.build_from_gin("train.train.learning_rate")
   warmup = gin_utils.get_macro("WARMUP_STEPS")

@@ -1,7 +1,10 @@
-"""Evaluating params on a split: the jitted eval step and the loop over batches.
+"""The one loop over a split: the jitted eval step over its batches, summed on the host.
 
-The trainer's periodic evaluation, ``topk-eval``, the sparsity report and the
-experiments all run these two functions, so their figures agree.
+Every evaluation runs through :class:`EvalLoop`: the trainer's periodic
+evaluation, ``topk-eval``, the sparsity report, the Top-k sweep and the
+experiments, so their figures agree. The evaluators (``evaluators/``) built on
+one loop share its pass: the first to ask for a set of params runs it, the
+others read the same result.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ from typing import Any, Callable, Dict, Optional
 import jax
 import numpy as np
 
-from topk_transformers import sparsity
-
 
 def make_eval_step(model, params_shardings, batch_shardings) -> Callable:
   """The jitted, sharded ``model.eval_fn``: ``(params, batch) -> eval output``."""
@@ -22,45 +23,81 @@ def make_eval_step(model, params_shardings, batch_shardings) -> Callable:
 
 @dataclasses.dataclass
 class SplitResult:
-  """What an evaluation of one split measured."""
+  """What one pass of the model's eval over a split measured."""
 
-  metrics: Dict[str, float]
-  """The model's metrics for the whole split (``model.finalize_eval`` of the weighted means and the sums)."""
-  sparsity: sparsity.SparsityAccumulator
-  """The MLPs' nonzero and firing counts, summed over the split (padding excluded)."""
+  means: Dict[str, float]
+  """The model's scalar metrics, each batch weighted by its ``"weight"`` (so padding does not count)."""
+  sums: Dict[str, Any]
+  """The eval output's ``"sums"`` (e.g. calibration bins), added up over the batches."""
+  intermediates: Any
+  """The sown ``intermediates`` (the MLPs' counts), added up over the batches in float64 on the host."""
   weight: float
   """The summed weights (target tokens or examples)."""
 
 
-def evaluate_split(eval_step: Callable, params: Any, model: Any, dataset: Any, split: str, host_batch: int,
-                   partitioner: Any, eval_steps: Optional[int] = None, seed: int = 0,
-                   on_batch: Optional[Callable[[dict, dict], None]] = None) -> SplitResult:
-  """Runs ``eval_step`` over (the first ``eval_steps`` batches of) ``split``.
+def _add(total: Any, value: Any) -> Any:
+  value = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), value)
+  return value if total is None else jax.tree_util.tree_map(np.add, total, value)
 
-  Scalar metrics are averaged with each batch weighted by its ``"weight"`` (so
-  padding does not count); ``"sums"`` are added up; the model then finishes
-  the metrics from both. ``on_batch(batch, metrics)`` sees every host batch.
+
+@dataclasses.dataclass
+class EvalLoop:
+  """The model's eval pass over (the first ``eval_steps`` batches of) one split, for any params.
+
+  The result of the last params evaluated is kept (keyed by the params object
+  itself), so that several evaluators reading the same forward pass run it once.
   """
-  shard_id, num_shards = partitioner.host_shard_info()
-  ds = dataset.get_dataset(split, host_batch, shard_id, num_shards, seed=seed, shuffle=False, repeat=False)
-  acc = sparsity.SparsityAccumulator()
-  weighted: Dict[str, float] = {}
-  sums: Dict[str, Any] = {}
-  total = 0.0
-  for i, batch in enumerate(ds.as_numpy_iterator()):
-    if eval_steps is not None and i >= eval_steps:
-      break
-    out = eval_step(params, partitioner.shard_batch(batch))
-    metrics, weight, batch_sums = jax.device_get((out["metrics"], out["weight"], out.get("sums", {})))
-    if on_batch is not None:
-      on_batch(batch, metrics)
-    weight = float(weight)
-    for name, value in metrics.items():
-      weighted[name] = weighted.get(name, 0.0) + float(value) * weight
-    for name, value in batch_sums.items():  # each sum is a tree of arrays (e.g. calibration bins)
-      value = jax.tree_util.tree_map(np.asarray, value)
-      sums[name] = jax.tree_util.tree_map(np.add, sums[name], value) if name in sums else value
-    total += weight
-    acc.add(out["intermediates"])
-  means = {name: value / max(total, 1e-9) for name, value in weighted.items()}
-  return SplitResult(metrics=model.finalize_eval(means, sums), sparsity=acc, weight=total)
+
+  model: Any
+  """The ``models.BaseModel``."""
+  dataset: Any
+  """``get_dataset(split, batch_size, shard_id, num_shards, seed, shuffle, repeat)``."""
+  split: str
+  batch_size: int
+  """The global batch size."""
+  partitioner: Any
+  """The mesh: it gives this host's shard of the data and places the batches."""
+  eval_step: Callable
+  """``make_eval_step``'s jitted step (shared, so that it compiles once)."""
+  batch_shardings: Dict[str, Any]
+  eval_steps: Optional[int] = None
+  """Batches to evaluate; ``None``: the whole split."""
+  seed: int = 0
+  _last: Optional[tuple] = dataclasses.field(default=None, repr=False)
+
+  @property
+  def host_batch(self) -> int:
+    return self.batch_size // self.partitioner.host_shard_info()[1]
+
+  def __call__(self, params: Any) -> SplitResult:
+    """The pass over the split with ``params`` (run once per params object)."""
+    if self._last is not None and self._last[0] is params:
+      return self._last[1]
+    result = self._run(params)
+    self._last = (params, result)
+    return result
+
+  def _run(self, params: Any) -> SplitResult:
+    shard_id, num_shards = self.partitioner.host_shard_info()
+    ds = self.dataset.get_dataset(self.split, self.host_batch, shard_id, num_shards, seed=self.seed, shuffle=False,
+                                  repeat=False)
+    weighted: Dict[str, float] = {}
+    sums: Dict[str, Any] = {}
+    intermediates = None
+    total = 0.0
+    for i, batch in enumerate(ds.as_numpy_iterator()):
+      if self.eval_steps is not None and i >= self.eval_steps:
+        break
+      out = self.eval_step(params, self.partitioner.shard_batch(batch))
+      metrics, weight, batch_sums, stats = jax.device_get(
+          (out["metrics"], out["weight"], out.get("sums", {}), out.get("intermediates", {})))
+      weight = float(weight)
+      for name, value in metrics.items():
+        weighted[name] = weighted.get(name, 0.0) + float(value) * weight
+      for name, value in batch_sums.items():  # each sum is a tree of arrays (e.g. calibration bins)
+        value = jax.tree_util.tree_map(np.asarray, value)
+        sums[name] = jax.tree_util.tree_map(np.add, sums[name], value) if name in sums else value
+      intermediates = _add(intermediates, stats)
+      total += weight
+    means = {name: value / max(total, 1e-9) for name, value in weighted.items()}
+    return SplitResult(means=means, sums=sums, intermediates=intermediates or {}, weight=total)

@@ -90,11 +90,6 @@ class BaseModel(abc.ABC):
   def eval_fn(self, params: Any, batch: Batch) -> Dict[str, Any]:
     """The deterministic forward pass: ``{"metrics", "weight", "sums", "intermediates"}``."""
 
-  def finalize_eval(self, metrics: Dict[str, float], sums: Mapping[str, Any]) -> Dict[str, float]:
-    """Metrics of a whole dataset from its weighted means and its summed ``"sums"`` (default: the means)."""
-    del sums
-    return dict(metrics)
-
   @abc.abstractmethod
   def predict_batch(self, params: Any, batch: Batch, **kwargs) -> Any:
     """The model's predictions for ``batch`` (T5: decoded tokens; ViT: class probabilities)."""

@@ -102,14 +102,14 @@ def evaluate(predict_fn: PredictFn, image_dataset, batch_size: int, corruptions:
              severities: Sequence[int] = corruptions_lib.SEVERITIES, num_bins: int = NUM_BINS,
              run_dir: Optional[str] = None, name: Optional[str] = None, seed: Optional[int] = None,
              top_k: Optional[int] = None, label_noise: Optional[float] = None, corruption_seed: int = 0,
-             extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+             extra: Optional[Mapping[str, Any]] = None, split: Optional[str] = None) -> Dict[str, Any]:
   """Table 1's measurements of one trained model, as the dict in the module docstring.
 
   Args:
     predict_fn: ``images -> probs``, e.g. ``jax.jit`` of ``softmax(model.apply(...))``.
     image_dataset: the :class:`~topk_transformers.data.vision.ImageDataset` the model
-      trained on; its ``eval_split`` is evaluated clean (no label noise), and its
-      corrupted copies via ``get_corrupted_dataset``.
+      trained on; ``split`` (default its ``eval_split``) is evaluated clean (no label noise),
+      and its corrupted copies via ``get_corrupted_dataset``.
     batch_size: eval batch size (the last batch is padded).
     corruptions, severities: the corrupted copies; accuracy is averaged over severities.
     run_dir: if given, the reliability diagram PNG is written there (and named in the dict).
@@ -119,8 +119,9 @@ def evaluate(predict_fn: PredictFn, image_dataset, batch_size: int, corruptions:
     corruption_seed: seed of the locally made corruptions (digits).
     extra: more JSON-able keys to store.
   """
-  clean = evaluate_dataset(predict_fn, image_dataset.get_dataset(
-      image_dataset.eval_split, batch_size, shuffle=False, repeat=False), num_bins)
+  split = split or image_dataset.eval_split
+  clean = evaluate_dataset(predict_fn, image_dataset.get_dataset(split, batch_size, shuffle=False, repeat=False),
+                           num_bins)
   results: Dict[str, Any] = {
       "format": FORMAT,
       "name": name or ("dense" if top_k is None else f"top{top_k}"),
@@ -128,7 +129,7 @@ def evaluate(predict_fn: PredictFn, image_dataset, batch_size: int, corruptions:
       "top_k": top_k,
       "label_noise": float(image_dataset.label_noise if label_noise is None else label_noise),
       "dataset": image_dataset.tfds_name,
-      "split": image_dataset.eval_split,
+      "split": split,
       "num_examples": clean["num_examples"],
       "accuracy": clean["accuracy"],
       "ece": clean["ece"],

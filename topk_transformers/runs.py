@@ -6,7 +6,8 @@ pieces (:func:`check_batch_size`, :func:`abstract_params`) for its own restore,
 which also brings back the optimizer state and the data position::
 
   run = runs.load_run('/tmp/topk_t5_smoke', gin_files=['t5/runs/cpu_smoke.gin'])
-  result = run.evaluate('validation', eval_steps=10)   # eval_loop.SplitResult
+  evals = evaluators.for_run(run, evaluators.DEFAULT, 'validation', eval_steps=10)
+  results = evaluators.run_all(evals, run.params)      # {'loss': ..., 'sparsity/encoder/layers_0': ...}
   init = run.with_params(runs.INIT)                    # same model and shapes, the step-0 params
 
 ``checkpoint`` is a run directory (its newest step), one step's directory
@@ -62,13 +63,14 @@ class Run:
       self._eval_step = eval_loop.make_eval_step(self.model, self.params_shardings, self.batch_shardings)
     return self._eval_step
 
-  def evaluate(self, split: str, eval_steps: Optional[int] = None,
-               on_batch: Optional[Callable] = None) -> eval_loop.SplitResult:
-    """Metrics and sparsity counts of these params on (the first ``eval_steps`` batches of) ``split``."""
+  def eval_loop(self, split: Optional[str] = None, eval_steps: Optional[int] = None) -> eval_loop.EvalLoop:
+    """The pass of these runs' eval over (the first ``eval_steps`` batches of) ``split`` (default: the eval split),
+    which the evaluators built on it share (``evaluators.for_run``)."""
     if self.dataset is None:
       raise ValueError("this run was loaded without a dataset (input_shapes were given)")
-    return eval_loop.evaluate_split(self.eval_step(), self.params, self.model, self.dataset, split, self.host_batch,
-                                    self.partitioner, eval_steps, seed=self.seed, on_batch=on_batch)
+    return eval_loop.EvalLoop(model=self.model, dataset=self.dataset, split=split or self.dataset.eval_split,
+                              batch_size=self.batch_size, partitioner=self.partitioner, eval_step=self.eval_step(),
+                              batch_shardings=self.batch_shardings, eval_steps=eval_steps, seed=self.seed)
 
   def with_params(self, checkpoint: str) -> "Run":
     """This run with the params of another checkpoint of the same model, or ``'init'``."""

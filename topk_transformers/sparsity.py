@@ -3,8 +3,9 @@
 Every ``layers.MlpBlock`` sows, per call, ``nonzero_count`` (nonzero hidden
 activations summed over the counted tokens), ``token_count`` and
 ``neuron_fire_count`` (``[d_ff]``) into the ``intermediates`` collection. This
-module turns such a tree into per-layer figures, inside ``jit`` (for metrics) or
-on the host (accumulated over many batches, for reports).
+module turns such a tree into per-layer figures, inside ``jit`` (the train
+step's metrics); ``evaluators.SparsityEvaluator`` does it for the counts summed
+over a split.
 
 Layer names are the module paths without the trailing ``/mlp``, e.g.
 ``encoder/layers_3`` or ``decoder/layers_0`` (T5) and ``Transformer/encoderblock_5`` (ViT).
@@ -16,7 +17,6 @@ from typing import Any, Dict, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 _KEYS = ("nonzero_count", "token_count", "neuron_fire_count")
 
@@ -69,36 +69,6 @@ def percent_nonzero(intermediates: Any) -> Dict[str, jax.Array]:
     width = s["neuron_fire_count"].shape[-1]
     result[name] = 100.0 * s["nonzero_count"] / jnp.maximum(s["token_count"] * width, 1.0)
   return result
-
-
-class SparsityAccumulator:
-  """Sums per-layer counts over many batches on the host; ``summary()`` gives the report."""
-
-  def __init__(self):
-    self._sums: Dict[str, Dict[str, np.ndarray]] = {}
-
-  def add(self, intermediates: Any) -> None:
-    for name, s in layer_stats(jax.device_get(intermediates)).items():
-      acc = self._sums.setdefault(name, {k: 0.0 for k in _KEYS})
-      for k in _KEYS:
-        acc[k] = acc[k] + np.asarray(s[k], np.float64)
-
-  def __bool__(self) -> bool:
-    return bool(self._sums)
-
-  def percent_nonzero(self) -> Dict[str, float]:
-    return {
-        name: float(100.0 * s["nonzero_count"] / max(s["token_count"] * np.size(s["neuron_fire_count"]), 1.0))
-        for name, s in self._sums.items()
-    }
-
-  def neuron_firing_frequency(self) -> Dict[str, np.ndarray]:
-    """Per layer, the fraction of counted tokens on which each hidden unit was nonzero."""
-    return {name: np.asarray(s["neuron_fire_count"]) / max(float(s["token_count"]), 1.0)
-            for name, s in self._sums.items()}
-
-  def token_counts(self) -> Dict[str, float]:
-    return {name: float(s["token_count"]) for name, s in self._sums.items()}
 
 
 def format_table(percent: Mapping[str, float]) -> str:

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from topk_transformers import evaluators
 from topk_transformers import plotting
 from topk_transformers import runs
 from topk_transformers import sparsity as sparsity_lib
@@ -73,18 +74,18 @@ class Measurement:
 
 
 def measure(run: Any, split: str, eval_steps: Optional[int] = None, label: Optional[str] = None) -> Measurement:
-  """Runs the model's eval of a ``runs.Run`` over (the first ``eval_steps`` batches of) ``split``.
+  """Runs the default evaluators of a ``runs.Run`` over (the first ``eval_steps`` batches of) ``split``.
 
-  Collects the MLPs' sown statistics; the model's metrics on the same batches come along.
+  The sparsity evaluator's counts; the model's metrics on the same batches (the same pass) come along.
   """
-  result = run.evaluate(split, eval_steps)
-  metrics, acc = result.metrics, result.sparsity
-  if not acc:
+  results = evaluators.run_all(evaluators.for_run(run, evaluators.DEFAULT, split, eval_steps), run.params)
+  metrics, percent = evaluators.split_results(results)
+  if not percent:
     raise ValueError(f"no MLP statistics recorded on split {split!r} (empty split, or a model without MlpBlocks)")
   return Measurement(
       label=label or (INIT if run.checkpoint == INIT else f"step {run.step}"), split=split, step=run.step,
-      metrics=metrics, percent_nonzero=acc.percent_nonzero(), token_count=acc.token_counts(),
-      firing_frequency=acc.neuron_firing_frequency())
+      metrics=metrics, percent_nonzero=percent, token_count=results["tokens_counted"],
+      firing_frequency=results["firing_frequency"])
 
 
 def stack_of(layer: str) -> str:

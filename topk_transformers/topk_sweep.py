@@ -23,6 +23,7 @@ import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+from topk_transformers import evaluators
 from topk_transformers import plotting
 from topk_transformers.errors import ConfigError
 
@@ -66,9 +67,9 @@ def sweep(run: Any, ks: Sequence[int], split: Optional[str] = None, eval_steps: 
     # The dense row is dense whatever Top-k the run's own config sets.
     variant = dataclasses.replace(run, model=with_top_k(run.model, k), _eval_step=None)
     start = time.time()
-    result = variant.evaluate(split, eval_steps)
-    percent = result.sparsity.percent_nonzero()
-    row = {"k": k, **{name: float(v) for name, v in result.metrics.items()},
+    metrics, percent = evaluators.split_results(
+        evaluators.run_all(evaluators.for_run(variant, evaluators.DEFAULT, split, eval_steps), variant.params))
+    row = {"k": k, **metrics,
            "percent_nonzero": _mean(percent.values()), "percent_nonzero_per_layer": percent,
            "seconds": round(time.time() - start, 2)}
     if rows:

@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import flax
 import flax.linen as nn
@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from topk_transformers import checkpoints as ckpt_lib
 from topk_transformers import eval_loop
+from topk_transformers import evaluators as evaluators_lib
 from topk_transformers import gin_utils
 from topk_transformers import partitioning
 from topk_transformers import runs
@@ -152,6 +153,7 @@ def train(
     resume_from_readable: bool = False,
     initial_checkpoint_path: Optional[str] = None,
     initial_checkpoint_format: str = "auto",
+    evaluators: Optional[Sequence[Callable[..., Any]]] = None,
 ) -> TrainResult:
   """Trains ``model`` on ``dataset`` for ``train_steps`` steps of global batch ``batch_size``.
 
@@ -177,6 +179,9 @@ def train(
     initial_checkpoint_path, initial_checkpoint_format: start from these params (a Hugging Face, T5X or
       project checkpoint, ``'hf'``/``'t5x'``/``'project'`` or ``'auto'``) with a fresh optimizer state at
       step 0, as T5X's ``initial_checkpoint_path``; only when ``model_dir`` holds no checkpoint to resume.
+    evaluators: the evaluator classes run at every evaluation (gin: ``%EVALUATORS``; default
+      ``evaluators.DEFAULT``: metrics, sparsity, calibration where the model has it), the list
+      ``topk-eval`` runs too; the eval metrics are their numbers, ``sparsity/<layer>`` apart.
   """
   if train_steps < 0:
     raise ConfigError(f"train_steps must be >= 0, got train_steps={train_steps}")
@@ -259,12 +264,18 @@ def train(
   p_train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
 
-  p_eval_step = eval_loop.make_eval_step(model, params_shardings, batch_shardings)
+  # The evaluators of every evaluation, sharing one pass over the eval split; those that measure only a
+  # finished run (Table 1's corruptions) are left to topk-eval.
+  loop = eval_loop.EvalLoop(model=model, dataset=dataset, split=dataset.eval_split, batch_size=batch_size,
+                            partitioner=partitioner,
+                            eval_step=eval_loop.make_eval_step(model, params_shardings, batch_shardings),
+                            batch_shardings=batch_shardings, eval_steps=eval_steps, seed=seed)
+  built = evaluators_lib.build(evaluators_lib.DEFAULT if evaluators is None else evaluators, model, dataset,
+                               dataset.eval_split, loop=loop, results_dir=None)
+  in_training = [e for e in built if e.during_training]
 
   def evaluate(params) -> tuple:
-    result = eval_loop.evaluate_split(p_eval_step, params, model, dataset, dataset.eval_split, host_batch,
-                                      partitioner, eval_steps, seed=seed)
-    return result.metrics, result.sparsity.percent_nonzero()
+    return evaluators_lib.split_results(evaluators_lib.run_all(in_training, params))
 
   # ---- the loop
   logger = MetricLogger(model_dir, total_steps=train_steps, start_step=start_step)

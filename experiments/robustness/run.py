@@ -15,7 +15,7 @@ Each run is the packaged ``vit/runs/cpu_smoke.gin`` (the Top-k ViT, k = 5), or t
 plus ``vit/relu.gin`` (the dense ReLU ViT); model ``top<k>`` is the Top-k ViT with
 ``TOP_K = k``. ``--setting=memorisation`` stacks this directory's ``memorisation.gin`` on
 top. Runs are trained by ``train.train`` and evaluated by ``evaluate.evaluate`` (the
-run's ``EVALUATORS``: ``RobustnessEvaluator``), in this process. Run
+run's ``EVALUATORS``: ``evaluators.CorruptionEvaluator``), in this process. Run
 ``{model}_noise{p}_seed{s}`` uses ``RANDOM_SEED = LABEL_NOISE_SEED = s``: at a given seed
 every model starts from the same initialiser seed and sees the same noisy labels.
 Corruptions and ECE are measured on the clean-label runs only (as the table uses them).
@@ -101,9 +101,9 @@ def run_name(model: str, noise: float, seed: int) -> str:
 def run_bindings(model: str, noise: float, seed: int, run_dir: str) -> list:
   """The bindings that make one run of the table out of the model's gin files."""
   bindings = [f"MODEL_DIR = '{run_dir}'", f"RANDOM_SEED = {seed}", f"LABEL_NOISE = {noise!r}",
-              f"LABEL_NOISE_SEED = {seed}", f"evaluate.RobustnessEvaluator.name = '{model}'"]
+              f"LABEL_NOISE_SEED = {seed}", f"evaluators.CorruptionEvaluator.name = '{model}'"]
   if noise > 0:  # The table reads corruptions off the clean-label runs only.
-    bindings.append("evaluate.RobustnessEvaluator.corruptions = []")
+    bindings.append("evaluators.CorruptionEvaluator.corruptions = []")
   return bindings
 
 
@@ -153,7 +153,7 @@ def training_set_measurement(run: runs.Run) -> Dict[str, Any]:
   ``accuracy_noisy_labels``: agreement with the labels the model trained on;
   ``accuracy_true_labels``: with the clean ones; ``memorised``: of the examples whose label the
   noise changed, the fraction predicted as the noisy label (1 when the model has fitted all of
-  them); ``percent_nonzero``: per layer, on the training split (``run.evaluate``).
+  them); ``percent_nonzero``: per layer, on the training split (``sparsity_report.measure``).
   """
   dataset = run.dataset
   clean = dataclasses.replace(dataset, label_noise=0.0)
@@ -172,7 +172,7 @@ def training_set_measurement(run: runs.Run) -> Dict[str, Any]:
     true.append(clean_batch["label"][keep])
   preds, noisy, true = (np.concatenate(x) for x in (preds, noisy, true))
   changed = noisy != true
-  sparsity = run.evaluate(dataset.train_split, None).sparsity.percent_nonzero()
+  sparsity = report_lib.measure(run, dataset.train_split).percent_nonzero
   return {
       "step": run.step,
       "num_examples": int(preds.size),
@@ -205,8 +205,7 @@ def write_memorisation(run_dir: str) -> Tuple[Dict[str, Any], runs.Run]:
   best = final.with_params(os.path.join(run_dir, "checkpoints", str(best_step)))
   test_sparsity = {}
   for r in (final, best):
-    test_sparsity[r.step] = {k: float(v) for k, v in
-                             r.evaluate(r.dataset.eval_split, None).sparsity.percent_nonzero().items()}
+    test_sparsity[r.step] = {k: float(v) for k, v in report_lib.measure(r, r.dataset.eval_split).percent_nonzero.items()}
   payload = {
       "run_dir": run_dir,
       "train_steps": int(gin_utils.get_macro("TRAIN_STEPS")),

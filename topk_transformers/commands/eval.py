@@ -3,10 +3,11 @@
   topk-eval --gin_file=t5/runs/cpu_smoke.gin --checkpoint=/tmp/topk_t5_smoke [--split=validation] \
       [--eval_steps=50] [--json=out.json]
 
-Prints the model's metrics (loss, token accuracy; ViT: top-1 and ECE) and the
-percentage of nonzero MLP activations per layer, then runs the evaluators that
-the gin files list in ``EVALUATORS`` (ViT: Table 1's robustness measurements,
-written to ``RUN_DIR/eval_results.json``).
+Runs the evaluators that the gin files list in ``EVALUATORS``, the list the
+trainer runs at every evaluation (default: metrics, sparsity, calibration), and
+prints the model's metrics (loss, token accuracy; ViT: top-1 and ECE), the
+percentage of nonzero MLP activations per layer and each report's summary (ViT:
+Table 1's robustness measurements, written to ``RUN_DIR/eval_results.json``).
 """
 
 from __future__ import annotations

@@ -174,12 +174,6 @@ class ClassificationModel(models.BaseModel):
     bins = calibration_bins(jax.nn.softmax(logits), batch["label"], _weights(batch), num_bins)
     return {"metrics": metrics, "weight": total, "sums": {"calibration": bins}, "intermediates": intermediates}
 
-  def finalize_eval(self, metrics, sums):
-    out = dict(metrics)
-    if "calibration" in sums:
-      out["ece"] = float(ece_from_bins(sums["calibration"]))
-    return out
-
   def predict_batch(self, params: Any, batch: Batch, **kwargs) -> Array:
     """Class probabilities ``[B, num_classes]`` for ``batch["image"]`` (no dropout)."""
     del kwargs
