@@ -26,6 +26,7 @@ DType = Any
 Initializer = Callable[..., Array]
 
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+default_attention_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 
 
 def _normalize_axes(axes: Iterable[int], ndim: int) -> Tuple[int, ...]:
@@ -343,7 +344,7 @@ class MultiHeadDotProductAttention(nn.Module):
   head_dim: int
   dtype: DType = jnp.float32
   dropout_rate: float = 0.0
-  kernel_init: Initializer = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+  kernel_init: Initializer = default_attention_kernel_init
   float32_logits: bool = False
 
   @nn.compact

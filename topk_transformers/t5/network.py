@@ -35,7 +35,6 @@ import numbers
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from topk_transformers import layers
@@ -177,17 +176,17 @@ class CachedCrossAttention(nn.Module):
 
   Same parameters as the ``MultiHeadDotProductAttention`` it replaces in decoding steps (``query``, ``out``; the
   ``key`` and ``value`` kernels were applied at encode time), same result. The cached ``key`` / ``value`` are
-  ``[batch, heads, head_dim, in_length]`` (the decoding caches' layout, read as it lies), one per input; the step's ``rows = batch * n`` queries (beams or samples,
-  row ``b * n + j`` for decode ``j`` of input ``b``, as ``decoding.expand_batch`` lays them out) attend to their
-  input's keys as ``n`` query positions of one attention, so the beams share them: nothing is copied per beam, and
-  beam search never reorders them.
+  ``[batch, heads, head_dim, in_length]`` (the decoding caches' layout, read as it lies), one per input; the step's
+  ``rows = batch * n`` queries (beams or samples, row ``b * n + j`` for decode ``j`` of input ``b``, as
+  ``decoding.expand_batch`` lays them out) attend to their input's keys as ``n`` query positions of one attention,
+  so the beams share them: nothing is copied per beam, and beam search never reorders them.
   """
 
   num_heads: int
   head_dim: int
   dtype: Any = jnp.float32
   float32_logits: bool = False
-  kernel_init: Any = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+  kernel_init: Any = layers.default_attention_kernel_init
 
   @nn.compact
   def __call__(self, inputs_q, key, value, key_mask):
@@ -304,6 +303,47 @@ class Decoder(nn.Module):
     raise ValueError("decoding steps need max_decode_length (no decoder layer cache to infer it from)")
 
 
+class CrossAttentionKV(nn.Module):
+  """Every decoder layer's cross-attention keys and values: ``{'layers_i': {'key', 'value'}}``.
+
+  It declares the ``layers_i/encoder_decoder_attention/{key,value}`` projections of the decoder's attention and
+  shares the decoder's scope (``nn.share_scope`` in ``Transformer.setup``), so it reads the decoder's own parameters
+  and adds none. Each is ``[batch, heads, head_dim, in_length]``, the decoding caches' layout.
+  """
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, encoded):
+    return {f"layers_{i}": _LayerCrossKV(self.config, name=f"layers_{i}")(encoded)
+            for i in range(self.config.num_decoder_layers)}
+
+
+class _LayerCrossKV(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, encoded):
+    return _KeyValue(self.config, name="encoder_decoder_attention")(encoded)
+
+
+class _KeyValue(nn.Module):
+  """The ``key`` and ``value`` projections of a ``MultiHeadDotProductAttention``, in the caches' layout."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, encoded):
+    cfg = self.config
+    out = {}
+    for name in ("key", "value"):
+      y = layers.DenseGeneral(cfg.num_heads * cfg.head_dim, dtype=cfg.dtype,
+                              kernel_init=layers.default_attention_kernel_init, kernel_axes=("embed", "joined_kv"),
+                              name=name)(encoded)
+      out[name] = layers.to_cache_layout(y.reshape(y.shape[:-1] + (cfg.num_heads, cfg.head_dim)))
+    return out
+
+
 class Transformer(nn.Module):
   """T5 encoder-decoder sharing one ``token_embedder``."""
 
@@ -317,6 +357,10 @@ class Transformer(nn.Module):
     )
     self.encoder = Encoder(config=cfg, shared_embedding=self.shared_embedding)
     self.decoder = Decoder(config=cfg, shared_embedding=self.shared_embedding)
+    # The decoder's own key and value projections, seen from outside a decoding step: one scope, one set of
+    # parameters, read through Flax.
+    self.decoder_cross_kv = CrossAttentionKV(config=cfg)
+    nn.share_scope(self.decoder_cross_kv, self.decoder)
 
   def encode(self, encoder_input_tokens, encoder_segment_ids=None, encoder_positions=None, enable_dropout=True):
     """``[batch, length]`` tokens (0 = padding) -> ``[batch, length, emb_dim]``."""
@@ -381,19 +425,7 @@ class Transformer(nn.Module):
     once per input when it is encoded, then passed to every decoding step (``decode(..., cross_kv=...)``), so a step
     reads neither kernel.
     """
-    cfg = self.config
-    decoder = nn.meta.unbox(self.variables["params"]["decoder"])
-    x = jnp.asarray(encoded, cfg.dtype)
-    out = {}
-    for i in range(cfg.num_decoder_layers):
-      attention = decoder[f"layers_{i}"]["encoder_decoder_attention"]
-      kv = {}
-      for name in ("key", "value"):
-        kernel = jnp.asarray(attention[name]["kernel"], cfg.dtype)
-        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-        kv[name] = layers.to_cache_layout(y.reshape(y.shape[:-1] + (cfg.num_heads, cfg.head_dim)))
-      out[f"layers_{i}"] = kv
-    return out
+    return self.decoder_cross_kv(encoded)
 
   def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, encoder_segment_ids=None,
                decoder_segment_ids=None, encoder_positions=None, decoder_positions=None, *,
