@@ -10,6 +10,7 @@ import pytest
 from flax import linen as nn
 
 from topk_transformers import decoding
+from topk_transformers.t5 import decoding as t5_decoding
 from topk_transformers.t5 import network
 
 EOS = 1
@@ -204,8 +205,8 @@ def t5():
 def test_greedy_equals_argmax_of_teacher_forced_logits(t5):
   module, params, enc = t5
   # eos_id=None: all rows decode the full length, which makes every step checkable.
-  tokens, logp = decoding.predict_batch(module, params, {"encoder_input_tokens": enc}, max_decode_length=6,
-                                        eos_id=None, return_scores=True)
+  tokens, logp = t5_decoding.predict_batch(module, params, {"encoder_input_tokens": enc}, max_decode_length=6,
+                                           eos_id=None, return_scores=True)
   tokens = np.asarray(tokens)
   assert len(np.unique(tokens)) > 2, "degenerate decodes would make this test weak"
   lp = np.asarray(forced_log_probs(module, params, enc, tokens))
@@ -216,33 +217,33 @@ def test_greedy_equals_argmax_of_teacher_forced_logits(t5):
 def test_predict_batch_eos_sampling_and_beam(t5):
   module, params, enc = t5
   batch = {"encoder_input_tokens": enc, "decoder_input_tokens": np.zeros((3, 6), np.int32)}
-  greedy = np.asarray(decoding.predict_batch(module, params, batch, eos_id=None))
+  greedy = np.asarray(t5_decoding.predict_batch(module, params, batch, eos_id=None))
   assert greedy.shape == (3, 6)
   # Make the greedy token at step 2 of row 0 the EOS: the row must stop there and pad with 0.
   eos = int(greedy[0, 2])
-  stopped = np.asarray(decoding.predict_batch(module, params, batch, eos_id=eos))
+  stopped = np.asarray(t5_decoding.predict_batch(module, params, batch, eos_id=eos))
   first = list(stopped[0]).index(eos)
   assert first <= 2 and np.all(stopped[0, first + 1:] == 0)
   np.testing.assert_array_equal(stopped[0, :first + 1], greedy[0, :first + 1])
 
   def sample(seed):
-    return np.asarray(decoding.predict_batch(module, params, batch, decode_method="sample", num_decodes=2,
-                                             temperature=1.0, rng=jax.random.PRNGKey(seed), eos_id=None,
-                                             return_all_decodes=True))
+    return np.asarray(t5_decoding.predict_batch(module, params, batch, decode_method="sample", num_decodes=2,
+                                                temperature=1.0, rng=jax.random.PRNGKey(seed), eos_id=None,
+                                                return_all_decodes=True))
   a, b, c = sample(0), sample(0), sample(1)
   assert a.shape == (3, 2, 6)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
 
-  beams, scores = decoding.predict_batch(module, params, batch, decode_method="beam", num_decodes=3, alpha=0.6,
-                                         eos_id=None, return_all_decodes=True, return_scores=True)
+  beams, scores = t5_decoding.predict_batch(module, params, batch, decode_method="beam", num_decodes=3, alpha=0.6,
+                                            eos_id=None, return_all_decodes=True, return_scores=True)
   assert beams.shape == (3, 3, 6) and np.all(np.diff(np.asarray(scores), axis=1) <= 0)
   # Beam scores are the model's log p of the beam (alpha applies with length 6 for all).
   best = np.asarray(beams[:, 0])
   lp = np.take_along_axis(np.asarray(forced_log_probs(module, params, enc, best)), best[..., None], -1).sum((1, 2))
   np.testing.assert_allclose(np.asarray(scores[:, 0]), lp / ((5 + 6) / 6) ** 0.6, rtol=1e-4)
   with pytest.raises(ValueError, match="decode_method"):
-    decoding.predict_batch(module, params, batch, decode_method="nucleus")
+    t5_decoding.predict_batch(module, params, batch, decode_method="nucleus")
 
 
 def test_decode_command_reads_a_checkpoint(tmp_path, capsys):
@@ -281,9 +282,9 @@ def predict_recomputing_cross_kv(module, params, enc, method, n, length, rng=Non
   """The decoding of ``predict_batch`` before the cross-attention cache: every step projects the (expanded) encoder
   output to keys and values itself."""
   encoded = module.apply({"params": params}, enc, enable_dropout=False, method=module.encode)
-  cache = decoding.init_cache(module, params, encoded, enc, length)
-  step = decoding.make_tokens_to_logits(module, params, decoding.expand_batch(encoded, n),
-                                        decoding.expand_batch(enc, n), length)
+  cache = t5_decoding.init_cache(module, params, encoded, enc, length)
+  step = t5_decoding.make_tokens_to_logits(module, params, decoding.expand_batch(encoded, n),
+                                           decoding.expand_batch(enc, n), length)
   if method == "beam":
     return decoding.beam_search(step, cache, enc.shape[0], n, length, alpha=0.6, eos_id=None)
   seqs, logp = decoding.temperature_sample(step, decoding.expand_batch(cache, n), enc.shape[0] * n, length, rng,
@@ -297,9 +298,9 @@ def test_cross_attention_cache_gives_the_decodes_of_recomputed_keys_and_values(t
   rng = jax.random.PRNGKey(4)
   ref_seqs, ref_scores = jax.jit(predict_recomputing_cross_kv, static_argnums=(0, 3, 4, 5))(
       module, params, enc, method, n, 6, rng)
-  seqs, scores = decoding.predict_batch(module, params, {"encoder_input_tokens": enc}, decode_method=method,
-                                        num_decodes=n, max_decode_length=6, eos_id=None, rng=rng,
-                                        return_all_decodes=True, return_scores=True)
+  seqs, scores = t5_decoding.predict_batch(module, params, {"encoder_input_tokens": enc}, decode_method=method,
+                                           num_decodes=n, max_decode_length=6, eos_id=None, rng=rng,
+                                           return_all_decodes=True, return_scores=True)
   if method == "sample":  # predict_batch orders the samples best first
     order = np.argsort(-np.asarray(ref_scores), axis=1)
     ref_seqs, ref_scores = (np.take_along_axis(np.asarray(ref_seqs), order[..., None], 1),
@@ -317,10 +318,10 @@ def test_cross_attention_cache_step_logits_and_shared_keys(t5):
   # [batch, heads, head_dim, in_length]: the layout a step reads as it lies.
   assert sorted(cross_kv) == ["layers_0", "layers_1"] and cross_kv["layers_0"]["key"].shape == (3, 2, 16, 6)
   n, length = 2, 4
-  cache = decoding.expand_batch(decoding.init_cache(module, params, encoded, enc, length), n)
-  old = decoding.make_tokens_to_logits(module, params, decoding.expand_batch(encoded, n),
-                                       decoding.expand_batch(enc, n), length)
-  new = decoding.make_tokens_to_logits(module, params, None, enc, length, cross_kv=cross_kv)
+  cache = decoding.expand_batch(t5_decoding.init_cache(module, params, encoded, enc, length), n)
+  old = t5_decoding.make_tokens_to_logits(module, params, decoding.expand_batch(encoded, n),
+                                          decoding.expand_batch(enc, n), length)
+  new = t5_decoding.make_tokens_to_logits(module, params, None, enc, length, cross_kv=cross_kv)
   tokens = jnp.asarray(np.random.RandomState(0).randint(2, 32, (3 * n, length)), jnp.int32)
   both = jax.jit(lambda i, t, c0, c1: (old(decoding.DecodingState(i, t, None, c0)),
                                        new(decoding.DecodingState(i, t, None, c1))))

@@ -1,15 +1,17 @@
 """Predicted-neuron decoding: predictors, the MLP's candidate path, and their fit, save and restore."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
 
-from topk_transformers import decoding
 from topk_transformers import layers
 from topk_transformers import predictors
 from topk_transformers.errors import ConfigError
+from topk_transformers.t5 import decoding as t5_decoding
 from topk_transformers.t5 import network
 
 V10 = ("relu",)
@@ -127,21 +129,41 @@ def test_t5_predicted_decoding_with_all_candidates_or_perfect_predictors_equals_
   exact = t5(acts)
   params = t5_params(exact)
   batch = {"encoder_input_tokens": ENC}
-  ref, ref_scores = decoding.predict_batch(exact, params, batch, max_decode_length=6, eos_id=None,
-                                           return_scores=True)
+  ref, ref_scores = t5_decoding.predict_batch(exact, params, batch, max_decode_length=6, eos_id=None,
+                                              return_scores=True)
   assert len(np.unique(ref)) > 2, "degenerate decodes would make this test weak"
   rand = predictors.random_predictors(params, 3, seed=1)
   for candidates, preds in ((FF, rand), (K, predictors.perfect_predictors(params))):
-    tokens, scores = decoding.predict_batch(t5(acts, candidates), params, batch, max_decode_length=6, eos_id=None,
-                                            return_scores=True, predictors=preds)
+    tokens, scores = t5_decoding.predict_batch(t5(acts, candidates), params, batch, max_decode_length=6, eos_id=None,
+                                               return_scores=True, predictors=preds)
     np.testing.assert_array_equal(tokens, ref)
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
   # Random rank-3 predictors with c = k change the decodes: the predicted path is really taken.
-  tokens, scores = decoding.predict_batch(t5(acts, K), params, batch, max_decode_length=6, eos_id=None,
-                                          return_scores=True, predictors=rand)
+  tokens, scores = t5_decoding.predict_batch(t5(acts, K), params, batch, max_decode_length=6, eos_id=None,
+                                             return_scores=True, predictors=rand)
   assert not np.allclose(scores, ref_scores, atol=1e-3)
   with pytest.raises(ConfigError, match="decode_candidates"):
-    decoding.predict_batch(exact, params, batch, max_decode_length=6, predictors=rand)
+    t5_decoding.predict_batch(exact, params, batch, max_decode_length=6, predictors=rand)
+
+
+@pytest.mark.parametrize("acts", [V10, V11], ids=["v1.0", "v1.1"])
+def test_prepare_holds_wi_once_as_rows(acts):
+  """The decoder MLPs' wi kernels move into the predictors as wi_rows; every other leaf is passed on, not copied."""
+  params = t5_params(t5(acts))
+  names = ["wi"] if len(acts) == 1 else ["wi_0", "wi_1"]
+  step_params, prepared = predictors.prepare(params, predictors.random_predictors(params, 3))
+  for layer in ("layers_0", "layers_1"):
+    mlp, rows = step_params["decoder"][layer]["mlp"], predictors.layers_of(prepared)[layer]["wi_rows"]
+    assert all("kernel" not in mlp[name] for name in names) and mlp["wo"]["kernel"] is params["decoder"][layer][
+        "mlp"]["wo"]["kernel"]
+    np.testing.assert_array_equal(rows, np.stack([params["decoder"][layer]["mlp"][n]["kernel"].T for n in names]))
+    assert ("b_cols" in predictors.layers_of(prepared)[layer]) == (len(acts) > 1)
+  assert all(a is b for a, b in zip(jax.tree.leaves(step_params["encoder"]), jax.tree.leaves(params["encoder"])))
+  assert "kernel" in params["decoder"]["layers_0"]["mlp"][names[0]]  # the caller's tree is left as it was
+  with pytest.raises(ConfigError, match="active Top-k"):
+    t5_decoding.predict_batch(network.Transformer(dataclasses.replace(t5(acts, K).config, top_k=None)), params,
+                              {"encoder_input_tokens": ENC}, max_decode_length=3,
+                              predictors=predictors.random_predictors(params, 3))
 
 
 def test_fit_is_least_squares_and_exact_at_full_rank():
@@ -182,8 +204,8 @@ def test_predictors_survive_save_and_restore(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, restored, preds)
   batch = {"encoder_input_tokens": ENC}
   kwargs = dict(max_decode_length=5, eos_id=None, return_scores=True)
-  before = decoding.predict_batch(module, params, batch, predictors=preds, **kwargs)
-  after = decoding.predict_batch(module, params, batch, predictors=restored, **kwargs)
+  before = t5_decoding.predict_batch(module, params, batch, predictors=preds, **kwargs)
+  after = t5_decoding.predict_batch(module, params, batch, predictors=restored, **kwargs)
   jax.tree.map(np.testing.assert_array_equal, before, after)
   # Predictors of another model, or no predictors file, are one clear error.
   other = t5_params(t5(V10, K, layers_=1))

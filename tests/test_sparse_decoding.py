@@ -10,6 +10,7 @@ from flax import linen as nn
 from topk_transformers import decoding
 from topk_transformers import layers
 from topk_transformers import topk
+from topk_transformers.t5 import decoding as t5_decoding
 from topk_transformers.t5 import network
 
 V10 = ("relu",)
@@ -163,11 +164,11 @@ def greedy_with_steps(module, params, enc, length):
   """Greedy decoding one jitted step at a time: tokens ``[batch, length]`` and logits ``[batch, length, vocab]``."""
   encode = jax.jit(lambda p, e: module.apply({"params": p}, e, enable_dropout=False, method=module.encode))
   encoded = encode(params, enc)
-  cache = decoding.init_cache(module, params, encoded, enc, length)
+  cache = t5_decoding.init_cache(module, params, encoded, enc, length)
 
   @jax.jit
   def step(params, cache, token, i):
-    fn = decoding.make_tokens_to_logits(module, params, encoded, enc, length)
+    fn = t5_decoding.make_tokens_to_logits(module, params, encoded, enc, length)
     return fn(decoding.DecodingState(i, token, None, cache))
 
   token = jnp.zeros((enc.shape[0], 1), jnp.int32)

@@ -41,6 +41,7 @@ from topk_transformers import layers
 from topk_transformers import predictors
 from topk_transformers import topk as topk_lib
 from topk_transformers.errors import ConfigError
+from topk_transformers.t5 import decoding as t5_decoding
 
 EOS_ID = 1
 
@@ -109,10 +110,10 @@ def _with_candidates(module, c: Optional[int]):
 def forced_step_logits(module, params, preds, enc, dec_in):
   """Logits ``[batch, length, vocab]`` of ``dec_in`` fed through the decoding step one position at a time."""
   length = dec_in.shape[1]
-  cross_kv, cache = decoding.encode_for_decoding(module, params, enc, length)
+  cross_kv, cache = t5_decoding.encode_for_decoding(module, params, enc, length)
   if preds is not None:
-    preds = predictors.prepare(params, preds)
-  step = decoding.make_tokens_to_logits(module, params, None, enc, length, cross_kv=cross_kv, predictors=preds)
+    params, preds = predictors.prepare(params, preds)
+  step = t5_decoding.make_tokens_to_logits(module, params, None, enc, length, cross_kv=cross_kv, predictors=preds)
 
   def body(cache, xs):
     i, token = xs
@@ -214,8 +215,8 @@ def quality(run, predictor_sets: Dict[int, Any], candidates: Sequence[int], spli
           totals[s]["recall"] += float(np.sum(rec))
           totals[s]["recall_n"] += float(rec.shape[0])
       if bi < decode_batches:
-        tokens = np.asarray(decoding.predict_batch(mod, run.params, {"encoder_input_tokens": enc},
-                                                   max_decode_length=tgt.shape[1], eos_id=EOS_ID, predictors=preds))
+        tokens = np.asarray(t5_decoding.predict_batch(mod, run.params, {"encoder_input_tokens": enc},
+                                                      max_decode_length=tgt.shape[1], eos_id=EOS_ID, predictors=preds))
         keep = enc.any(axis=1)  # padding rows of the last batch
         if r is None:
           exact_decodes.append(tokens)

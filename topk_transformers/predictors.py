@@ -17,8 +17,9 @@ predictor). The candidates absorb its errors: a unit it ranks slightly too low i
 among the c best, so recall is set by ``c`` as much as by ``r``.
 
 The tree mirrors the parameters, ``{'decoder': {'layers_i': {'mlp': {'a', 'b'}}}}``, and is passed to the network as
-the ``predictors`` variable collection after :func:`prepare`, which adds each block's ``wi_rows [branches, mlp,
-embed]`` (``wi`` in row layout, so that the ``c`` rows a step reads are contiguous), computed once, not per step.
+the ``predictors`` variable collection after :func:`prepare`, which moves each block's ``wi`` kernels into it as
+``wi_rows [branches, mlp, embed]`` (row layout, so that the ``c`` rows a step reads are contiguous; ``wi`` is then
+held once), computed once, not per step.
 Saved with :func:`save` as ``.npz`` (plus its metadata); :func:`restore` checks the shapes against the parameters.
 """
 
@@ -94,20 +95,29 @@ def perfect_predictors(params: Mapping[str, Any]) -> Dict[str, Any]:
   return _tree(out)
 
 
-def prepare(params: Mapping[str, Any], predictors: Mapping[str, Any], dtype=None) -> Dict[str, Any]:
-  """The ``predictors`` collection a decoding step reads: each block's ``a``, ``b`` and ``wi_rows``.
+def prepare(params: Mapping[str, Any], predictors: Mapping[str, Any],
+            dtype=None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """``(params, predictors)``: the variables a predicted decoding step reads, ``wi`` held once.
 
-  ``wi_rows [branches, mlp, embed]`` is the transpose of the block's ``wi`` kernels, so that the rows of the
-  candidates are contiguous. Gated blocks also get ``b_cols [r, branches * mlp]``, ``b`` with its branches side
-  by side, so that a step scores both in one product. Call it once per set of parameters (or once per decoding call, outside the loop), not
-  per step. ``dtype`` casts all three (default: as stored).
+  Each predicted block's ``wi`` kernels move from ``params`` into its predictor as ``wi_rows [branches, mlp,
+  embed]``, their transpose, so that the rows of the candidates are contiguous; the step reads ``wi`` from there
+  alone (``mlp_steps.predicted_step``), and the ``wi`` biases stay in ``params``. Gated blocks also get ``b_cols
+  [r, branches * mlp]``, ``b`` with its branches side by side, so that a step scores both in one product. Every
+  other parameter is passed on as it is (not copied). ``dtype`` casts the predictors (default: as stored).
+
+  The returned ``params`` decode only with these predictors; encode and create the cache with the full ones. Call
+  it once per set of parameters (or once per decoding call, outside the loop), not per step.
   """
   params = nn.meta.unbox(params)
+  decoder = dict(params["decoder"])
   out = {}
   for name, p in layers_of(predictors).items():
-    mlp = params["decoder"][name]["mlp"]
+    mlp = dict(decoder[name]["mlp"])
     keys = ["wi"] if "wi" in mlp else sorted(k for k in mlp if k.startswith("wi_"))
     rows = jnp.stack([jnp.transpose(jnp.asarray(mlp[k]["kernel"])) for k in keys])
+    for k in keys:
+      mlp[k] = {leaf: v for leaf, v in mlp[k].items() if leaf != "kernel"}
+    decoder[name] = {**decoder[name], "mlp": mlp}
     b = jnp.asarray(p["b"])
     entry = {"a": jnp.asarray(p["a"]), "b": b, "wi_rows": rows}
     if b.shape[0] > 1:  # gated: both branches' b side by side, [r, branches * mlp], for one product per step
@@ -115,7 +125,7 @@ def prepare(params: Mapping[str, Any], predictors: Mapping[str, Any], dtype=None
     if dtype is not None:
       entry = {k: v.astype(dtype) for k, v in entry.items()}
     out[name] = entry
-  return _tree(out)
+  return {**params, "decoder": decoder}, _tree(out)
 
 
 def check(params: Mapping[str, Any], predictors: Mapping[str, Any]) -> None:

@@ -33,7 +33,7 @@ the noise). The sparse tokens are checked against the dense Top-k model's (same 
 The memory-traffic bound is the ratio of the weight bytes one decoder step
 reads, dense over the variant. Per decoder layer: self-attention ``q, k, v, o``;
 cross-attention ``q, o`` (the keys and values of the encoder output are
-computed once per input by ``decoding.encode_for_decoding``, before the
+computed once per input by ``t5.decoding.encode_for_decoding``, before the
 decoding loop, and passed to every step, which never touches the ``key`` and
 ``value`` kernels: ``Transformer.decode(..., cross_kv=...)``); the MLP (dense
 and sparse: ``wi`` branches in full, then ``wo`` in full or ``k`` of its rows;
@@ -77,13 +77,14 @@ from topk_transformers import row_kernels
 from topk_transformers import topk
 from topk_transformers.benchmarks import machine
 from topk_transformers.errors import ConfigError
+from topk_transformers.t5 import decoding as t5_decoding
 from topk_transformers.t5 import network
 from topk_transformers.t5 import sizes
 
 METHODS = topk.METHODS
 DTYPES = ("float32", "bfloat16")
 COUNTED = ("weights read per decoder step: self-attention q,k,v,o; cross-attention q,o (its keys and values are "
-           "computed once per input, explicitly, by decoding.encode_for_decoding and passed to every step); MLP: wi "
+           "computed once per input, explicitly, by t5.decoding.encode_for_decoding and passed to every step); MLP: wi "
            "in full and wo in full (dense) or k rows (sparse), or (predicted) the rank-r predictor a, b, c rows of "
            "each wi branch and k rows of wo; layer norms; embedding row; logits matrix")
 DEFAULT_RANK = 32
@@ -212,14 +213,14 @@ def random_params(module: nn.Module, dtype, seed: int = 0) -> Any:
 def make_decoder(module: nn.Module, steps: int):
   """Jitted ``(params, cache, cross_kv, enc_tokens, predictors) -> tokens [1, steps]``: greedy, no EOS stop.
 
-  ``cross_kv`` and ``cache`` come from ``decoding.encode_for_decoding`` (once per input, not timed); ``predictors``
-  is the prepared collection (``predictors.prepare``) or ``None``.
+  ``cross_kv`` and ``cache`` come from ``t5.decoding.encode_for_decoding`` (once per input, not timed); ``params``
+  and ``predictors`` are as ``predictors.prepare`` returns them, or the parameters and ``None``.
   """
 
   @jax.jit
   def run(params, cache, cross_kv, enc_tokens, preds):
-    step = decoding.make_tokens_to_logits(module, params, None, enc_tokens, steps, cross_kv=cross_kv,
-                                          predictors=preds)
+    step = t5_decoding.make_tokens_to_logits(module, params, None, enc_tokens, steps, cross_kv=cross_kv,
+                                             predictors=preds)
     tokens, _ = decoding.greedy_decode(step, cache, enc_tokens.shape[0], steps, eos_id=None)
     return tokens
 
@@ -265,20 +266,20 @@ def bench_size(version: str, size: str, dtype_name: str, ks: List[int], methods:
       kind, rest = name.split("/", 1)
       variants[f"{kind}@xla/{rest}"] = dataclasses.replace(variants[name], decode_row_kernels=False)
 
-  prepared = {}
+  prepared = {}  # r -> (params with wi as rows in the predictors, predictors): the other leaves are params' own
   if settings.predicted:
     for r in settings.predictor_ranks:
-      prepared[r] = jax.block_until_ready(jax.jit(predictors.prepare)(
+      prepared[r] = jax.block_until_ready(predictors.prepare(
           params, predictors.random_predictors(params, r, seed=settings.seed, dtype=jnp.dtype(dtype_name))))
 
   runs, tokens = {}, {}
-  encode = jax.jit(lambda p, e, m: decoding.encode_for_decoding(m, p, e, settings.steps), static_argnums=2)
+  encode = jax.jit(lambda p, e, m: t5_decoding.encode_for_decoding(m, p, e, settings.steps), static_argnums=2)
   for name, cfg in variants.items():
     module = network.Transformer(cfg)
     cross_kv, cache = encode(params, enc_tokens, module)
     decoder = make_decoder(module, settings.steps)
-    preds = prepared[int(name.split("/")[3][1:])] if name.startswith("predicted") else None
-    call = functools.partial(decoder, params, cache, cross_kv, enc_tokens, preds)
+    step_params, preds = prepared[int(name.split("/")[3][1:])] if name.startswith("predicted") else (params, None)
+    call = functools.partial(decoder, step_params, cache, cross_kv, enc_tokens, preds)
     t0 = time.perf_counter()
     tokens[name] = np.asarray(jax.block_until_ready(call()))  # compiles, warms up
     print(f"   compiled {name} in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -341,7 +342,7 @@ def bench_size(version: str, size: str, dtype_name: str, ks: List[int], methods:
   if truncated:
     print(f"   per layer (ms/token / {layers_} layers): "
           + ", ".join(f"{r.get('name', r['variant'])} {r['s_per_layer'] * 1e3:.2f}" for r in rows))
-  del params, runs
+  del params, prepared, runs
   return rows
 
 

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import seqio
 
-from topk_transformers import decoding
 from topk_transformers import models
 from topk_transformers.t5 import convert
+from topk_transformers.t5 import decoding
 
 
 class EncoderDecoderModel(models.BaseModel):
@@ -109,7 +109,7 @@ class EncoderDecoderModel(models.BaseModel):
     return self._loss_and_aux(params, batch, None)[1]
 
   def predict_batch(self, params, batch, **kwargs):
-    """Decodes ``batch['encoder_input_tokens']``: ``decoding.predict_batch`` with this model's network."""
+    """Decodes ``batch['encoder_input_tokens']``: ``t5.decoding.predict_batch`` with this model's network."""
     return decoding.predict_batch(self.module, params, batch, **kwargs)
 
   def default_input_shapes(self, batch_size: int = 1):

@@ -49,7 +49,7 @@ def decode_texts(run: Any, texts: Sequence[str], max_decode_length: int, all_dec
                  **decode_kwargs) -> Dict[str, Any]:
   """Decodes ``texts`` with ``run`` (a ``runs.Run`` of a T5 model) through ``model.predict_batch``.
 
-  ``decode_kwargs`` go to ``decoding.predict_batch`` (``decode_method``, ``num_decodes``, ``alpha``,
+  ``decode_kwargs`` go to ``t5.decoding.predict_batch`` (``decode_method``, ``num_decodes``, ``alpha``,
   ``temperature``, ``topk``, ``topp``, ``rng``). Returns ``{"step", "seconds", "results"}``, with
   per input its ``outputs`` (text, score, ids; every decode, best first, with ``all_decodes``).
   """
