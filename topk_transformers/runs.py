@@ -51,7 +51,9 @@ class Run:
   batch_shardings: Dict[str, Any]
   checkpoint: str = INIT
   seed: int = 0
-  _eval_step: Optional[Callable] = dataclasses.field(default=None, repr=False)
+  # [(model, its jitted eval step)]: the list is shared by the runs with_params derives, so that whichever
+  # compiles first compiles for all of them; a run with another model (dataclasses.replace) compiles its own.
+  _eval_steps: list = dataclasses.field(default_factory=list, repr=False)
 
   @property
   def host_batch(self) -> int:
@@ -59,9 +61,12 @@ class Run:
 
   def eval_step(self) -> Callable:
     """The jitted eval step, compiled once and shared by the runs :meth:`with_params` derives."""
-    if self._eval_step is None:
-      self._eval_step = eval_loop.make_eval_step(self.model, self.params_shardings, self.batch_shardings)
-    return self._eval_step
+    for model, step in self._eval_steps:
+      if model is self.model:
+        return step
+    step = eval_loop.make_eval_step(self.model, self.params_shardings, self.batch_shardings)
+    self._eval_steps.append((self.model, step))
+    return step
 
   def eval_loop(self, split: Optional[str] = None, eval_steps: Optional[int] = None) -> eval_loop.EvalLoop:
     """The pass of these runs' eval over (the first ``eval_steps`` batches of) ``split`` (default: the eval split),

@@ -65,7 +65,7 @@ def sweep(run: Any, ks: Sequence[int], split: Optional[str] = None, eval_steps: 
   rows: List[Dict[str, Any]] = []
   for k in [None] + ks:
     # The dense row is dense whatever Top-k the run's own config sets.
-    variant = dataclasses.replace(run, model=with_top_k(run.model, k), _eval_step=None)
+    variant = dataclasses.replace(run, model=with_top_k(run.model, k), _eval_steps=[])
     start = time.time()
     metrics, percent = evaluators.split_results(
         evaluators.run_all(evaluators.for_run(variant, evaluators.DEFAULT, split, eval_steps), variant.params))
