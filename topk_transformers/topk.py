@@ -90,19 +90,13 @@ def resolve_method(method: str, shape: Tuple[int, ...], k: int, dtype, backend: 
   so the choice changes speed only, never a result. ``"threshold"`` needs a
   16- or 32-bit float (anything else takes ``exact``). By backend:
 
-  * CPU, measured: ``threshold`` from ``CPU_THRESHOLD_MIN_ROWS`` (8) rows and
-    ``CPU_THRESHOLD_MIN_ELEMENTS`` (16384) scores per call, ``exact`` below.
-    Selection forward + backward (the gradient of ``sum(topk(h) * g)``) on ReLU
-    scores, float32, medians of 30-200 interleaved runs, XLA:CPU on the
-    project's 2-core AMD EPYC (jax 0.10.2, load average ~2), ms, exact /
-    threshold: ``[1, 2048]`` k=128 0.17 / 0.25, ``[4, 2048]`` 0.23 / 0.25,
-    ``[8, 2048]`` 0.40 / 0.28, ``[64, 2048]`` 2.8 / 0.80, ``[1024, 2048]``
-    43 / 8.8, ``[1024, 3072]`` 53 / 14, ``[1576, 1536]`` k=256 100 / 12;
-    ``[2, 16384]`` k=128 0.34 / 0.42; ``[8, 1024]`` k=64 0.19 / 0.19,
-    ``[16, 1024]`` 0.35 / 0.24; ``[16, 256]`` k=32 0.18 / 0.27, ``[64, 256]``
-    0.52 / 0.38. ``lax.top_k`` costs ~20-60 ns per score (more for a larger
-    k), the threshold method a fixed ~0.2 ms (its ~50 small sequential steps)
-    plus ~5-8 ns per score. A decoding step (a few rows) therefore takes ``exact``.
+  * CPU, measured (selection forward and backward): ``threshold`` from
+    ``CPU_THRESHOLD_MIN_ROWS`` (8) rows and ``CPU_THRESHOLD_MIN_ELEMENTS``
+    (16384) scores per call, ``exact`` below. ``lax.top_k`` costs a little per
+    score, more for a larger k; the threshold method has a fixed cost (its
+    ~50 small sequential steps) and a smaller one per score, so it wins on
+    training batches and loses on a decoding step (a few rows), which
+    therefore takes ``exact``.
   * GPU, assumed (not measured here): XLA:GPU has a fast ``top_k`` kernel for
     k <= 16 and sorts every row for a larger k, so ``exact`` for k <= 16,
     ``threshold`` above.
@@ -138,11 +132,9 @@ def select(
     method: ``"approx"`` uses ``lax.approx_max_k``; every exact method
       (``"exact"``, ``"threshold"``, ``"auto"``) uses ``lax.top_k``, which gives
       the indices directly. Deriving them from the threshold's mask needs a
-      compaction (``nonzero``) that costs more than it saves. Measured for a
-      decoding step, k=128, float32, XLA:CPU, medians of 100 (``select_f32``
-      against ``keep_mask`` + ``nonzero``): ``[1, 2048]`` 0.09 / 0.39 ms,
-      ``[1, 16384]`` 0.16 / 0.70 ms, ``[4, 16384]`` (4 beams) 0.60 / 2.0 ms.
-      The set is the same either way.
+      compaction (``nonzero``) that costs more than it saves (measured on
+      XLA:CPU for decoding steps of one to a few rows). The set is the same
+      either way.
     recall_target: recall of the approximate method (TPU only; on CPU and GPU
       XLA finds the k largest values exactly, ties in any order).
     by_magnitude: rank by ``|x|`` (gated MLPs, whose product can be negative)
@@ -282,8 +274,8 @@ def keep_mask(score: jax.Array, k: int) -> jax.Array:
   when some row needs it). Every round reads ``W`` words per row, ``1/B`` of the
   scores. The kept set comes out as ``W`` words per row, expanded to the mask
   inside a ``cond``, so the mask is stored once: XLA would otherwise recompute
-  it inside each consumer, the gradient's transposing copy included, which
-  measured 16-30 ms against 1.7 ms per ``[1024, 2048]`` MLP on XLA:CPU.
+  it inside each consumer, the gradient's transposing copy included, at more
+  than the cost of the MLP itself on XLA:CPU.
   Positions past ``d`` (padding to ``B * W``) never count.
 
   Args:
@@ -366,8 +358,7 @@ def select_f32(
   Upcasting is exact for bfloat16 / float16, so the order (and, for the exact
   methods, the tie-breaking by position) is that of :func:`select`. It matters for
   speed: XLA:CPU runs ``top_k`` on float32 with a dedicated kernel but sorts the
-  whole row for other dtypes (a ``[1, 16384]`` bfloat16 row: ~23 ms against
-  ~0.2 ms as float32 on the project's CPU).
+  whole row for other dtypes, far slower on a decoding row.
   """
   score = jnp.abs(x) if by_magnitude else x
   _, idx = _top_k_indices(score.astype(jnp.float32), k, method, recall_target)
