@@ -2,12 +2,12 @@
 # Mutation testing (mutmut 3) of the modules whose silent bugs would corrupt every result.
 #
 #   pip install -e '.[mutation]'
-#   nice -n 10 scripts/mutation_test.sh topk        # or: mlp, loss, decoding, all
+#   nice -n 10 scripts/mutation_test.sh topk        # or: mlp, mlp_block, loss, decoding, all
 #   scripts/mutation_test.sh topk results           # list the surviving mutants again
 #   MUTMUT_FILTER='topk_transformers.topk.x_select*' scripts/mutation_test.sh topk   # some functions only
 #   (cd .mutation/topk && mutmut show <mutant name>)
 #
-# Each target mutates one module (only the named functions count for "mlp" and "decoding")
+# Each target mutates one module (only the named functions count for "mlp_block" and "decoding")
 # and runs a fast selection of tests against every mutant. The work happens in a copy of
 # the sources under .mutation/<target>/ (git-ignored), so the working tree is never
 # edited. Not part of CI: a full run takes from minutes (loss) to hours (topk) on 2 cores.
@@ -30,10 +30,15 @@ case "$TARGET" in
     TESTS="tests/test_topk.py tests/test_claims.py::test_k_at_least_d_ff_returns_the_input_and_logs_one_line"
     TESTS="$TESTS -k 'not host_mesh and not pass_top_k_method_down and not sown_statistics and not (bf16 and (planted or bit_for_bit or select_and))'" ;;
   mlp)
+    MODULE=topk_transformers/mlp_steps.py
+    FILTER=""
+    TESTS="tests/test_mlp_steps.py tests/test_mlp_oracle.py tests/test_sparse_decoding.py"
+    TESTS="$TESTS tests/test_predicted_mlp_oracle.py" ;;
+    # MUTMUT_TESTS=tests/test_predictors.py adds the T5-level tests of the predicted step.
+  mlp_block)
     MODULE=topk_transformers/layers.py
-    FILTER="topk_transformers.layers.x*MlpBlock*"
+    FILTER="topk_transformers.layers.x*MlpBlock* topk_transformers.layers.x*Weights*"
     TESTS="tests/test_mlp_oracle.py tests/test_sparse_decoding.py tests/test_predicted_mlp_oracle.py" ;;
-    # test_predicted_mlp_oracle.py reaches the predicted-neuron path; MUTMUT_TESTS=tests/test_predictors.py adds its T5-level tests.
   loss)
     MODULE=topk_transformers/t5/model.py
     FILTER=""
@@ -52,10 +57,10 @@ case "$TARGET" in
     TESTS="$TESTS tests/test_decoding.py::test_beam_search_expands_the_2k_best_continuations_as_t5x_does"
     TESTS="$TESTS tests/test_decoding.py::test_beam_search_without_eos_keeps_the_best_full_length_sequences" ;;
   all)
-    for t in topk mlp loss decoding; do "$0" "$t" "$ACTION"; done
+    for t in topk mlp mlp_block loss decoding; do "$0" "$t" "$ACTION"; done
     exit 0 ;;
   *)
-    echo "usage: $0 {topk|mlp|loss|decoding|all} [run|results]" >&2
+    echo "usage: $0 {topk|mlp|mlp_block|loss|decoding|all} [run|results]" >&2
     exit 2 ;;
 esac
 
@@ -72,7 +77,7 @@ mkdir -p "$WORK"
 rm -rf "$WORK/topk_transformers" "$WORK/tests" "$WORK/configs"
 cp -r "$ROOT/topk_transformers" "$ROOT/tests" "$ROOT/configs" "$ROOT/pytest.ini" "$WORK/"
 find "$WORK" -path "$WORK/mutants" -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
-if [[ "$TARGET" == "mlp" ]]; then
+if [[ "$TARGET" == "mlp_block" ]]; then
   # mutmut's trampoline calls a copy of each mutated method as a class attribute, which Flax wraps as a module
   # method; for __post_init__ (which runs before the module has a scope) that fails every test. Leave it
   # unmutated in the copy: it only validates the Top-k settings (topk.validate_top_k, mutated in "topk").
