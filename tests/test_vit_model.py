@@ -1,11 +1,14 @@
 """Tests for topk_transformers/vit/model.py: loss, metrics, calibration."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from topk_transformers.errors import ConfigError
 from topk_transformers.vit import model as model_lib
 from topk_transformers.vit import network
 
@@ -246,3 +249,16 @@ def test_dropout_rng_switches_dropout_on(params):
 def test_bad_label_smoothing():
   with pytest.raises(ValueError, match="label_smoothing must be in"):
     _model(label_smoothing=1.0)
+
+
+def test_contract_methods_a_vit_reads_project_checkpoints_only_and_sweeps_its_top_k():
+  model = _model(top_k=3, mlp_activation="relu")
+  with pytest.raises(ConfigError, match="initial_checkpoint_format='hf': ClassificationModel reads project "
+                                        "checkpoints only"):
+    model.load_initial_params("/nowhere", "hf", None, None)
+  dense = model.with_top_k(None)
+  assert (dense.module.top_k, model.module.top_k) == (None, 3)  # a copy: the model itself keeps its k
+  facts = dense.describe()
+  assert (facts.top_k, facts.mlp.top_k, facts.variant, facts.mlp_activation) == (None, None, "Test/4", "relu")
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    facts.top_k = 3

@@ -102,6 +102,13 @@ class BaseModel(abc.ABC):
   def describe(self) -> ModelDescription:
     """Facts for reports: the network's settings, its MLPs' shape and Top-k."""
 
+  def with_top_k(self, k: Optional[int]) -> "BaseModel":
+    """A copy of this model whose MLPs keep the ``k`` largest units per token (``None``: dense).
+
+    The copy has the same parameters, so it evaluates the same checkpoint (``topk-topk-sweep``).
+    """
+    raise ConfigError(f"{type(self).__name__} has no top_k setting to sweep")
+
   def load_initial_params(self, path: str, fmt: str, abstract_params: Any, shardings: Any) -> Any:
     """The params of checkpoint ``path`` for this model, placed with ``shardings`` (T5X's ``initial_checkpoint_path``).
 

@@ -16,7 +16,6 @@ command.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -26,25 +25,6 @@ from typing import Any, Dict, List, Optional, Sequence
 from topk_transformers import evaluators
 from topk_transformers import plotting
 from topk_transformers.errors import ConfigError
-
-
-def with_top_k(model: Any, k: Optional[int]) -> Any:
-  """A copy of ``model`` whose network keeps the ``k`` largest MLP units per token (``None``: dense).
-
-  The network takes ``top_k`` in its config dataclass (T5) or as a field (ViT); both are the same
-  parameters, so the copy evaluates the same checkpoint.
-  """
-  module = model.module
-  config = getattr(module, "config", None)
-  if config is not None and dataclasses.is_dataclass(config) and hasattr(config, "top_k"):
-    module = module.clone(config=dataclasses.replace(config, top_k=k))
-  elif hasattr(module, "top_k"):
-    module = module.clone(top_k=k)
-  else:
-    raise ConfigError(f"{type(module).__name__} has no top_k setting to sweep")
-  out = copy.copy(model)
-  out.module = module
-  return out
 
 
 def _mean(values) -> Optional[float]:
@@ -65,7 +45,7 @@ def sweep(run: Any, ks: Sequence[int], split: Optional[str] = None, eval_steps: 
   rows: List[Dict[str, Any]] = []
   for k in [None] + ks:
     # The dense row is dense whatever Top-k the run's own config sets.
-    variant = dataclasses.replace(run, model=with_top_k(run.model, k), _eval_steps=[])
+    variant = dataclasses.replace(run, model=run.model.with_top_k(k), _eval_steps=[])
     start = time.time()
     metrics, percent = evaluators.split_results(
         evaluators.run_all(evaluators.for_run(variant, evaluators.DEFAULT, split, eval_steps), variant.params))

@@ -7,6 +7,7 @@ seqio how to turn a Task's examples into its batches.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Mapping, Optional
 
@@ -122,6 +123,11 @@ class EncoderDecoderModel(models.BaseModel):
     mlp = models.MlpDescription(d=c.emb_dim, ff=c.mlp_dim, n_wi=len(c.mlp_activations), top_k=c.top_k,
                                 stacks={"encoder": c.num_encoder_layers, "decoder": c.num_decoder_layers})
     return models.ModelDescription(config=config, mlp=mlp, top_k=c.top_k)
+
+  def with_top_k(self, k: Optional[int]) -> "EncoderDecoderModel":
+    out = copy.copy(self)
+    out.module = self.module.clone(config=dataclasses.replace(self.module.config, top_k=k))
+    return out
 
   def load_initial_params(self, path: str, fmt: str, abstract_params: Any, shardings: Any) -> Any:
     """Reads a Hugging Face, T5X or project checkpoint (``fmt``: ``'hf'``, ``'t5x'``, ``'project'``, ``'auto'``).

@@ -17,6 +17,7 @@ evaluator can accumulate them over a whole dataset and finish with
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any, Mapping, Optional, Tuple
 
@@ -183,6 +184,11 @@ class ClassificationModel(models.BaseModel):
   def default_input_shapes(self, batch_size: int = 1):
     size = self.module.image_size or 224
     return {"image": (batch_size, size, size, 3)}
+
+  def with_top_k(self, k: Optional[int]) -> "ClassificationModel":
+    out = copy.copy(self)
+    out.module = self.module.clone(top_k=k)
+    return out
 
   def describe(self) -> models.ModelDescription:
     m = self.module
