@@ -333,6 +333,28 @@ def test_packed_examples_do_not_attend_across_segments(version):
   np.testing.assert_allclose(base_logits[0, dec_seg[0] == 2], base_logits[1, :4], rtol=1e-5, atol=1e-5)
 
 
+def test_cross_attention_kv_projects_with_the_decoders_own_kernels():
+  """The keys and values come from each layer's encoder_decoder_attention/{key,value} kernels, read through Flax
+  (CrossAttentionKV shares the decoder's scope and adds no parameter of its own)."""
+  cfg = tiny_config("1.1")
+  enc, dec_in, targets = batch()
+  module, params = init(cfg, enc, dec_in, targets)
+  created = module.init(jax.random.PRNGKey(0), enc, dec_in, targets, enable_dropout=False)["params"]
+  assert sorted(created) == ["decoder", "encoder", "token_embedder"]
+  encoded = jnp.asarray(np.random.RandomState(1).randn(2, 8, 32), jnp.float32)
+  kv = module.apply({"params": params}, encoded, method=module.cross_attention_kv)
+  for i in range(cfg.num_decoder_layers):
+    attention = params["decoder"][f"layers_{i}"]["encoder_decoder_attention"]
+    for name in ("key", "value"):
+      want = (np.asarray(encoded) @ np.asarray(attention[name]["kernel"])).reshape(2, 8, 2, 8).transpose(0, 2, 3, 1)
+      np.testing.assert_allclose(kv[f"layers_{i}"][name], want, rtol=1e-5, atol=1e-5)
+  changed = jax.tree_util.tree_map_with_path(
+      lambda path, x: x * 2.0 if "value" in str(path) and "layers_1" in str(path) else x, params)
+  again = module.apply({"params": changed}, encoded, method=module.cross_attention_kv)
+  np.testing.assert_allclose(again["layers_1"]["value"], 2.0 * np.asarray(kv["layers_1"]["value"]), rtol=1e-6)
+  np.testing.assert_array_equal(again["layers_1"]["key"], kv["layers_1"]["key"])
+
+
 def test_top_k_at_least_mlp_dim_is_bitwise_vanilla():
   enc, dec_in, targets = batch()
   for version in ("1.0", "1.1"):
