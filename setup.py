@@ -42,7 +42,7 @@ setup(
         # against Hugging Face's PyTorch T5; the library itself never imports them.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "gensim>=4.3", "scikit-learn>=1.3", "torch==2.13.0", "transformers==5.24.0",
                  "safetensors"],
-        # scripts/mutation_test.sh (docs/mutation_testing.md); not installed by CI.
+        # scripts/mutation_test.sh (docs/design/testing.md); not installed by CI.
         "mutation": ["mutmut>=3.3"],
     },
     entry_points={
