@@ -189,6 +189,33 @@ def test_topk_train_without_model_dir_exits_2_with_one_line(files, capsys):
   assert err.startswith("error: gin macro MODEL_DIR is required") and "--gin.MODEL_DIR=\"'...'\"" in err
 
 
+def test_check_required_macros_names_every_unset_one_and_passes_once_they_are_set():
+  files = ["t5/t5_1_0/tiny.gin", "t5/runs/finetune.gin"]
+  gin_utils.configure(files)
+  with pytest.raises(gin_utils.ConfigError) as info:
+    gin_utils.check_required_macros()
+  assert str(info.value) == (
+      "gin macros INITIAL_CHECKPOINT_PATH, MIXTURE_OR_TASK_NAME, MODEL_DIR are required (%gin.REQUIRED) but not set: "
+      "add --gin.NAME=VALUE for each (a string in both quotes, e.g. --gin.INITIAL_CHECKPOINT_PATH=\"'...'\")")
+  gin_utils.configure(files, ["MODEL_DIR = '/tmp/run'", "INITIAL_CHECKPOINT_PATH = '/ckpt'"])
+  with pytest.raises(gin_utils.ConfigError, match=r"^gin macro MIXTURE_OR_TASK_NAME is required"):
+    gin_utils.check_required_macros()
+  gin_utils.configure(files, ["MODEL_DIR = '/tmp/run'", "INITIAL_CHECKPOINT_PATH = '/ckpt'",
+                              "MIXTURE_OR_TASK_NAME = 'glue_sst2_v2'"])
+  gin_utils.check_required_macros()
+  gin_utils.configure(["t5/runs/cpu_smoke.gin"])
+  gin_utils.check_required_macros()
+
+
+def test_topk_train_names_the_unset_fine_tuning_macros_before_building_data(capsys):
+  argv = ["--gin_file=t5/t5_1_0/tiny.gin", "--gin_file=t5/runs/finetune.gin", "--gin.MODEL_DIR='/nonexistent'",
+          "--gin.MIXTURE_OR_TASK_NAME='glue_sst2_v2'"]
+  assert train_command.main(argv) == 2
+  assert capsys.readouterr().err.strip() == (
+      "error: gin macro INITIAL_CHECKPOINT_PATH is required (%gin.REQUIRED) but not set: "
+      "add --gin.INITIAL_CHECKPOINT_PATH=VALUE (a string in both quotes: --gin.INITIAL_CHECKPOINT_PATH=\"'...'\")")
+
+
 def test_topk_train_without_a_gin_file_exits_2_with_one_line(capsys):
   assert train_command.main([]) == 2
   assert capsys.readouterr().err.strip() == "error: no --gin_file given (e.g. --gin_file=t5/runs/cpu_smoke.gin)"

@@ -187,9 +187,31 @@ def get_macro(name: str, default: Any = gin.REQUIRED, evaluate: bool = True) -> 
       raise ConfigError(f"building %{name}: gin macro %{macro} is used but never set") from None
     raise ConfigError(f"building %{name}: {one_line(e)}") from None
   if built is gin.REQUIRED:  # gin hands the marker itself to whatever reads a macro bound to %gin.REQUIRED
-    raise ConfigError(f"gin macro {name} is required (%gin.REQUIRED) but not set: "
-                      f"add --gin.{name}=VALUE (a string in both quotes: --gin.{name}=\"'...'\")")
+    raise ConfigError(_required_message([name]))
   return built
+
+
+def _required_message(names: Sequence[str]) -> str:
+  if len(names) == 1:
+    return (f"gin macro {names[0]} is required (%gin.REQUIRED) but not set: "
+            f"add --gin.{names[0]}=VALUE (a string in both quotes: --gin.{names[0]}=\"'...'\")")
+  return (f"gin macros {', '.join(names)} are required (%gin.REQUIRED) but not set: "
+          f"add --gin.NAME=VALUE for each (a string in both quotes, e.g. --gin.{names[0]}=\"'...'\")")
+
+
+_REQUIRED_MACRO = re.compile(r"^([A-Za-z_]\w*) = %gin\.REQUIRED$", re.MULTILINE)
+
+
+def check_required_macros() -> None:
+  """Raises a one-line :class:`ConfigError` naming every macro still bound to ``%gin.REQUIRED``.
+
+  A run file marks what a launch must set that way (``MODEL_DIR``, a fine-tuning run's
+  ``INITIAL_CHECKPOINT_PATH``); gin itself would pass its marker object on to whatever reads the macro.
+  """
+  names = [name for name in _REQUIRED_MACRO.findall(gin.config_str())
+           if build(gin.query_parameter(f"%{name}")) is gin.REQUIRED]
+  if names:
+    raise ConfigError(_required_message(names))
 
 
 _UNSET_MACRO = re.compile(r"configurable 'macro' \(.*\) in scope '([^']+)'")
