@@ -58,6 +58,25 @@ def tiny_t5():
   return t5_model.EncoderDecoderModel(network.Transformer(tiny_t5_config()))
 
 
+@pytest.fixture
+def model_config_error():
+  """``model_config_error(gin_files, bindings, *needles)``: the message of the ``ConfigError`` that configuring
+  gin and building its ``MODEL`` raises, checked to be one line that contains every needle."""
+  from topk_transformers import gin_utils  # pylint: disable=g-import-not-at-top
+
+  def check(gin_files, bindings, *needles):
+    with pytest.raises(gin_utils.ConfigError) as info:
+      gin_utils.configure(list(gin_files), list(bindings))
+      gin_utils.get_macro("MODEL")
+    message = str(info.value)
+    assert "\n" not in message, message
+    for needle in needles:
+      assert needle in message, message
+    return message
+
+  return check
+
+
 # The tiny Hugging Face T5 that the import and fine-tuning tests save: two layers each side, width 32.
 TINY_HF_T5 = dict(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
 

@@ -20,16 +20,6 @@ def build(files, bindings=()):
   return gin_utils.get_macro("MODEL")
 
 
-def assert_one_line_error(files, bindings, *needles):
-  with pytest.raises(gin_utils.ConfigError) as info:
-    build(files, bindings)
-  msg = str(info.value)
-  assert "\n" not in msg, msg
-  for needle in needles:
-    assert needle in msg, msg
-  return msg
-
-
 # ---------------------------------------------------------------------------
 # Flags
 # ---------------------------------------------------------------------------
@@ -98,11 +88,11 @@ def test_packaged_files_and_their_includes_resolve_from_any_directory(tmp_path, 
   assert build(["own.gin"]).module.config.top_k == 7
 
 
-def test_a_missing_file_is_one_line_error_naming_where_it_looked(tmp_path, monkeypatch):
+def test_a_missing_file_is_one_line_error_naming_where_it_looked(tmp_path, monkeypatch, model_config_error):
   monkeypatch.chdir(tmp_path)
-  msg = assert_one_line_error(["t5/t5_1_0/nope.gin"], [], "gin file not found: 't5/t5_1_0/nope.gin'")
+  msg = model_config_error(["t5/t5_1_0/nope.gin"], [], "gin file not found: 't5/t5_1_0/nope.gin'")
   assert str(tmp_path) in msg and gin_utils.config_root() in msg
-  assert_one_line_error([str(tmp_path / "nope.gin")], [], "gin file not found")
+  model_config_error([str(tmp_path / "nope.gin")], [], "gin file not found")
 
 
 # ---------------------------------------------------------------------------
@@ -110,17 +100,17 @@ def test_a_missing_file_is_one_line_error_naming_where_it_looked(tmp_path, monke
 # ---------------------------------------------------------------------------
 
 
-def test_config_mistakes_are_one_line_errors(tmp_path):
-  assert_one_line_error(["t5/t5_1_0/tiny.gin"], ["network.T5Confg.emb_dim = 3"], "network.T5Confg")
-  assert_one_line_error(["t5/t5_1_0/tiny.gin"], ["network.T5Config.emb_dimm = 3"], "emb_dimm")
-  assert_one_line_error(["t5/t5_1_0/tiny.gin"], ["TOP_K = = 3"], "bad gin binding 'TOP_K = = 3'")
-  assert_one_line_error(["t5/t5_1_0/tiny.gin"], ["TOP_K = %NOT_A_MACRO"], "NOT_A_MACRO")
+def test_config_mistakes_are_one_line_errors(tmp_path, model_config_error):
+  model_config_error(["t5/t5_1_0/tiny.gin"], ["network.T5Confg.emb_dim = 3"], "network.T5Confg")
+  model_config_error(["t5/t5_1_0/tiny.gin"], ["network.T5Config.emb_dimm = 3"], "emb_dimm")
+  model_config_error(["t5/t5_1_0/tiny.gin"], ["TOP_K = = 3"], "bad gin binding 'TOP_K = = 3'")
+  model_config_error(["t5/t5_1_0/tiny.gin"], ["TOP_K = %NOT_A_MACRO"], "NOT_A_MACRO")
   broken = tmp_path / "broken.gin"
   broken.write_text("include 't5/t5_1_0/tiny.gin'\nnetwork.T5Config.emb_dim = (\n")
-  assert_one_line_error([str(broken)], [], "broken.gin")
+  model_config_error([str(broken)], [], "broken.gin")
   unknown = tmp_path / "unknown.gin"
   unknown.write_text("include 't5/t5_1_0/tiny.gin'\nnetwork.NoSuchThing.x = 1\n")
-  assert_one_line_error([str(unknown)], [], "NoSuchThing")
+  model_config_error([str(unknown)], [], "NoSuchThing")
 
 
 def test_an_unset_macro_is_a_one_line_error_unless_a_default_is_given():
@@ -130,8 +120,8 @@ def test_an_unset_macro_is_a_one_line_error_unless_a_default_is_given():
   assert gin_utils.get_macro("NOPE", default=4) == 4
 
 
-def test_a_macro_used_but_never_set_is_named():
-  msg = assert_one_line_error(["t5/t5_1_0/tiny.gin"], ["network.T5Config.emb_dim = %NEVER_SET"], "%NEVER_SET")
+def test_a_macro_used_but_never_set_is_named(model_config_error):
+  msg = model_config_error(["t5/t5_1_0/tiny.gin"], ["network.T5Config.emb_dim = %NEVER_SET"], "%NEVER_SET")
   assert msg == "building %MODEL: gin macro %NEVER_SET is used but never set"
 
 
