@@ -6,7 +6,7 @@ picks candidates that differ from the true top units, so the output depends on e
 of the path: the scores (``x a b``, per branch; ReLU's pre-activation for v1.0, the
 |product| for gated v1.1), the ``c`` candidates, their hidden activations with their biases,
 the Top-k among them (by magnitude for v1.1), the ``k`` rows of ``wo`` and its bias, and the
-sown statistics. Each is written here from the definitions in ``MlpBlock``'s docstring.
+sown statistics. Each is written here from the definitions of ``mlp_steps.predicted_step``.
 """
 
 import jax

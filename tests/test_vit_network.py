@@ -136,7 +136,8 @@ def _mlp_hidden(module, params, images=IMAGES):
   hidden = []
 
   def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, layers.DenseGeneral) and context.module.name == "wo":
+    # The MLP's dropout (inactive here) takes the hidden units after the Top-k, the input of wo.
+    if isinstance(context.module, nn.Dropout) and isinstance(context.module.parent, layers.MlpBlock):
       hidden.append(args[0])
     return next_fun(*args, **kwargs)
 

@@ -139,7 +139,7 @@ def predict_batch(
     decode_method: ``'greedy'``, ``'sample'`` (temperature / top-k / top-p) or ``'beam'``.
     num_decodes: beams, or samples per example (greedy: must be 1).
     alpha: beam search length penalty.
-    temperature, topk, topp: sampling settings (see :func:`temperature_sample`).
+    temperature, topk, topp: sampling settings (see ``decoding.temperature_sample``).
     rng: PRNG key for ``'sample'`` (default ``PRNGKey(0)``).
     max_decode_length: output length (static).
     eos_id: end-of-sequence id (T5: 1); ``None`` decodes to full length.
