@@ -103,7 +103,8 @@ def prepare(params: Mapping[str, Any], predictors: Mapping[str, Any],
   embed]``, their transpose, so that the rows of the candidates are contiguous; the step reads ``wi`` from there
   alone (``mlp_steps.predicted_step``), and the ``wi`` biases stay in ``params``. Gated blocks also get ``b_cols
   [r, branches * mlp]``, ``b`` with its branches side by side, so that a step scores both in one product. Every
-  other parameter is passed on as it is (not copied). ``dtype`` casts the predictors (default: as stored).
+  other parameter is passed on as it is (not copied). ``dtype`` casts ``a``, ``b``, ``b_cols`` and ``wi_rows``
+  (default: as stored).
 
   The returned ``params`` decode only with these predictors; encode and create the cache with the full ones. Call
   it once per set of parameters (or once per decoding call, outside the loop), not per step.
