@@ -1,17 +1,13 @@
-"""Decoding algorithms: beam search against brute force, EOS, greedy vs teacher forcing, sampling."""
+"""The generic searches: beam search against brute force, EOS, greedy and sampling, on a toy model."""
 
-import functools
 import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from topk_transformers import decoding
-from topk_transformers.t5 import decoding as t5_decoding
-from topk_transformers.t5 import network
 
 EOS = 1
 
@@ -168,174 +164,6 @@ def test_filter_logits_filters_each_row_of_a_batch_on_its_own():
   both = np.asarray(decoding.filter_logits(logits, topk=3, topp=0.7))
   np.testing.assert_array_equal(both > decoding.NEG_INF / 2,
                                 [[True, False, True, False, False], [False, True, True, False, False]])
-
-
-def random_params(module, enc, dec, seed=0):
-  """Random parameters of the right shapes, without compiling ``module.init`` (slow on a busy CPU)."""
-  shapes = nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), enc, dec, dec,
-                                                            enable_dropout=False)))["params"]
-  r = np.random.RandomState(seed)
-
-  def init(path, s):
-    # Kernels scaled by 1/sqrt(fan_in) keep activations O(1); embeddings and the rest N(0, 1).
-    scale = 1.0 / np.sqrt(s.shape[0]) if path[-1].key == "kernel" else 1.0
-    return jnp.asarray(r.randn(*s.shape) * scale, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(init, shapes)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def forced_log_probs(module, params, enc, tokens):
-  """Teacher-forced log-probabilities ``[batch, length, vocab]`` of the decoder inputs ``0, tokens[:-1]``."""
-  dec_in = jnp.concatenate([jnp.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
-  logits = module.apply({"params": params}, enc, dec_in, jnp.ones_like(tokens), enable_dropout=False)
-  return jax.nn.log_softmax(logits)
-
-
-@pytest.fixture(scope="module")
-def t5():
-  module = network.Transformer(network.T5Config(
-      vocab_size=32, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1, num_decoder_layers=2,
-      dropout_rate=0.0, top_k=16))
-  enc = jnp.array([[5, 6, 7, 8, 9, 0], [10, 11, 12, 0, 0, 0], [3, 3, 4, 4, 0, 0]], jnp.int32)
-  params = random_params(module, enc, jnp.ones((3, 6), jnp.int32))
-  return module, params, enc
-
-
-def test_greedy_equals_argmax_of_teacher_forced_logits(t5):
-  module, params, enc = t5
-  # eos_id=None: all rows decode the full length, which makes every step checkable.
-  tokens, logp = t5_decoding.predict_batch(module, params, {"encoder_input_tokens": enc}, max_decode_length=6,
-                                           eos_id=None, return_scores=True)
-  tokens = np.asarray(tokens)
-  assert len(np.unique(tokens)) > 2, "degenerate decodes would make this test weak"
-  lp = np.asarray(forced_log_probs(module, params, enc, tokens))
-  np.testing.assert_array_equal(np.argmax(lp, -1), tokens)
-  np.testing.assert_allclose(np.asarray(logp), np.take_along_axis(lp, tokens[..., None], -1).sum((1, 2)), rtol=1e-4)
-
-
-def test_predict_batch_eos_sampling_and_beam(t5):
-  module, params, enc = t5
-  batch = {"encoder_input_tokens": enc, "decoder_input_tokens": np.zeros((3, 6), np.int32)}
-  greedy = np.asarray(t5_decoding.predict_batch(module, params, batch, eos_id=None))
-  assert greedy.shape == (3, 6)
-  # Make the greedy token at step 2 of row 0 the EOS: the row must stop there and pad with 0.
-  eos = int(greedy[0, 2])
-  stopped = np.asarray(t5_decoding.predict_batch(module, params, batch, eos_id=eos))
-  first = list(stopped[0]).index(eos)
-  assert first <= 2 and np.all(stopped[0, first + 1:] == 0)
-  np.testing.assert_array_equal(stopped[0, :first + 1], greedy[0, :first + 1])
-
-  def sample(seed):
-    return np.asarray(t5_decoding.predict_batch(module, params, batch, decode_method="sample", num_decodes=2,
-                                                temperature=1.0, rng=jax.random.PRNGKey(seed), eos_id=None,
-                                                return_all_decodes=True))
-  a, b, c = sample(0), sample(0), sample(1)
-  assert a.shape == (3, 2, 6)
-  np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(a, c)
-
-  beams, scores = t5_decoding.predict_batch(module, params, batch, decode_method="beam", num_decodes=3, alpha=0.6,
-                                            eos_id=None, return_all_decodes=True, return_scores=True)
-  assert beams.shape == (3, 3, 6) and np.all(np.diff(np.asarray(scores), axis=1) <= 0)
-  # Beam scores are the model's log p of the beam (alpha applies with length 6 for all).
-  best = np.asarray(beams[:, 0])
-  lp = np.take_along_axis(np.asarray(forced_log_probs(module, params, enc, best)), best[..., None], -1).sum((1, 2))
-  np.testing.assert_allclose(np.asarray(scores[:, 0]), lp / ((5 + 6) / 6) ** 0.6, rtol=1e-4)
-  with pytest.raises(ValueError, match="decode_method"):
-    t5_decoding.predict_batch(module, params, batch, decode_method="nucleus")
-
-
-def test_decode_command_reads_a_checkpoint(tmp_path, capsys):
-  import json  # pylint: disable=g-import-not-at-top
-
-  from topk_transformers import checkpoints, gin_utils  # pylint: disable=g-import-not-at-top
-  from topk_transformers.commands import decode as decode_command  # pylint: disable=g-import-not-at-top
-  from topk_transformers.t5 import text  # pylint: disable=g-import-not-at-top
-
-  # The tiny T5 with a byte vocabulary (no SentencePiece model to train or download).
-  gin_file = tmp_path / "bytes.gin"
-  gin_file.write_text("from __gin__ import dynamic_registration\nimport seqio\n"
-                      "include 't5/t5_1_0/tiny.gin'\nVOCABULARY = @seqio.ByteVocabulary()\n")
-  gin_flags = [f"--gin_file={gin_file}", "--gin.NUM_EMBEDDINGS=384", "--gin.TOP_K=32",
-               "--gin.network.T5Config.num_encoder_layers=1"]
-  gin_utils.configure(*gin_utils.parse_gin_flags(gin_flags)[:2])
-  model = gin_utils.get_macro("MODEL")
-  inputs = text.encode_texts(["hello there"], model.input_vocabulary)
-  np.testing.assert_array_equal(inputs[0], [b + 3 for b in b"hello there"] + [1])  # bytes shifted by 3, EOS
-  params = random_params(model.module, jnp.asarray(inputs), jnp.ones((1, 8), jnp.int32), seed=1)
-  manager = checkpoints.CheckpointManager(str(tmp_path / "run"), async_save=False)
-  manager.save(5, {"params": params, "step": 0})
-  manager.close()
-  out = tmp_path / "out.json"
-  assert decode_command.main([*gin_flags, f"--checkpoint={tmp_path / 'run'}", "--input", "hello there",
-                              "--max_decode_length=8", f"--json={out}"]) == 0
-  results = json.loads(out.read_text())["results"]
-  expected = model.predict_batch(params, {"encoder_input_tokens": inputs}, max_decode_length=8)
-  assert results[0]["outputs"][0]["ids"] == [int(t) for t in np.asarray(expected)[0]]
-  assert "checkpoint step 5" in capsys.readouterr().out
-  # No input is a usage error: one line, exit 2.
-  assert decode_command.main([*gin_flags, f"--checkpoint={tmp_path / 'run'}"]) == 2
-
-
-def predict_recomputing_cross_kv(module, params, enc, method, n, length, rng=None):
-  """The decoding of ``predict_batch`` before the cross-attention cache: every step projects the (expanded) encoder
-  output to keys and values itself."""
-  encoded = module.apply({"params": params}, enc, enable_dropout=False, method=module.encode)
-  cache = t5_decoding.init_cache(module, params, encoded, enc, length)
-  step = t5_decoding.make_tokens_to_logits(module, params, decoding.expand_batch(encoded, n),
-                                           decoding.expand_batch(enc, n), length)
-  if method == "beam":
-    return decoding.beam_search(step, cache, enc.shape[0], n, length, alpha=0.6, eos_id=None)
-  seqs, logp = decoding.temperature_sample(step, decoding.expand_batch(cache, n), enc.shape[0] * n, length, rng,
-                                           temperature=0.0 if method == "greedy" else 1.0, eos_id=None)
-  return seqs.reshape(enc.shape[0], n, length), logp.reshape(enc.shape[0], n)
-
-
-@pytest.mark.parametrize("method,n", [("greedy", 1), ("sample", 2), ("beam", 3)])
-def test_cross_attention_cache_gives_the_decodes_of_recomputed_keys_and_values(t5, method, n):
-  module, params, enc = t5
-  rng = jax.random.PRNGKey(4)
-  ref_seqs, ref_scores = jax.jit(predict_recomputing_cross_kv, static_argnums=(0, 3, 4, 5))(
-      module, params, enc, method, n, 6, rng)
-  seqs, scores = t5_decoding.predict_batch(module, params, {"encoder_input_tokens": enc}, decode_method=method,
-                                           num_decodes=n, max_decode_length=6, eos_id=None, rng=rng,
-                                           return_all_decodes=True, return_scores=True)
-  if method == "sample":  # predict_batch orders the samples best first
-    order = np.argsort(-np.asarray(ref_scores), axis=1)
-    ref_seqs, ref_scores = (np.take_along_axis(np.asarray(ref_seqs), order[..., None], 1),
-                            np.take_along_axis(np.asarray(ref_scores), order, 1))
-  np.testing.assert_array_equal(seqs, ref_seqs)
-  np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
-  assert len(np.unique(np.asarray(seqs))) > 2, "degenerate decodes would make this test weak"
-
-
-def test_cross_attention_cache_step_logits_and_shared_keys(t5):
-  module, params, enc = t5
-  encoded = module.apply({"params": params}, enc, enable_dropout=False, method=module.encode)
-  cross_kv = module.apply({"params": params}, encoded, method=module.cross_attention_kv)
-  # One set of keys and values per input, per decoder layer, whatever the beams.
-  # [batch, heads, head_dim, in_length]: the layout a step reads as it lies.
-  assert sorted(cross_kv) == ["layers_0", "layers_1"] and cross_kv["layers_0"]["key"].shape == (3, 2, 16, 6)
-  n, length = 2, 4
-  cache = decoding.expand_batch(t5_decoding.init_cache(module, params, encoded, enc, length), n)
-  old = t5_decoding.make_tokens_to_logits(module, params, decoding.expand_batch(encoded, n),
-                                          decoding.expand_batch(enc, n), length)
-  new = t5_decoding.make_tokens_to_logits(module, params, None, enc, length, cross_kv=cross_kv)
-  tokens = jnp.asarray(np.random.RandomState(0).randint(2, 32, (3 * n, length)), jnp.int32)
-  both = jax.jit(lambda i, t, c0, c1: (old(decoding.DecodingState(i, t, None, c0)),
-                                       new(decoding.DecodingState(i, t, None, c1))))
-  caches = [cache, cache]
-  for i in range(length):
-    (l_old, c_old), (l_new, c_new) = both(jnp.int32(i), tokens[:, i:i + 1], *caches)
-    np.testing.assert_allclose(l_new, l_old, rtol=1e-5, atol=1e-5)
-    caches = [c_old, c_new]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), *caches)
-  with pytest.raises(ValueError, match="do not divide"):  # 6 rows cannot be beams of 4 inputs
-    module.apply({"params": params, "cache": cache}, None, jnp.concatenate([enc, enc[:1]]), tokens[:, :1],
-                 tokens[:, :1], enable_dropout=False, decode=True, max_decode_length=length,
-                 cross_kv=jax.tree.map(lambda x: jnp.concatenate([x, x[:1]]), cross_kv), mutable=["cache"],
-                 method=module.decode)
 
 
 def per_step(probs):
