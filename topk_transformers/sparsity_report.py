@@ -201,7 +201,8 @@ def checkpoint_sparsity(run_dir: str, split: str, eval_steps: Optional[int], bat
                         include_init: bool = True, **load_kwargs) -> Curves:
   """Per-layer % nonzero over steps, re-measured on ``split`` at every saved checkpoint (and at init).
 
-  ``load_kwargs`` go to ``runs.load_run`` (``seed``, ``model``, ``dataset``); gin holds the run's configuration. Returns ``{split: {layer: (steps, %)}}``.
+  ``load_kwargs`` go to ``runs.load_run`` (``seed``, ``model``, ``dataset``); gin holds the run's configuration.
+  Returns ``{split: {layer: (steps, %)}}``.
   """
   steps = checkpoint_steps(run_dir)
   if not steps:

@@ -205,7 +205,8 @@ def write_memorisation(run_dir: str) -> Tuple[Dict[str, Any], runs.Run]:
   best = final.with_params(os.path.join(run_dir, "checkpoints", str(best_step)))
   test_sparsity = {}
   for r in (final, best):
-    test_sparsity[r.step] = {k: float(v) for k, v in report_lib.measure(r, r.dataset.eval_split).percent_nonzero.items()}
+    measured = report_lib.measure(r, r.dataset.eval_split)
+    test_sparsity[r.step] = {k: float(v) for k, v in measured.percent_nonzero.items()}
   payload = {
       "run_dir": run_dir,
       "train_steps": int(gin_utils.get_macro("TRAIN_STEPS")),

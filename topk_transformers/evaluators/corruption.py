@@ -37,8 +37,8 @@ class CorruptionEvaluator(base.Evaluator):
   key = "robustness"
 
   def __init__(self, model: Any, dataset: Any, split: str, *,
-               corruptions: Sequence[str] = robustness.DEFAULT_CORRUPTIONS, severities: Sequence[int] = (1, 2, 3, 4, 5), name: Optional[str] = None, seed: Optional[int] = None,
-               corruption_seed: int = 0, **kwargs):
+               corruptions: Sequence[str] = robustness.DEFAULT_CORRUPTIONS, severities: Sequence[int] = (1, 2, 3, 4, 5),
+               name: Optional[str] = None, seed: Optional[int] = None, corruption_seed: int = 0, **kwargs):
     super().__init__(model, dataset, split, **kwargs)
     self.corruptions = tuple(corruptions)
     self.severities = tuple(severities)
