@@ -13,6 +13,8 @@ from topk_transformers import decoding
 from topk_transformers.t5 import decoding as t5_decoding
 from topk_transformers.t5 import network
 
+from conftest import tiny_t5_config  # the fixture's function: this module-scoped fixture cannot take it
+
 
 def random_params(module, enc, dec, seed=0):
   """Random parameters of the right shapes, without compiling ``module.init`` (slow on a busy CPU)."""
@@ -38,9 +40,8 @@ def forced_log_probs(module, params, enc, tokens):
 
 @pytest.fixture(scope="module")
 def t5():
-  module = network.Transformer(network.T5Config(
-      vocab_size=32, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1, num_decoder_layers=2,
-      dropout_rate=0.0, top_k=16))
+  module = network.Transformer(tiny_t5_config(vocab_size=32, emb_dim=32, head_dim=16, mlp_dim=64, num_decoder_layers=2,
+                                              top_k=16))
   enc = jnp.array([[5, 6, 7, 8, 9, 0], [10, 11, 12, 0, 0, 0], [3, 3, 4, 4, 0, 0]], jnp.int32)
   params = random_params(module, enc, jnp.ones((3, 6), jnp.int32))
   return module, params, enc
