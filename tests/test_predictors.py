@@ -14,6 +14,8 @@ from topk_transformers.errors import ConfigError
 from topk_transformers.t5 import decoding as t5_decoding
 from topk_transformers.t5 import network
 
+from conftest import tiny_t5_config
+
 V10 = ("relu",)
 V11 = ("gelu", "linear")
 D, FF, K = 16, 64, 8
@@ -105,10 +107,9 @@ def test_predicted_step_reads_candidate_rows_not_whole_kernels(use_row_kernels):
 
 
 def t5(acts=V10, candidates=None, layers_=2):
-  return network.Transformer(network.T5Config(
-      vocab_size=40, emb_dim=D, num_heads=2, head_dim=8, mlp_dim=FF, num_encoder_layers=1,
-      num_decoder_layers=layers_, mlp_activations=acts, dropout_rate=0.0, top_k=K, top_k_method="exact",
-      sparse_decode=True, decode_candidates=candidates))
+  return network.Transformer(tiny_t5_config(
+      vocab_size=40, emb_dim=D, mlp_dim=FF, num_decoder_layers=layers_, mlp_activations=acts, top_k=K,
+      top_k_method="exact", sparse_decode=True, decode_candidates=candidates))
 
 
 def t5_params(module, seed=2):
