@@ -182,12 +182,13 @@ def greedy_with_steps(module, params, enc, length):
 
 
 @pytest.mark.parametrize("acts,method,batch", [(V10, "exact", 1), (V11, "approx", 2)], ids=["v1.0", "v1.1"])
-def test_t5_greedy_sparse_equals_dense(acts, method, batch):
-  cfg = dict(vocab_size=40, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1,
-             num_decoder_layers=2, mlp_activations=acts, dropout_rate=0.0, top_k=8, top_k_method=method)
+def test_t5_greedy_sparse_equals_dense(acts, method, batch, tiny_t5_config):
+  # wo is (mlp_dim, emb_dim) = (64, 32) in each of the 2 decoder layers, as the dot counts below expect.
+  cfg = dict(vocab_size=40, emb_dim=32, head_dim=16, mlp_dim=64, num_decoder_layers=2, mlp_activations=acts,
+             top_k=8, top_k_method=method)
   enc = jnp.array([[5, 6, 7, 8, 9, 0], [10, 11, 12, 0, 0, 0]][:batch], jnp.int32)
-  dense = network.Transformer(network.T5Config(**cfg, sparse_decode=False))
-  sparse = network.Transformer(network.T5Config(**cfg, sparse_decode=True))
+  dense = network.Transformer(tiny_t5_config(**cfg, sparse_decode=False))
+  sparse = network.Transformer(tiny_t5_config(**cfg, sparse_decode=True))
   shapes = nn.meta.unbox(jax.eval_shape(lambda: dense.init(jax.random.PRNGKey(0), enc, enc, enc,
                                                            enable_dropout=False)))["params"]
   r = np.random.RandomState(0)
