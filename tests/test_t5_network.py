@@ -13,18 +13,21 @@ import pytest
 from topk_transformers import layers
 from topk_transformers.t5 import network
 
+from conftest import tiny_t5_config
+
 VOCAB = 50
 
 
 def tiny_config(version="1.0", **overrides):
+  """The shared tiny T5 at this file's shapes (two layers each side, width 32; the tests check the shapes)."""
   kw = dict(vocab_size=VOCAB, emb_dim=32, num_heads=2, num_encoder_layers=2, num_decoder_layers=2, head_dim=8,
-            mlp_dim=32, dropout_rate=0.0)
+            mlp_dim=32)
   if version == "1.0":
     kw.update(mlp_activations=("relu",), logits_via_embedding=True)
   else:
     kw.update(mlp_activations=("gelu", "linear"), logits_via_embedding=False)
   kw.update(overrides)
-  return network.T5Config(**kw)
+  return tiny_t5_config(**kw)
 
 
 def batch(seed=0, b=2, enc_len=8, dec_len=8, pad_from=5):
