@@ -341,7 +341,11 @@ def train(
 
 
 def train_from_gin() -> TrainResult:
-  """Runs :func:`train` as the current gin configuration binds it; ``MODEL_DIR/config.gin`` records that config."""
+  """Runs :func:`train` as the current gin configuration binds it; ``MODEL_DIR/config.gin`` records that config.
+
+  Every macro still bound to ``%gin.REQUIRED`` is a one-line ``ConfigError`` first, before any data or model is built.
+  """
+  gin_utils.check_required_macros()
   model_dir = gin_utils.get_macro("MODEL_DIR")
   if jax.process_index() == 0:
     tf.io.gfile.makedirs(model_dir)

@@ -43,7 +43,6 @@ def main(argv) -> int:
   if rest:
     raise common.ConfigError(f"unknown arguments: {' '.join(rest)}")
   gin_utils.configure(gin_files, bindings)
-  gin_utils.check_required_macros()  # before any data or model is built
   try:
     result = train.train_from_gin()
   except train.NonFiniteLossError as e:

@@ -50,13 +50,13 @@ def main(argv) -> int:
   for r, path in sorted(paths.items()):
     print(f"rank {r}: wrote {path}")
   if args.report:
-    candidates = common.comma_list(args.candidates, int) or [2 * run.model.module.config.top_k]
+    candidates = common.comma_list(args.candidates, int) or [2 * run.model.describe().top_k]
     sets = {r: predictors.restore(path, run.params)[0] for r, path in paths.items()}
     result = predictor_training.quality(run, sets, candidates, num_batches=args.eval_batches,
                                         decode_batches=args.decode_batches)
     result["command"] = " ".join(["topk-train-predictors", *argv])
     if bench is not None:
-      matched = predictor_training.attach_measured_speedups(result["rows"], bench, run.model.module.config.top_k)
+      matched = predictor_training.attach_measured_speedups(result["rows"], bench, run.model.describe().top_k)
       print(f"{matched} setting(s) matched a measured speedup in {args.speedups}")
     print(predictor_training.format_table(result))
     common.write_json(args.report, result)
