@@ -192,7 +192,7 @@ def test_approx_recall():
       assert recall == 1.0
 
 
-def test_resolve_method_rule():
+def test_resolve_method_rule(tiny_t5_config):
   big, small = (1024, 2048), (1, 2048)
   assert topk.resolve_method("auto", big, 128, jnp.float32, "cpu") == "threshold"
   assert topk.resolve_method("auto", small, 128, jnp.float32, "cpu") == "exact"
@@ -203,11 +203,9 @@ def test_resolve_method_rule():
   for method in ("exact", "approx", "threshold"):
     assert topk.resolve_method(method, big, 128, jnp.float32, "cpu") == method
   assert topk.DEFAULT_METHOD == "auto" and layers.MlpBlock().top_k_method == "auto"
-  from topk_transformers.t5 import network as t5_network  # pylint: disable=g-import-not-at-top
   from topk_transformers.vit import network as vit_network  # pylint: disable=g-import-not-at-top
   assert vit_network.ViT().top_k_method == "auto"  # the module default, as in the gin configs
-  assert t5_network.T5Config(vocab_size=8, emb_dim=4, num_heads=1, num_encoder_layers=1, num_decoder_layers=1, head_dim=4,
-                              mlp_dim=8).top_k_method == "auto"
+  assert tiny_t5_config().top_k_method == "auto"  # T5Config's default: the tiny T5 does not set it
   with pytest.raises(ValueError, match="top_k_method"):
     topk.topk(jnp.ones((2, 8)), 2, "sort")
 
@@ -240,8 +238,10 @@ def test_mlp_block_output_and_sown_statistics_are_the_same_for_every_method(acts
 
 
 _MESH_SCRIPT = textwrap.dedent(r"""
-    import json
+    import json, sys
     import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, optax
+    sys.path.insert(0, sys.argv[1])  # tests/
+    from conftest import tiny_t5_config
     from topk_transformers import partitioning
     from topk_transformers.t5 import network
 
@@ -252,8 +252,7 @@ _MESH_SCRIPT = textwrap.dedent(r"""
     dec = jnp.pad(tgt[:, :-1], ((0, 0), (1, 0)))
 
     def run(method, partitioner):
-      cfg = network.T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, num_encoder_layers=1,
-                             num_decoder_layers=1, mlp_dim=64, dropout_rate=0.0, top_k=8, top_k_method=method)
+      cfg = tiny_t5_config(mlp_dim=64, top_k=8, top_k_method=method)
       model = network.Transformer(cfg)
       boxed = jax.jit(lambda: model.init(jax.random.PRNGKey(0), enc, dec, tgt, enable_dropout=False))()["params"]
       shardings = partitioner.logical_shardings(boxed)
@@ -296,7 +295,7 @@ def test_threshold_trains_on_an_8_device_host_mesh(tmp_path):
   hidden axis is model-parallel, so the selection runs over a sharded axis.
   """
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+  proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, os.path.join(ROOT, "tests")], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=600)
   lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
   assert proc.returncode == 0 and lines, proc.stderr[-3000:]
@@ -342,7 +341,7 @@ def test_top_k_method_chooses_the_selection_primitive(by_magnitude):
 
 
 @pytest.mark.parametrize("acts", [("relu",), ("gelu", "linear")], ids=["v1.0", "v1.1"])
-def test_mlp_block_t5_and_vit_pass_top_k_method_down(acts):
+def test_mlp_block_t5_and_vit_pass_top_k_method_down(acts, tiny_t5_config):
   from topk_transformers.t5 import network
   from topk_transformers.vit import network as vit_network
 
@@ -360,9 +359,8 @@ def test_mlp_block_t5_and_vit_pass_top_k_method_down(acts):
       counts = primitive_counts(lambda p: dec.apply(p, x[:, :1], decode=True, deterministic=True), params)
       assert counts["approx_top_k"] == (method == "approx"), (method, sparse)
 
-    cfg = network.T5Config(vocab_size=16, emb_dim=8, num_heads=2, head_dim=4, num_encoder_layers=2,
-                           num_decoder_layers=1, mlp_dim=32, mlp_activations=acts, dropout_rate=0.0, top_k=4,
-                           top_k_method=method)
+    cfg = tiny_t5_config(vocab_size=16, emb_dim=8, head_dim=4, num_encoder_layers=2, num_decoder_layers=1, mlp_dim=32,
+                         mlp_activations=acts, top_k=4, top_k_method=method)
     t5 = network.Transformer(cfg)
     t5_params = jax.eval_shape(lambda: t5.init(jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False))
     counts = primitive_counts(lambda p: t5.apply(p, tokens, tokens, tokens, enable_dropout=False), t5_params)
