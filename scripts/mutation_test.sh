@@ -11,7 +11,7 @@
 # and runs a fast selection of tests against every mutant. The work happens in a copy of
 # the sources under .mutation/<target>/ (git-ignored), so the working tree is never
 # edited. Not part of CI: a full run takes from minutes (loss) to hours (topk) on 2 cores.
-# The survivors, each with why it is acceptable, are in docs/mutation_testing.md.
+# Where the runs stand, and the kinds of survivor left, are in docs/design/testing.md.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,7 +19,7 @@ TARGET="${1:-topk}"
 ACTION="${2:-run}"
 CHILDREN="${MUTMUT_CHILDREN:-2}"
 # mutmut and its workers run from the copy: put the interpreter that runs this script's tools on PATH
-# (the project's .venv when there is one, as docs/mutation_testing.md installs it).
+# (the project's .venv when there is one, as docs/design/testing.md installs it).
 if [[ -x "$ROOT/.venv/bin/mutmut" ]]; then export PATH="$ROOT/.venv/bin:$PATH"; fi
 command -v mutmut >/dev/null || { echo "mutmut is not installed: pip install -e '.[mutation]'" >&2; exit 2; }
 

@@ -7,7 +7,7 @@
 
 XLA:CPU computes a product of gathered rows as a gather that copies the rows, on one thread, and a product that
 reads the copy: three passes over the rows. Unbatched decoding of a Large T5 with predicted neurons spends most of
-its MLP time there (``docs/decoding.md``). On CPU, for float32, these functions call two XLA FFI handlers
+its MLP time there (``docs/design/decoding_paths.md``). On CPU, for float32, these functions call two XLA FFI handlers
 (``native/row_kernels.cc``) that read each selected row once, four rows at a time, split over XLA's intra-op
 threads. Elsewhere (GPU, TPU, other dtypes) and when the handlers cannot be built, they are the plain JAX
 expressions (gather, then einsum), which give the same values up to float rounding.

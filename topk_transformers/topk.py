@@ -341,7 +341,7 @@ def keep_mask(score: jax.Array, k: int) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------
-# The sparse product of the decoding path (see docs/decoding.md for the study
+# The sparse product of the decoding path (see docs/design/decoding_paths.md for the study
 # of formulations that led to these choices).
 # ---------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The microbenchmarks behind docs/decoding.md's per-op figures for a T5-Large decoding step (CPU, batch 1).
+"""The microbenchmarks behind docs/results/decode_step_microbench.md: per-op figures for a T5-Large decoding step (CPU, batch 1).
 
 Each case runs 24 "layers" of one operation inside a jitted ``fori_loop`` (8 iterations), with distinct arrays per
 layer so that nothing is loop-invariant, and reports the median microseconds per layer over interleaved repetitions:

@@ -10,7 +10,7 @@ the dense MLP and several ways of writing the sparse product, with jit, warm-up,
   python experiments/mlp_formulations/run.py --shapes=large,3B,11B --dtype=float32,bfloat16 \
       --k=128 --reps=30 --json=experiments/mlp_formulations/mlp_formulations.json
 
-The results and the choice they led to are in ``docs/decoding.md`` ("Formulation study").
+The results are in ``docs/results/mlp_formulations.md``, the choice they led to in ``docs/design/decoding_paths.md``.
 
 Every variant gets the same ``x``, ``wi`` and ``wo`` (``wo`` is ``[d_ff, d]`` as in
 T5X, so a selected row is contiguous; the ``wo_t`` variants use a ``[d, d_ff]``
