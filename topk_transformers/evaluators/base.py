@@ -16,7 +16,8 @@ are for reports, and the trainer logs only the numbers.
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+import dataclasses
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from topk_transformers.errors import ConfigError
 SPARSITY_PREFIX = "sparsity/"
 
 
+@dataclasses.dataclass(eq=False)
 class Evaluator(abc.ABC):
   """Measures params on one split of a dataset; ``run(params)`` yields ``(name, value)`` pairs.
 
@@ -38,19 +40,18 @@ class Evaluator(abc.ABC):
     step: the step of the params evaluated, for the records an evaluator writes.
   """
 
-  during_training: bool = True
+  during_training: ClassVar[bool] = True
   """Whether the trainer runs it at every evaluation; ``False`` for measurements of a finished run only."""
-  key: Optional[str] = None
+  key: ClassVar[Optional[str]] = None
   """The name of the one report section it yields (``topk-eval``'s JSON lists these); ``None``: metrics only."""
 
-  def __init__(self, model: Any, dataset: Any, split: str, *, loop: eval_loop.EvalLoop,
-               results_dir: Optional[str] = None, step: Optional[int] = None):
-    self.model = model
-    self.dataset = dataset
-    self.split = split
-    self.loop = loop
-    self.results_dir = results_dir
-    self.step = step
+  model: Any
+  dataset: Any
+  split: str
+  _: dataclasses.KW_ONLY
+  loop: eval_loop.EvalLoop
+  results_dir: Optional[str] = None
+  step: Optional[int] = None
 
   @abc.abstractmethod
   def run(self, params: Any) -> Iterator[Tuple[str, Any]]:
