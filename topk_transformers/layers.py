@@ -515,30 +515,25 @@ def make_causal_mask(x: Array, extra_batch_dims: int = 0, dtype: DType = jnp.flo
   return make_attention_mask(idxs, idxs, jnp.greater_equal, extra_batch_dims=extra_batch_dims, dtype=dtype)
 
 
+def _combine(items: Sequence[Optional[Array]], op: Callable[[Array, Array], Array], what: str) -> Optional[Array]:
+  """``op`` folded over the items that are not ``None`` (``None`` if all are); they must have one rank."""
+  items = [x for x in items if x is not None]
+  if not items:
+    return None
+  if any(x.ndim != items[0].ndim for x in items):
+    raise ValueError(f"{what} must have the same rank, got {[x.ndim for x in items]}")
+  return functools.reduce(op, items)
+
+
 def combine_masks(*masks: Optional[Array], dtype: DType = jnp.float32) -> Optional[Array]:
   """Logical and of the masks that are not ``None`` (``None`` if all are)."""
-  masks = [m for m in masks if m is not None]
-  if not masks:
-    return None
-  if any(m.ndim != masks[0].ndim for m in masks):
-    raise ValueError(f"masks must have the same rank, got {[m.ndim for m in masks]}")
-  mask = masks[0]
-  for other in masks[1:]:
-    mask = jnp.logical_and(mask, other)
-  return mask.astype(dtype)
+  mask = _combine(masks, jnp.logical_and, "masks")
+  return None if mask is None else mask.astype(dtype)
 
 
 def combine_biases(*biases: Optional[Array]) -> Optional[Array]:
   """Sum of the biases that are not ``None`` (``None`` if all are)."""
-  biases = [b for b in biases if b is not None]
-  if not biases:
-    return None
-  if any(b.ndim != biases[0].ndim for b in biases):
-    raise ValueError(f"biases must have the same rank, got {[b.ndim for b in biases]}")
-  out = biases[0]
-  for other in biases[1:]:
-    out = out + other
-  return out
+  return _combine(biases, jnp.add, "biases")
 
 
 def make_decoder_mask(decoder_target_tokens: Array, dtype: DType = jnp.float32,
