@@ -26,6 +26,8 @@ ones (``vit_jax/models_test.py``): ViT-B/16 has 86,567,656 parameters.
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 from typing import Any, Optional, Tuple
 
@@ -79,8 +81,8 @@ def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
   )
 
 
-class EncoderBlock(nn.Module):
-  """Pre-LN Transformer block: ``x + attn(LN(x))``, then ``x + mlp(LN(x))``."""
+class _BlockSettings(nn.Module):
+  """The settings an encoder block and the stack of blocks share."""
 
   mlp_dim: int
   num_heads: int
@@ -91,6 +93,10 @@ class EncoderBlock(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+
+
+class EncoderBlock(_BlockSettings):
+  """Pre-LN Transformer block: ``x + attn(LN(x))``, then ``x + mlp(LN(x))``."""
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -129,29 +135,16 @@ class EncoderBlock(nn.Module):
     return x + y
 
 
-class Encoder(nn.Module):
+class Encoder(_BlockSettings):
   """A stack of ``depth`` encoder blocks followed by the final LayerNorm."""
 
-  depth: int
-  mlp_dim: int
-  num_heads: int
-  mlp_activation: str = "gelu"
-  top_k: Optional[int] = None
-  top_k_method: str = topk_lib.DEFAULT_METHOD
-  top_k_recall_target: float = topk_lib.DEFAULT_RECALL_TARGET
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
+  depth: int = 1
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
+    block = {f.name: getattr(self, f.name) for f in dataclasses.fields(_BlockSettings) if f.name not in ("parent", "name")}
     for i in range(self.depth):
-      x = EncoderBlock(
-          mlp_dim=self.mlp_dim, num_heads=self.num_heads, mlp_activation=self.mlp_activation,
-          top_k=self.top_k, top_k_method=self.top_k_method, top_k_recall_target=self.top_k_recall_target,
-          dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-          dtype=self.dtype, name=f"encoderblock_{i}",
-      )(x, deterministic)
+      x = EncoderBlock(**block, name=f"encoderblock_{i}")(x, deterministic)
     return _layer_norm(self.dtype, "encoder_norm")(x)
 
 
