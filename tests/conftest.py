@@ -98,3 +98,15 @@ def save_tiny_hf_t5():
     return str(path)
 
   return save
+
+
+def assert_trees_equal(a, b):
+  """The same tree structure and every leaf equal, bit for bit (arrays fetched to the host first)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  leaves_a, tree_a = jax.tree_util.tree_flatten(jax.device_get(a))
+  leaves_b, tree_b = jax.tree_util.tree_flatten(jax.device_get(b))
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(x, y)

@@ -9,6 +9,7 @@ import pytest
 
 from topk_transformers import checkpoints, partitioning, runs, train
 from topk_transformers.errors import ConfigError
+from conftest import assert_trees_equal
 from toy import ToyDataset, ToyModel, ToyNet
 
 BATCH = 32
@@ -21,14 +22,6 @@ def _load(checkpoint=runs.INIT, **kw):
 
 def _host(tree):
   return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
-
-
-def _assert_equal(a, b):
-  leaves_a, tree_a = jax.tree_util.tree_flatten(_host(a))
-  leaves_b, tree_b = jax.tree_util.tree_flatten(_host(b))
-  assert tree_a == tree_b
-  for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(x, y)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +41,7 @@ def test_init_is_the_trainers_step_0_params_for_the_seed(tmp_path):
   init = _load(seed=3)
   assert (init.step, init.checkpoint, init.batch_size) == (0, runs.INIT, BATCH)
   assert init.input_shapes == {"x": (BATCH, 8), "y": (BATCH,), "step": (BATCH,)}
-  _assert_equal(init.params, _load(str(tmp_path)).params)
+  assert_trees_equal(init.params, _load(str(tmp_path)).params)
   other_seed = _load(seed=4).params
   assert not np.array_equal(_host(other_seed)["embed"]["kernel"], _host(init.params)["embed"]["kernel"])
 
@@ -57,7 +50,7 @@ def test_a_run_directory_loads_its_newest_step_and_a_step_directory_that_step(tr
   model_dir, result = trained
   newest = _load(model_dir)
   assert newest.step == 4
-  _assert_equal(newest.params, result.state.params)
+  assert_trees_equal(newest.params, result.state.params)
   step2 = _load(os.path.join(model_dir, "checkpoints", "2"))
   assert step2.step == 2
   assert not np.array_equal(_host(step2.params)["head"]["kernel"], _host(newest.params)["head"]["kernel"])
@@ -68,11 +61,11 @@ def test_with_params_swaps_only_the_params(trained):
   newest = _load(model_dir)
   step2 = newest.with_params(os.path.join(model_dir, "checkpoints", "2"))
   assert (step2.step, step2.model, step2.input_shapes) == (2, newest.model, newest.input_shapes)
-  _assert_equal(step2.params, _load(os.path.join(model_dir, "checkpoints", "2")).params)
+  assert_trees_equal(step2.params, _load(os.path.join(model_dir, "checkpoints", "2")).params)
   assert step2.eval_step() is newest.eval_step()  # compiled once for the run and the runs derived from it
   init = newest.with_params(runs.INIT)
   assert (init.step, init.checkpoint) == (0, runs.INIT)
-  _assert_equal(init.params, _load().params)
+  assert_trees_equal(init.params, _load().params)
 
 
 def test_a_missing_checkpoint_is_one_line_before_any_data_is_built(tmp_path):

@@ -165,14 +165,9 @@ class PaddedT5Data:
     return ds.batch(batch_size)
 
 
-def _tiny_t5():
-  cfg = network.T5Config(vocab_size=VOCAB, emb_dim=16, num_heads=2, head_dim=8, num_encoder_layers=1,
-                         num_decoder_layers=2, mlp_dim=24, dropout_rate=0.0, logits_via_embedding=True)
-  return t5_model.EncoderDecoderModel(network.Transformer(cfg), z_loss=0.0)
-
-
-def test_t5_measurement_equals_hand_count_per_stack_without_padding():
-  model = _tiny_t5()
+def test_t5_measurement_equals_hand_count_per_stack_without_padding(tiny_t5_config):
+  cfg = tiny_t5_config(vocab_size=VOCAB, num_decoder_layers=2, mlp_dim=24, logits_via_embedding=True)
+  model = t5_model.EncoderDecoderModel(network.Transformer(cfg), z_loss=0.0)
   run = runs_lib.load_run("init", batch_size=2, seed=0, model=model, dataset=PaddedT5Data())
   m = sparsity_report.measure(run, "validation", eval_steps=2)
   assert list(m.percent_nonzero) == ["encoder/layers_0", "decoder/layers_0", "decoder/layers_1"]

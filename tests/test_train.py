@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from topk_transformers import checkpoints, partitioning, train
+from conftest import assert_trees_equal
 from toy import ToyDataset, ToyModel, ToyNet
 
 
@@ -23,14 +24,6 @@ def _params(result):
   return jax.tree_util.tree_map(np.asarray, jax.device_get(result.state.params))
 
 
-def _assert_trees_equal(a, b):
-  leaves_a, tree_a = jax.tree_util.tree_flatten(a)
-  leaves_b, tree_b = jax.tree_util.tree_flatten(b)
-  assert tree_a == tree_b
-  for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(x, y)
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
   """An uninterrupted 16-step run (its 5-step checkpoint is reused by the error tests)."""
@@ -42,7 +35,7 @@ def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path, straight):
   _run(tmp_path / "resumed", 7)  # stops at 7 (not a multiple of the checkpoint period)
   resumed = _run(tmp_path / "resumed", 16)
   assert int(resumed.state.step) == 16
-  _assert_trees_equal(_params(straight[1]), _params(resumed))
+  assert_trees_equal(_params(straight[1]), _params(resumed))
   # The run learns: the toy classes are separable.
   assert straight[1].train_metrics["accuracy"] > 0.8
 
@@ -63,7 +56,7 @@ def test_sigterm_writes_checkpoint_and_restart_continues(tmp_path, monkeypatch, 
   assert checkpoints.CheckpointManager(str(tmp_path / "run")).latest_step() == 4
   monkeypatch.setattr(partitioning.Partitioner, "shard_batch", original)
   resumed = _run(tmp_path / "run", 16)
-  _assert_trees_equal(_params(straight[1]), _params(resumed))
+  assert_trees_equal(_params(straight[1]), _params(resumed))
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
