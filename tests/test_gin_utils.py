@@ -125,8 +125,53 @@ def test_a_macro_used_but_never_set_is_named(model_config_error):
   assert msg == "building %MODEL: gin macro %NEVER_SET is used but never set"
 
 
+@pytest.mark.parametrize("binding, shown", [
+    ("TRAIN_STEP = 5", "unknown gin macro TRAIN_STEP in binding 'TRAIN_STEP = 5': no loaded gin file sets or uses it; "
+                       "did you mean TRAIN_STEPS?"),
+    ("TOPK = 3", "unknown gin macro TOPK in binding 'TOPK = 3': no loaded gin file sets or uses it; did you mean TOP_K?"),
+    # FOO uses a known macro, but nothing uses FOO.
+    ("FOO = %TOP_K", "unknown gin macro FOO in binding 'FOO = %TOP_K': no loaded gin file sets or uses it"),
+])
+def test_a_macro_that_no_loaded_file_sets_or_uses_is_an_error_naming_the_nearest(binding, shown):
+  with pytest.raises(gin_utils.ConfigError) as info:
+    gin_utils.configure(["t5/runs/cpu_smoke.gin"], [binding])
+  assert str(info.value) == shown
+
+
+def test_macros_that_a_file_sets_or_anything_uses_are_accepted():
+  gin_utils.configure(["t5/runs/cpu_smoke.gin"], [
+      "TRAIN_STEPS = 5",  # set by the file
+      "MODEL_DIR = '/tmp/run'",  # used by the file (and read by the commands)
+      "train.train.seed = %MY_SEED", "MY_SEED = 7",  # used by another binding
+  ])
+  assert gin_utils.get_macro("TRAIN_STEPS") == 5 and gin_utils.get_macro("MY_SEED") == 7
+  # A file that only uses a macro (%MODEL_DIR, %TRAIN_STEPS) makes it known as well.
+  gin_utils.configure(["t5/t5_1_0/tiny.gin"], ["BATCH_SIZE = 4"])  # read by the commands by name
+
+
+@pytest.mark.parametrize("flag", ["--gin.TRAIN_STEP=5", "--gin_bindings=TRAIN_STEP = 5"])
+def test_topk_train_with_a_misspelt_macro_exits_2_and_writes_nothing(tmp_path, capsys, flag):
+  model_dir = tmp_path / "run"
+  assert train_command.main(["--gin_file=t5/runs/cpu_smoke.gin", f"--gin.MODEL_DIR='{model_dir}'", flag]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and err.startswith("error: unknown gin macro TRAIN_STEP ") and \
+      err.endswith("did you mean TRAIN_STEPS?"), err
+  assert not model_dir.exists()
+
+
+def test_topk_model_info_with_a_misspelt_macro_exits_2_with_one_line(capsys):
+  from topk_transformers.commands import model_info as model_info_command
+
+  assert model_info_command.main(["--gin_file=t5/t5_1_0/tiny.gin", "--gin_file=t5/topk.gin", "--gin.TOP_KK=8"]) == 2
+  captured = capsys.readouterr()
+  assert captured.err.strip() == ("error: unknown gin macro TOP_KK in binding 'TOP_KK = 8': no loaded gin file sets "
+                                  "or uses it; did you mean TOP_K?")
+  assert captured.out == ""
+
+
 def test_get_macro_builds_references_also_inside_lists_unless_asked_not_to():
-  gin_utils.configure(["t5/t5_1_0/tiny.gin"], ["LIST = [%MODEL, 3]"])
+  # LIST is set only here and used by nothing but this test's get_macro: unchecked on purpose.
+  gin_utils.configure(["t5/t5_1_0/tiny.gin"], ["LIST = [%MODEL, 3]"], check_macros=False)
   reference = gin_utils.get_macro("MODEL", evaluate=False)
   assert isinstance(reference, gin.config.ConfigurableReference)
   model, three = gin_utils.get_macro("LIST")

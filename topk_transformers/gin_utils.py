@@ -24,6 +24,7 @@ without a traceback.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -129,11 +130,16 @@ def add_search_paths() -> None:
     root.addFilter(_GinLookupNoise())
 
 
-def configure(gin_files: Sequence[str], bindings: Sequence[str] = (), finalize: bool = False) -> None:
+def configure(gin_files: Sequence[str], bindings: Sequence[str] = (), finalize: bool = False,
+              check_macros: bool = True) -> None:
   """Clears gin, then parses ``gin_files`` in order and ``bindings`` after them.
 
+  With ``check_macros``, a macro that a binding sets but that no gin file sets and nothing uses
+  (``--gin.TRAIN_STEP=5`` for ``TRAIN_STEPS``) is an error, as an unknown configurable is to gin itself:
+  see :func:`check_bound_macros`.
+
   Raises:
-    ConfigError: one line naming the missing file, unknown configurable or bad binding.
+    ConfigError: one line naming the missing file, unknown configurable or macro, or bad binding.
   """
   gin.clear_config()
   add_search_paths()
@@ -145,11 +151,14 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str] = (), finalize: 
     raise
   except Exception as e:  # gin raises ValueError, SyntaxError, IOError, ImportError...
     raise ConfigError(f"in gin files {', '.join(gin_files)}: {one_line(e)}") from None
+  files_config = gin.config_str() if check_macros and bindings else ""
   for binding in bindings:
     try:
       gin.parse_config(binding)
     except Exception as e:
       raise ConfigError(f"bad gin binding {binding!r}: {one_line(e)}") from None
+  if check_macros:
+    check_bound_macros(bindings, _defined_macros(files_config))
   if finalize:
     gin.finalize()
 
@@ -221,3 +230,37 @@ def unset_macro(error: BaseException) -> Optional[str]:
   """The macro named by gin's error for a ``%MACRO`` that is used but never set, else ``None``."""
   found = _UNSET_MACRO.search(str(error))
   return found.group(1) if found else None
+
+
+# Macros that commands read by name (``get_macro``) whether or not a gin file mentions them.
+READ_BY_COMMANDS = ("MODEL", "MODEL_DIR", "BATCH_SIZE")
+# ``NAME = value`` / ``scope/NAME = value`` at the start of a line: a macro (a configurable's parameter has a dot).
+_MACRO_DEFINITION = re.compile(r"^\s*([A-Za-z_][\w/]*)\s*=", re.MULTILINE)
+_MACRO_REFERENCE = re.compile(r"%([A-Za-z_][\w/]*)")
+
+
+def _defined_macros(config_text: str) -> set:
+  return set(_MACRO_DEFINITION.findall(config_text))
+
+
+def check_bound_macros(bindings: Sequence[str], file_macros: Sequence[str] = ()) -> None:
+  """Raises a one-line :class:`ConfigError` for a macro that ``bindings`` set and nothing knows.
+
+  gin rejects an unknown configurable (``train.train.train_step = 5``) but takes any macro name, so a
+  misspelt one (``TRAIN_STEP = 5``) would silently change nothing. A macro set by a binding is known
+  when a gin file sets it too (``file_macros``), when the parsed configuration uses it (``%NAME``, in a
+  file or in another binding), or when a command reads it by name (:data:`READ_BY_COMMANDS`). Call it
+  after the bindings are parsed; the message names the nearest known macro.
+  """
+  config = gin.config_str()
+  used = set(_MACRO_REFERENCE.findall(config)) - {"gin"}  # %gin.REQUIRED is no macro
+  known = set(file_macros) | used | set(READ_BY_COMMANDS)
+  for binding in bindings:
+    for name in _MACRO_DEFINITION.findall(binding):
+      if name in known:
+        continue
+      candidates = sorted((known | _defined_macros(config)) - {name})
+      near = difflib.get_close_matches(name, candidates, n=1)
+      hint = f"; did you mean {near[0]}?" if near else ""
+      raise ConfigError(f"unknown gin macro {name} in binding {binding.strip()!r}: no loaded gin file sets or "
+                        f"uses it{hint}")
