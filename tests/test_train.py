@@ -113,3 +113,87 @@ def test_train_command_turns_a_bad_top_k_into_one_line_and_exit_2(tmp_path, caps
   assert train_command.main(["--gin_file=t5/runs/cpu_smoke.gin", f"--gin.MODEL_DIR='{tmp_path}'", binding]) == 2
   err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
   assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+# ---------------------------------------------------------------------------
+# A rejected launch writes nothing
+# ---------------------------------------------------------------------------
+
+_TOY_GIN = """
+from __gin__ import dynamic_registration
+import optax
+import toy
+from topk_transformers import train
+
+HIDDEN = 64
+toy.ToyNet.hidden = %HIDDEN
+toy.ToyModel.module = @toy.ToyNet()
+train.train:
+  model = @toy.ToyModel()
+  dataset = @toy.ToyDataset()
+  model_dir = %MODEL_DIR
+  train_steps = %TRAIN_STEPS
+  batch_size = 32
+  optimizer = @optax.adam
+  eval_period = 0
+  log_period = 5
+  checkpoint_period = 5
+"""
+
+
+def _launch(tmp_path, model_dir, *bindings):
+  """``train_from_gin`` on the toy gin file, as ``topk-train`` runs it."""
+  from topk_transformers import gin_utils
+
+  gin_file = tmp_path / "toy.gin"
+  gin_file.write_text(_TOY_GIN)
+  gin_utils.configure([str(gin_file)], [f"MODEL_DIR = '{model_dir}'", *bindings])
+  try:
+    return train.train_from_gin()
+  finally:
+    import gin
+    gin.clear_config()
+
+
+def _snapshot(directory):
+  return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else None for p in directory.rglob("*")}
+
+
+def test_a_launch_rejected_for_its_checkpoint_leaves_the_run_as_it_was(tmp_path, straight):
+  run = _copy_of(straight, tmp_path)
+  (run / "config.gin").write_text("# the launch that wrote checkpoint 16\n")
+  before = _snapshot(run)
+  with pytest.raises(checkpoints.CheckpointError, match="different model"):
+    _launch(tmp_path, run, "TRAIN_STEPS = 20", "HIDDEN = 32")
+  assert _snapshot(run) == before
+  # The accepted launch records its configuration.
+  assert int(_launch(tmp_path, run, "TRAIN_STEPS = 17").state.step) == 17
+  recorded = (run / "config.gin").read_text()
+  assert "TRAIN_STEPS = 17" in recorded and "toy.ToyNet.hidden = %HIDDEN" in recorded
+
+
+def test_a_fresh_launch_rejected_after_its_checkpoint_directory_was_made_leaves_no_model_dir(tmp_path, monkeypatch):
+  from topk_transformers import evaluators
+
+  def reject(*args, **kwargs):
+    raise train.ConfigError("no such evaluator")
+
+  monkeypatch.setattr(evaluators, "build", reject)
+  with pytest.raises(train.ConfigError, match="no such evaluator"):
+    _launch(tmp_path, tmp_path / "fresh", "TRAIN_STEPS = 3")
+  assert not (tmp_path / "fresh").exists()
+
+
+def test_topk_train_rejected_for_top_k_0_changes_nothing_in_model_dir(tmp_path, capsys):
+  from topk_transformers.commands import train as train_command
+
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.gin").write_text("TOP_K = 64\n")
+  before = _snapshot(run)
+  for model_dir in (run, tmp_path / "fresh"):
+    assert train_command.main(["--gin_file=t5/runs/cpu_smoke.gin", f"--gin.MODEL_DIR='{model_dir}'",
+                               "--gin.TOP_K=0"]) == 2
+    assert "top_k must be a positive integer" in capsys.readouterr().err
+  assert _snapshot(run) == before
+  assert not (tmp_path / "fresh").exists()

@@ -154,6 +154,7 @@ def train(
     initial_checkpoint_path: Optional[str] = None,
     initial_checkpoint_format: str = "auto",
     evaluators: Optional[Sequence[Callable[..., Any]]] = None,
+    config_text: Optional[str] = None,
 ) -> TrainResult:
   """Trains ``model`` on ``dataset`` for ``train_steps`` steps of global batch ``batch_size``.
 
@@ -182,6 +183,9 @@ def train(
     evaluators: the evaluator classes run at every evaluation (gin: ``%EVALUATORS``; default
       ``evaluators.DEFAULT``: metrics, sparsity, calibration where the model has it), the list
       ``topk-eval`` runs too; the eval metrics are their numbers, ``sparsity/<layer>`` apart.
+    config_text: written to ``model_dir/config.gin`` (``train_from_gin`` passes gin's configuration) once the
+      run is accepted: model built, batch size checked, checkpoint restored or params initialised. A launch
+      rejected before that changes nothing in ``model_dir``.
   """
   if train_steps < 0:
     raise ConfigError(f"train_steps must be >= 0, got train_steps={train_steps}")
@@ -190,7 +194,6 @@ def train(
   runs.check_batch_size(batch_size, partitioner)
   shard_id, num_shards = partitioner.host_shard_info()
   host_batch = batch_size // num_shards
-  tf.io.gfile.makedirs(model_dir)
 
   # ---- data
   train_ds = dataset.get_dataset(dataset.train_split, host_batch, shard_id, num_shards, seed=seed, shuffle=True,
@@ -277,7 +280,12 @@ def train(
   def evaluate(params) -> tuple:
     return evaluators_lib.split_results(evaluators_lib.run_all(in_training, params))
 
-  # ---- the loop
+  # ---- the loop: the run is accepted, so it may now write its configuration beside its checkpoints.
+  if jax.process_index() == 0:
+    tf.io.gfile.makedirs(model_dir)
+    if config_text is not None:
+      with tf.io.gfile.GFile(os.path.join(model_dir, "config.gin"), "w") as f:
+        f.write(config_text)
   logger = MetricLogger(model_dir, total_steps=train_steps, start_step=start_step)
   history = []
   train_log = []
@@ -344,11 +352,25 @@ def train_from_gin() -> TrainResult:
   """Runs :func:`train` as the current gin configuration binds it; ``MODEL_DIR/config.gin`` records that config.
 
   Every macro still bound to ``%gin.REQUIRED`` is a one-line ``ConfigError`` first, before any data or model is built.
+  ``config.gin`` is written only once :func:`train` accepts the run (``config_text``), so a rejected launch
+  (``TOP_K = 0``, a checkpoint of another model) leaves ``MODEL_DIR`` as it was.
   """
   gin_utils.check_required_macros()
   model_dir = gin_utils.get_macro("MODEL_DIR")
-  if jax.process_index() == 0:
-    tf.io.gfile.makedirs(model_dir)
-    with tf.io.gfile.GFile(os.path.join(model_dir, "config.gin"), "w") as f:
-      f.write(gin.config_str())
-  return gin.get_configurable(train)()
+  fresh = not tf.io.gfile.exists(model_dir)
+  try:
+    return gin.get_configurable(train)(config_text=gin.config_str())
+  except BaseException:
+    # A fresh launch rejected after the checkpoint manager made its (empty) directories leaves none behind.
+    if fresh and jax.process_index() == 0:
+      _remove_if_no_files(model_dir)
+    raise
+
+
+def _remove_if_no_files(directory: str) -> None:
+  """Removes ``directory`` if it holds only (empty) directories; anything written in it keeps it."""
+  if not tf.io.gfile.isdir(directory):
+    return
+  if any(files for _, _, files in tf.io.gfile.walk(directory)):
+    return
+  tf.io.gfile.rmtree(directory)
