@@ -432,3 +432,66 @@ def test_convert_command_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
   assert convert_cmd.main(["--to=hf", f"--input={tmp_path / 'nowhere'}", f"--output={tmp_path / 'out'}"]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and "does not exist" in err and "\n" not in err
+
+
+# ----------------------------------------------------------------------------- the output directory
+
+
+def _tree_files(directory):
+  """{relative path: bytes} of every file under ``directory``."""
+  out = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      with open(os.path.join(root, name), "rb") as f:
+        out[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+  return out
+
+
+def test_convert_refuses_an_output_that_holds_anything_and_changes_nothing(save_tiny_hf_t5, tmp_path, capsys):
+  hf = save_tiny_hf_t5(tmp_path / "hf")
+  run = tmp_path / "run"  # a training run's directory, as the trainer leaves it
+  (run / "checkpoints" / "30" / "state").mkdir(parents=True)
+  (run / "checkpoints" / "30" / "state" / "_METADATA").write_text("{}")
+  (run / "config.gin").write_text("TOP_K = 8\n")
+  before = _tree_files(run)
+  capsys.readouterr()  # transformers' progress bar
+  for dst in ("project", "hf", "t5x"):
+    assert convert_cmd.main([f"--to={dst}", f"--input={hf}", f"--output={run}"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: output directory {run} is not empty (it holds checkpoints, config.gin); give a new or "
+                   "empty directory, or --overwrite to replace what a conversion writes there\n")
+    assert _tree_files(run) == before
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  assert convert_cmd.main(["--to=hf", f"--input={hf}", f"--output={afile}", "--overwrite"]) == 2
+  assert capsys.readouterr().err == f"error: output {afile} is a file, not a directory\n"
+  assert afile.read_text() == "x"
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert convert_cmd.main(["--to=project", f"--input={hf}", f"--output={empty}"]) == 0  # an empty one is fine
+
+
+def test_convert_twice_to_one_output_with_overwrite_replaces_only_what_a_conversion_writes(
+    save_tiny_hf_t5, tmp_path, capsys):
+  first = save_tiny_hf_t5(tmp_path / "first")
+  second = save_tiny_hf_t5(tmp_path / "second", feed_forward_proj="gated-gelu")
+  out = tmp_path / "out"
+  assert convert_cmd.main(["--to=project", f"--input={first}", f"--output={out}"]) == 0
+  (out / "notes.txt").write_text("mine")
+  before = _tree_files(out)
+  assert convert_cmd.main(["--to=project", f"--input={second}", f"--output={out}"]) == 2
+  assert _tree_files(out) == before, "a refused conversion changes nothing"
+  capsys.readouterr()
+  # Was a StepAlreadyExistsError traceback: step 0 is replaced.
+  assert convert_cmd.main(["--to=project", f"--input={second}", f"--output={out}", "--overwrite"]) == 0
+  assert "Traceback" not in capsys.readouterr().err
+  config, params = convert.load(str(out))
+  assert config.mlp_activations == ("gelu", "linear")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, convert.from_hf(second)[1])
+  assert (out / "notes.txt").read_text() == "mine"
+  assert sorted(os.listdir(out / "checkpoints")) == ["0"]
+  # A conversion to another format replaces the previous one's files, so that it is what the directory holds.
+  assert convert_cmd.main(["--to=hf", f"--input={first}", f"--output={out}", "--overwrite"]) == 0
+  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "notes.txt"]
+  assert convert.detect_format(str(out)) == "hf"
+  jax.tree_util.tree_map(np.testing.assert_array_equal, convert.load(str(out))[1], convert.from_hf(first)[1])

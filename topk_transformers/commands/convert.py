@@ -10,6 +10,10 @@ carries no config: it is inferred from the shapes, or taken from
 which any input is also checked. A ``spiece.model`` next to the input goes
 with the output (``--vocabulary`` names another). ``--to=t5x`` writes T5X's
 msgpack + zarr layout, parameters only.
+
+``--output`` must be a new or empty directory: one that holds anything (a run,
+a previous conversion) is refused and left as it is, unless ``--overwrite``,
+which replaces only what a conversion writes there.
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ def main(argv) -> int:
   parser.add_argument("--input", required=True, help="the checkpoint directory to read")
   parser.add_argument("--output", required=True, help="the directory to write")
   parser.add_argument("--vocabulary", default=None, help="a SentencePiece model to copy as spiece.model")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="write into a non-empty --output, replacing what a conversion writes there")
   args = parser.parse_args(rest)
+  convert.check_output(args.output, args.overwrite)  # before anything is read, so a refusal is immediate
   config = None
   if gin_files or bindings:
     from topk_transformers import gin_utils  # pylint: disable=g-import-not-at-top
@@ -37,7 +44,7 @@ def main(argv) -> int:
     config = gin_utils.get_macro("MODEL").module.config
   config, params = convert.load(args.input, args.src, config)
   vocabulary = args.vocabulary or convert.find_vocabulary(args.input)
-  convert.save(config, params, args.output, args.dst, vocabulary)
+  convert.save(config, params, args.output, args.dst, vocabulary, overwrite=args.overwrite)
   n = sum(int(v.size) for v in convert.flatten(params).values())
   print(f"wrote {args.dst} checkpoint {args.output}: {n:,} parameters, "
         f"{'v1.1 gated ' if len(config.mlp_activations) > 1 else 'v1.0 '}{config.mlp_activations[0]}, "

@@ -686,16 +686,62 @@ def load(path: str, fmt: str = "auto", config: Optional[network.T5Config] = None
   return config, params
 
 
+# What a conversion writes in its output directory, in any format (patterns relative to it). ``--overwrite``
+# replaces these and nothing else; the whole set goes, so that a previous conversion to another format cannot
+# shadow the new one (``detect_format`` reads ``config.json`` first, for one).
+CONVERSION_OUTPUTS = ("config.json", "model.safetensors", "checkpoint", "target.*", PROJECT_CONFIG,
+                      "checkpoints/0", "checkpoints/0.orbax-checkpoint-tmp-*", VOCABULARY_FILE)
+
+
+def check_output(path: str, overwrite: bool = False) -> None:
+  """An output directory must be new or empty, unless ``overwrite``; a file there is refused either way.
+
+  Raises ``ConfigError`` (one line) without changing anything in ``path``.
+  """
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"output {path} is a file, not a directory")
+  held = sorted(os.listdir(path)) if os.path.isdir(path) else []
+  if held and not overwrite:
+    raise ConfigError(f"output directory {path} is not empty (it holds {', '.join(held[:4])}"
+                      f"{', ...' if len(held) > 4 else ''}); give a new or empty directory, or --overwrite to "
+                      f"replace what a conversion writes there")
+
+
+def clear_output(path: str, keep: Optional[str] = None) -> None:
+  """Removes from ``path`` what a conversion writes (:data:`CONVERSION_OUTPUTS`) and nothing else; not ``keep``."""
+  import glob  # pylint: disable=g-import-not-at-top
+
+  keep = os.path.abspath(keep) if keep else None
+  for pattern in CONVERSION_OUTPUTS:
+    for found in glob.glob(os.path.join(glob.escape(path), pattern)):
+      if os.path.abspath(found) == keep:
+        continue
+      if os.path.isdir(found) and not os.path.islink(found):
+        shutil.rmtree(found)
+      else:
+        os.remove(found)
+  checkpoints_dir = os.path.join(path, "checkpoints")
+  if os.path.isdir(checkpoints_dir) and not os.listdir(checkpoints_dir):
+    os.rmdir(checkpoints_dir)  # the project conversion's own, now empty
+
+
 def save(config: network.T5Config, params: Mapping[str, Any], path: str, fmt: str,
-         vocabulary: Optional[str] = None) -> str:
-  """Writes ``params`` in ``fmt`` (``'hf'``, ``'t5x'`` or ``'project'``) at ``path``."""
+         vocabulary: Optional[str] = None, overwrite: bool = False) -> str:
+  """Writes ``params`` in ``fmt`` (``'hf'``, ``'t5x'`` or ``'project'``) at ``path``.
+
+  ``path`` must be new or empty (:func:`check_output`); with ``overwrite``, what a conversion writes there is
+  replaced (:func:`clear_output`) and anything else is left as it is.
+  """
+  if fmt not in ("hf", "project", "t5x"):
+    raise ConfigError(f"cannot write format {fmt!r}; choose hf, t5x or project")
+  check_output(path, overwrite)
+  if overwrite and os.path.isdir(path):
+    clear_output(path, keep=vocabulary)
   if fmt == "hf":
     return to_hf(config, params, path, vocabulary)
   if fmt == "project":
     return save_project(config, params, path, vocabulary=vocabulary)
-  if fmt == "t5x":
-    return to_t5x(config, params, path)
-  raise ConfigError(f"cannot write format {fmt!r}; choose hf, t5x or project")
+  return to_t5x(config, params, path)
 
 
 def find_vocabulary(path: str) -> Optional[str]:
