@@ -12,7 +12,8 @@
   one 8-device subprocess between its tests);
 - ``topk-train`` run as a console script exits 2 for a configuration mistake, 1
   for a NaN loss or an unreadable checkpoint (one ``error:`` line each), and 143
-  after SIGTERM with the checkpoint written.
+  after SIGTERM with the checkpoint written; Ctrl-C (SIGINT) writes it too, exits 130,
+  and the same command resumes from that step.
 """
 
 import json
@@ -372,3 +373,92 @@ def test_train_command_exit_statuses_in_a_subprocess(tmp_path):
   assert r["sigterm"]["returncode"] == 143, r["sigterm"]["stderr"][-2000:]
   steps = [int(n) for n in os.listdir(fresh / "checkpoints") if n.isdigit()]
   assert steps and max(steps) >= 2, steps
+
+
+# ---------------------------------------------------------------------------
+# Ctrl-C: like SIGTERM, a checkpoint at the next step, then 130; the same command resumes
+# ---------------------------------------------------------------------------
+
+_SIGINT_DRIVER = textwrap.dedent(r"""
+    import importlib.metadata, json, os, re, signal, sys, tempfile, time, traceback
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    (entry,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "topk-train"]
+    main = entry.load()
+    import toy  # noqa: F401  the gin file's model and dataset
+    from topk_transformers import checkpoints, gin_utils, train  # noqa: F401  imported here, run in the children
+
+    gin_file, run_dir = sys.argv[1:3]
+    base = ["topk-train", f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{run_dir}'",
+            "--gin.train.train.checkpoint_period=100000"]
+
+    def start(argv):
+      sys.stdout.flush(); sys.stderr.flush()
+      out_r, out_w = os.pipe()
+      err = tempfile.TemporaryFile()
+      pid = os.fork()
+      if pid == 0:  # the child: the console script
+        os.close(out_r)
+        os.dup2(out_w, 1); os.dup2(err.fileno(), 2)
+        sys.argv = list(argv)
+        try:
+          code = main()
+        except SystemExit as e:
+          code = e.code
+        except BaseException:  # as the interpreter would: a traceback, status 1
+          traceback.print_exc(); code = 1
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else (0 if code is None else 1))
+      os.close(out_w)
+      return pid, os.fdopen(out_r), err
+
+    def finish(pid, out, err, stdout=""):
+      stdout += out.read()
+      _, status = os.waitpid(pid, 0)
+      err.seek(0)
+      return dict(returncode=os.waitstatus_to_exitcode(status), stdout=stdout, stderr=err.read().decode())
+
+    results = {}
+    # Ctrl-C (SIGINT) once a progress line past step 1 is out ("step N/100000 | loss ...").
+    pid, out, err = start(base + ["--gin.TRAIN_STEPS=100000"])
+    seen, deadline = "", time.time() + 300
+    for line in out:
+      seen += line
+      if line.startswith("step ") and not line.startswith("step 1/") or time.time() > deadline:
+        break
+    os.kill(pid, signal.SIGINT)
+    results["sigint"] = finish(pid, out, err, seen)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    results["steps"] = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) if os.path.isdir(ckpt_dir) else []
+    stopped = re.search(r"stopped by SIGINT at step (\d+)", results["sigint"]["stderr"])
+    if stopped:  # the same command, two steps further
+      results["resume"] = finish(*start(base + [f"--gin.TRAIN_STEPS={int(stopped.group(1)) + 2}"]))
+    print("RESULT " + json.dumps(results))
+""")
+
+
+@pytest.mark.slow
+def test_train_command_ctrl_c_writes_a_checkpoint_exits_130_and_resumes(tmp_path):
+  _train_command()  # the console script is installed
+  gin_file = tmp_path / "toy.gin"
+  gin_file.write_text(_TOY_GIN)
+  run_dir = tmp_path / "run"
+  proc = subprocess.run([sys.executable, "-c", _SIGINT_DRIVER, str(gin_file), str(run_dir)],
+                        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+  r = json.loads(lines[-1][len("RESULT "):])
+
+  sigint = r["sigint"]
+  assert sigint["returncode"] == 130, sigint["stderr"][-2000:]
+  assert "Traceback" not in sigint["stderr"] and "KeyboardInterrupt" not in sigint["stderr"]
+  (line,) = [line for line in sigint["stderr"].splitlines() if line.startswith("stopped by SIGINT")]
+  step = int(line.split("at step ")[1].split(",")[0])
+  assert line == f"stopped by SIGINT at step {step}, checkpoint written; run the same command again to resume"
+  # The checkpoint is the step it stopped at (no periodic checkpoint was due), past the progress line seen.
+  assert r["steps"] == [step] and step >= 2, r["steps"]
+
+  resume = r["resume"]
+  assert resume["returncode"] == 0, resume["stderr"][-2000:]
+  progress = [line for line in resume["stdout"].splitlines() if line.startswith("step ")]
+  assert progress and progress[0].startswith(f"step {step + 1}/{step + 2}"), progress
+  assert max(int(n) for n in os.listdir(run_dir / "checkpoints") if n.isdigit()) == step + 2

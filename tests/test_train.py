@@ -197,3 +197,47 @@ def test_topk_train_rejected_for_top_k_0_changes_nothing_in_model_dir(tmp_path, 
     assert "top_k must be a positive integer" in capsys.readouterr().err
   assert _snapshot(run) == before
   assert not (tmp_path / "fresh").exists()
+
+
+# ---------------------------------------------------------------------------
+# Ctrl-C
+# ---------------------------------------------------------------------------
+
+
+def test_ctrl_c_writes_checkpoint_like_sigterm_and_restart_continues(tmp_path, monkeypatch, straight):
+  calls = {"n": 0}
+  original = partitioning.Partitioner.shard_batch
+
+  def shard_and_maybe_interrupt(self, batch):
+    calls["n"] += 1
+    if calls["n"] == 4:
+      os.kill(os.getpid(), signal.SIGINT)
+    return original(self, batch)
+
+  monkeypatch.setattr(partitioning.Partitioner, "shard_batch", shard_and_maybe_interrupt)
+  result = _run(tmp_path / "run", 16, checkpoint_period=100)
+  assert result.preempted and result.stop_signal == "SIGINT" and int(result.state.step) == 4
+  assert checkpoints.CheckpointManager(str(tmp_path / "run")).latest_step() == 4
+  monkeypatch.setattr(partitioning.Partitioner, "shard_batch", original)
+  resumed = _run(tmp_path / "run", 16)
+  assert resumed.stop_signal is None
+  assert_trees_equal(_params(straight[1]), _params(resumed))
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatch):
+  calls = {"n": 0}
+  original = partitioning.Partitioner.shard_batch
+
+  def shard_and_maybe_interrupt_twice(self, batch):
+    calls["n"] += 1
+    if calls["n"] == 4:
+      os.kill(os.getpid(), signal.SIGINT)
+      os.kill(os.getpid(), signal.SIGINT)
+    return original(self, batch)
+
+  monkeypatch.setattr(partitioning.Partitioner, "shard_batch", shard_and_maybe_interrupt_twice)
+  previous = signal.getsignal(signal.SIGINT)
+  with pytest.raises(KeyboardInterrupt):
+    _run(tmp_path / "run", 16, checkpoint_period=100)
+  assert signal.getsignal(signal.SIGINT) is previous  # the trainer's handlers are gone again
+  assert checkpoints.CheckpointManager(str(tmp_path / "run")).latest_step() is None

@@ -89,27 +89,41 @@ def _mean_metrics(history):
 
 
 class _Preemption:
-  """SIGTERM (TPU preemption, job kill) sets a flag; the loop checkpoints and exits."""
+  """SIGTERM (TPU preemption, job kill) or SIGINT (Ctrl-C) sets a flag; the loop checkpoints and exits.
+
+  ``signal_name`` is the first of them received. A second Ctrl-C stops at once (``KeyboardInterrupt``),
+  without the checkpoint.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal_name: Optional[str] = None
+    self._previous: Dict[int, Any] = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._previous = None
+    for signum in self.SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: writing a checkpoint before exit.")
+    del frame
+    name = signal.Signals(signum).name
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    again = " (Ctrl-C again to stop at once, without it)" if signum == signal.SIGINT else ""
+    logging.warning("%s received: writing a checkpoint at the next step, then stopping%s.", name, again)
+    self.signal_name = self.signal_name or name
     self.requested = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      if previous is not None:
+        signal.signal(signum, previous)
 
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:
@@ -128,6 +142,8 @@ class TrainResult:
   eval_metrics: Dict[str, float]
   sparsity: Dict[str, float]
   preempted: bool = False
+  # The signal that stopped a preempted run: 'SIGTERM' (also a pod's preemption notice) or 'SIGINT' (Ctrl-C).
+  stop_signal: Optional[str] = None
   # (step, mean train metrics since the previous log step), for every log step of this process.
   log: list = dataclasses.field(default_factory=list)
 
@@ -332,7 +348,8 @@ def train(
         last_saved = step
       if stop:
         preempted = True
-        logging.warning("Stopped at step %d after SIGTERM; checkpoint written.", step)
+        logging.warning("Stopped at step %d after %s; checkpoint written.", step,
+                        preemption.signal_name or "SIGTERM")
         break
     if last_saved != int(state.step):
       check_finite(int(state.step))
@@ -345,7 +362,8 @@ def train(
                     sparsity=eval_sparsity or {k[len("sparsity/"):]: v for k, v in train_metrics.items()
                                                if k.startswith("sparsity/")})
   return TrainResult(state=state, train_metrics=train_metrics, eval_metrics=eval_metrics,
-                     sparsity=eval_sparsity, preempted=preempted, log=train_log)
+                     sparsity=eval_sparsity, preempted=preempted, log=train_log,
+                     stop_signal=(preemption.signal_name or "SIGTERM") if preempted else None)
 
 
 def train_from_gin() -> TrainResult:
