@@ -5,6 +5,7 @@ Unreadable checkpoints (truncated files, ``skip_unreadable``) are exercised thro
 """
 
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -155,3 +156,173 @@ def test_locate_finds_the_newest_step_and_names_what_is_missing(tmp_path):
   (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
   with pytest.raises(checkpoints.CheckpointError, match=r"^no checkpoint steps in '.*empty/checkpoints'$"):
     checkpoints.locate(str(tmp_path / "empty"))
+
+
+# ---- checksums: what a checkpoint holds is verified at every restore
+
+def _incompressible(state):
+  """``state`` with its largest parameter of random bits (finite): zstd stores such data raw, with no checksum, so garbage
+  written into it reads back as numbers (the bit-rot of the issue) instead of a decompression error."""
+  leaves, treedef = jax.tree_util.tree_flatten(state["params"])
+  big = max(range(len(leaves)), key=lambda i: leaves[i].size)
+  bits = jax.random.bits(jax.random.PRNGKey(7), leaves[big].shape, jnp.uint32) & jnp.uint32(0xBFFFFFFF)  # |x| < 2
+  leaves[big] = jax.lax.bitcast_convert_type(bits, jnp.float32)
+  return {**state, "params": jax.tree_util.tree_unflatten(treedef, leaves)}
+
+
+def _flip_bytes(step_dir, array):
+  """Garbage over the middle half of ``array``'s bytes where a data file under ``step_dir`` holds them raw (see
+  :func:`_incompressible`), keeping the file's size: bit-rot that orbax reads back as numbers."""
+  raw = np.asarray(array).tobytes()
+  for path in step_dir.rglob("*"):
+    if path.is_file() and path.parent.name == "d":
+      data = path.read_bytes()
+      at = data.find(raw)
+      if at >= 0:
+        garbage = np.random.RandomState(0).bytes(len(raw) // 2)
+        path.write_bytes(data[:at + len(raw) // 4] + garbage + data[at + len(raw) // 4 + len(garbage):])
+        assert path.stat().st_size == len(data)
+        return
+  raise AssertionError(f"no data file under {step_dir} holds the array's bytes raw")
+
+
+def _largest(params):
+  return max(jax.tree_util.tree_leaves(params), key=lambda x: x.size)
+
+
+def _saved(tmp_path, tiny_t5, steps=(10, 20), data=False):
+  run = tmp_path / "run"
+  manager = checkpoints.CheckpointManager(str(run), async_save=False)
+  stream = iter(tf.data.Dataset.range(100))
+  states = {}
+  for seed, step in enumerate(steps, start=1):
+    states[step] = _incompressible(tiny_state(tiny_t5.module, seed=seed))
+    for _ in range(step - (steps[steps.index(step) - 1] if steps.index(step) else 0)):
+      next(stream)
+    manager.save(step, states[step], stream if data else None)
+  manager.close()
+  return run, states
+
+
+def test_every_step_records_a_checksum_of_each_array_and_of_its_data_position(tmp_path, tiny_t5):
+  run, states = _saved(tmp_path, tiny_t5, data=True)
+  import json
+  recorded = json.loads((run / "checkpoints" / "20" / "checksums" / "metadata").read_text())
+  names = {checkpoints._key_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(states[20])[0]}
+  assert set(recorded["arrays"]) == names and "params/encoder/layers_0/mlp/wi/kernel" in names
+  assert recorded["arrays"] != json.loads((run / "checkpoints" / "10" / "checksums" / "metadata").read_text())["arrays"]
+  listing = json.loads((run / "checkpoints_data" / "20" / "process_0.checksums.json").read_text())["files"]
+  assert sorted(listing) == sorted(p.name for p in (run / "checkpoints_data" / "20").iterdir()
+                                   if not p.name.endswith(".checksums.json"))
+
+
+def test_a_verified_checkpoint_restores_bit_identically(tmp_path, tiny_t5, caplog):
+  run, states = _saved(tmp_path, tiny_t5, data=True)
+  fresh = iter(tf.data.Dataset.range(100))
+  manager = checkpoints.CheckpointManager(str(run))
+  with caplog.at_level("INFO"):
+    assert_trees_equal(manager.restore_latest(*on_one_device(states[20]), data_iterator=fresh), states[20])
+  assert int(next(fresh)) == 20
+  assert manager.last_verified_step() == 20
+  assert any("step 20: every restored array matches its checksum" in r.getMessage() for r in caplog.records)
+  params, step = checkpoints.restore_params(str(run), *on_one_device(states[20]["params"]))
+  assert step == 20
+  assert_trees_equal(params, states[20]["params"])
+
+
+def test_garbage_inside_an_array_file_is_a_one_line_error_naming_the_step_and_the_array(tmp_path, tiny_t5):
+  run, states = _saved(tmp_path, tiny_t5)
+  _flip_bytes(run / "checkpoints" / "20" / "state", _largest(states[20]["params"]))
+  # orbax alone reads the garbage as numbers: this is what the checksums are for.
+  import orbax.checkpoint as ocp
+  plain = ocp.CheckpointManager(str(run / "checkpoints"), item_handlers={"state": ocp.StandardCheckpointHandler()})
+  target = jax.eval_shape(lambda t: t, states[20])
+  read = plain.restore(20, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(read)),
+                                                       jax.tree_util.tree_leaves(jax.device_get(states[20]))))
+  plain.close()
+  manager = checkpoints.CheckpointManager(str(run))
+  with pytest.raises(checkpoints.UnreadableCheckpointError) as info:
+    manager.restore_latest(*on_one_device(states[20]))
+  message = str(info.value)
+  assert "\n" not in message and (info.value.step, info.value.path) == (20, f"{run}/checkpoints/20")
+  assert re.fullmatch(rf"checkpoint step 20 at {run}/checkpoints/20 cannot be read \(array params/\S+ does not match "
+                      r"its checksum: the file holding it was changed or damaged\)", message), message
+  # The params-only restore of topk-eval, topk-decode and topk-sparsity stops with the same line.
+  with pytest.raises(checkpoints.UnreadableCheckpointError) as info:
+    checkpoints.restore_params(str(run), *on_one_device(states[20]["params"]))
+  assert str(info.value) == message
+  # skip_unreadable goes back to the newest step that verifies, and sets the damaged one aside.
+  restored = manager.restore_latest(*on_one_device(states[20]), skip_unreadable=True)
+  assert_trees_equal(restored, states[10])
+  assert manager.all_steps() == [10] and (run / "checkpoints_unreadable" / "20").is_dir()
+  assert manager.last_verified_step() == 10
+
+
+def test_load_run_stops_on_a_damaged_checkpoint(tmp_path, tiny_t5):
+  from topk_transformers import runs
+
+  run, states = _saved(tmp_path, tiny_t5)
+  _flip_bytes(run / "checkpoints" / "20" / "state", _largest(states[20]["params"]))
+  shapes = {"encoder_input_tokens": (2, 4), "decoder_input_tokens": (2, 4), "decoder_target_tokens": (2, 4)}
+  with pytest.raises(checkpoints.CheckpointError, match=r"^checkpoint step 20 at .* does not match its checksum"):
+    runs.load_run(str(run), model=tiny_t5, input_shapes=shapes)
+
+
+def test_a_truncated_or_missing_data_position_file_is_unreadable_and_skipped(tmp_path, tiny_t5):
+  run, states = _saved(tmp_path, tiny_t5, data=True)
+  data_file = next((run / "checkpoints_data" / "20").glob("process_0.data-*"))
+  size = data_file.stat().st_size
+  with open(data_file, "r+b") as f:
+    f.truncate(size // 2)
+  manager = checkpoints.CheckpointManager(str(run))
+  with pytest.raises(checkpoints.UnreadableCheckpointError) as info:
+    manager.restore_latest(*on_one_device(states[20]), data_iterator=iter(tf.data.Dataset.range(100)))
+  assert str(info.value) == (f"checkpoint step 20 at {run}/checkpoints/20 cannot be read (its data position: "
+                             f"{data_file} has {size // 2} bytes, {size} were written)")
+  fresh = iter(tf.data.Dataset.range(100))
+  assert_trees_equal(manager.restore_latest(*on_one_device(states[20]), data_iterator=fresh, skip_unreadable=True),
+                     states[10])
+  assert int(next(fresh)) == 10
+  assert (run / "checkpoints_unreadable" / "data" / "20").is_dir()
+  os.remove(next((run / "checkpoints_data" / "10").glob("process_0.index")))
+  with pytest.raises(checkpoints.UnreadableCheckpointError, match=r"its data position: .*process_0.index is missing"):
+    manager.restore_latest(*on_one_device(states[10]), data_iterator=iter(tf.data.Dataset.range(100)))
+
+
+def test_a_nonfinite_parameter_after_a_restore_is_an_error(tmp_path, state):
+  run = tmp_path / "run"
+  bad = {**state, "params": jax.tree_util.tree_map(lambda x: x, state["params"])}
+  bad["params"]["decoder"]["layers_0"]["mlp"]["wo"]["kernel"] = (
+      bad["params"]["decoder"]["layers_0"]["mlp"]["wo"]["kernel"].at[0, 0].set(jnp.nan))
+  manager = checkpoints.CheckpointManager(str(run), async_save=False)
+  manager.save(4, bad)
+  expected = (f"checkpoint step 4 at {run}/checkpoints/4 cannot be read (array params/decoder/layers_0/mlp/wo/kernel "
+              "holds NaN or inf)")
+  with pytest.raises(checkpoints.UnreadableCheckpointError) as info:
+    manager.restore_latest(*on_one_device(state))
+  assert str(info.value) == expected
+  with pytest.raises(checkpoints.UnreadableCheckpointError) as info:
+    checkpoints.restore_params(str(run), *on_one_device(state["params"]))
+  assert str(info.value) == expected
+
+
+def test_a_checkpoint_without_checksums_restores_unverified_with_one_log_line(tmp_path, tiny_t5, caplog):
+  import shutil
+
+  run, states = _saved(tmp_path, tiny_t5, data=True)
+  shutil.rmtree(run / "checkpoints" / "20" / "checksums")  # as written before checksums were recorded
+  os.remove(run / "checkpoints_data" / "20" / "process_0.checksums.json")
+  manager = checkpoints.CheckpointManager(str(run))
+  fresh = iter(tf.data.Dataset.range(100))
+  with caplog.at_level("INFO"):
+    assert_trees_equal(manager.restore_latest(*on_one_device(states[20]), data_iterator=fresh), states[20])
+    params, _ = checkpoints.restore_params(str(run), *on_one_device(states[20]["params"]))
+  assert int(next(fresh)) == 20
+  assert_trees_equal(params, states[20]["params"])
+  messages = [r.getMessage() for r in caplog.records]
+  unverified = f"checkpoint step 20 at {run}/checkpoints/20 has no checksums (written before they were recorded): "
+  assert sum(m.startswith(unverified) for m in messages) == 2, messages
+  assert "the data position of step 20 has no checksums (written before they were recorded): restored unverified" \
+      in messages
+  assert manager.last_verified_step() is None

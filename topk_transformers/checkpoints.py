@@ -16,6 +16,15 @@ with ``skip_unreadable=True`` the restore goes back to the newest readable step
 instead and moves the unreadable newer ones, state and data position, under
 ``checkpoints_unreadable/``, so nothing is deleted and later saves of those
 step numbers do not collide with them.
+
+Every save records a checksum of each array (``checkpoints/<step>/checksums``,
+an orbax item committed with the arrays) and of each data-position file
+(``process_<i>.checksums.json`` beside them), and every restore verifies them:
+orbax and TensorStore check only the zarr3 shard index (crc32c), not the chunk
+data, so garbage inside an array file reads back as numbers. A mismatch, a
+missing data-position file or a non-finite float after a restore makes the
+step unreadable, with one line naming the step and the array. Checkpoints
+written before checksums existed restore unverified, with one log line.
 """
 
 from __future__ import annotations
@@ -25,9 +34,11 @@ import json
 import logging
 import os
 import re
+import zlib
 from typing import Any, Callable, List, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
@@ -93,6 +104,89 @@ def _key_str(path) -> str:
   return "/".join(parts)
 
 
+CHECKSUMS = "checksums"  # the orbax item (a JSON file) saved beside "state" in every step
+_CHECKSUM_FORMAT = "topk-fingerprint-v1"
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The array's bytes as a flat vector of uint32 (one word per element of 1, 2 or 4 bytes)."""
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  if x.dtype.itemsize == 8:  # bitcast to a narrower type adds a trailing axis of 2 words
+    return jax.lax.bitcast_convert_type(x, unsigned).reshape(-1)
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+
+
+def _fingerprint(x: jax.Array):
+  """Two 32-bit sums over the array's words, and whether every element is finite.
+
+  Computed where the array lives, by XLA: integer sums are exact in any order, so the result does not depend on
+  the sharding, the device kind or the number of hosts, and nothing is copied to the host. Each sum alone changes
+  for any change of one word (an odd multiplier, a bijective mix); the pair, one linear and one not, makes a
+  multi-word change that leaves both unchanged a ~2^-64 coincidence.
+  """
+  w = _words(x)
+  i = jnp.arange(w.shape[0], dtype=jnp.uint32)
+  linear = jnp.sum(w * (i * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+  h = w ^ (i * jnp.uint32(0x9E3779B9))
+  h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)  # murmur3's finaliser
+  h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+  mixed = jnp.sum(h ^ (h >> 16), dtype=jnp.uint32)
+  finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.asarray(True)
+  return linear, mixed, finite
+
+
+_fingerprints = jax.jit(lambda tree: jax.tree_util.tree_map(_fingerprint, tree))
+
+
+def _host(x) -> Any:
+  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)  # replicated scalars
+
+
+def fingerprints(tree: Any) -> dict:
+  """``{array name: {"shape", "dtype", "checksum", "finite"}}`` of a tree of arrays (names as ``a/b/c``)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  arrays = [jnp.asarray(x) if not isinstance(x, jax.Array) else x for _, x in leaves]
+  sums = jax.tree_util.tree_map(_host, _fingerprints(arrays))
+  return {_key_str(p): {"shape": list(np.shape(x)), "dtype": str(x.dtype),
+                        "checksum": f"{int(linear):08x}{int(mixed):08x}", "finite": bool(finite)}
+          for (p, _), x, (linear, mixed, finite) in zip(leaves, arrays, sums)}
+
+
+def verify(tree: Any, recorded: Optional[dict], step: int, path: str) -> None:
+  """Raises :class:`UnreadableCheckpointError` for a restored array that differs from its recorded checksum, or
+  that holds NaN/inf; ``recorded=None`` (a checkpoint from before checksums) checks only the latter, and logs it."""
+  if recorded is None:
+    logging.info("checkpoint step %d at %s has no checksums (written before they were recorded): restored "
+                 "unverified", step, path)
+  elif recorded.get("format") != _CHECKSUM_FORMAT:
+    raise UnreadableCheckpointError(f"checkpoint step {step} at {path} cannot be read (its checksums are of an "
+                                    f"unknown format {recorded.get('format')!r})", step=step, path=path)
+  arrays = (recorded or {}).get("arrays", {})
+  for name, now in fingerprints(tree).items():
+    then = arrays.get(name)
+    if then is not None and (then["shape"], then["dtype"]) == (now["shape"], now["dtype"]):
+      if then["checksum"] != now["checksum"]:
+        raise UnreadableCheckpointError(f"checkpoint step {step} at {path} cannot be read (array {name} does not "
+                                        "match its checksum: the file holding it was changed or damaged)",
+                                        step=step, path=path)
+    if not now["finite"]:
+      raise UnreadableCheckpointError(f"checkpoint step {step} at {path} cannot be read (array {name} holds NaN or "
+                                      "inf)", step=step, path=path)
+  if recorded is not None:
+    logging.info("checkpoint step %d: every restored array matches its checksum", step)
+
+
+def _file_checksums(paths: List[str]) -> dict:
+  out = {}
+  for path in paths:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      data = f.read()
+    out[os.path.basename(path)] = {"size": len(data), "crc32": f"{zlib.crc32(data):08x}"}
+  return out
+
+
 class CheckpointManager:
   """Periodic, keep-N checkpoints of a train state and the data iterator."""
 
@@ -108,7 +202,9 @@ class CheckpointManager:
     about_a_step = lambda record: record.levelno >= logging.WARNING and bool(step_file.search(record.getMessage()))
     with _orbax_logs(lambda record, failed: not failed and about_a_step(record)):
       self._mngr = ocp.CheckpointManager(self.directory, options=options,
-                                         item_handlers={"state": ocp.StandardCheckpointHandler()})
+                                         item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                        CHECKSUMS: ocp.JsonCheckpointHandler()})
+    self._verified = set()  # steps this manager saved, or restored with every checksum matching
 
   def latest_step(self) -> Optional[int]:
     return self._mngr.latest_step()
@@ -120,9 +216,18 @@ class CheckpointManager:
   def all_steps(self):
     return list(self._mngr.all_steps())
 
+  def last_verified_step(self) -> Optional[int]:
+    """The newest kept step that this manager wrote or restored with its checksums matching (``None``: none)."""
+    kept = set(self._mngr.all_steps()) & self._verified
+    return max(kept) if kept else None
+
   # ---- save
   def save(self, step: int, state: Any, data_iterator: Any = None) -> None:
-    self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+    arrays = {name: {k: v for k, v in f.items() if k != "finite"} for name, f in fingerprints(state).items()}
+    checksums = {"format": _CHECKSUM_FORMAT, "step": int(step), "arrays": arrays}
+    self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                  **{CHECKSUMS: ocp.args.JsonSave(checksums)}), force=True)
+    self._verified.add(int(step))
     if data_iterator is not None:
       self._save_iterator(step, data_iterator)
     self._prune_data(keep_also=step)
@@ -140,6 +245,9 @@ class CheckpointManager:
       logging.warning("data iterator is not checkpointable (%s); a restart will skip %d batches", e, step)
       with tf.io.gfile.GFile(prefix + ".skip.json", "w") as f:
         json.dump({"batches_consumed": step}, f)
+    written = [p for p in tf.io.gfile.glob(prefix + ".*") if not p.endswith(".checksums.json")]
+    with tf.io.gfile.GFile(prefix + ".checksums.json", "w") as f:
+      json.dump({"files": _file_checksums(written)}, f)
 
   def _prune_data(self, keep_also: int) -> None:
     """Drops iterator states of steps orbax no longer keeps (without waiting for an async save)."""
@@ -195,15 +303,22 @@ class CheckpointManager:
       self._check_compatible(step, abstract_state)
       target = jax.tree_util.tree_map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+      items = {"state": ocp.args.StandardRestore(target)}
+      has_checksums = tf.io.gfile.exists(os.path.join(self.step_path(step), CHECKSUMS))
+      if has_checksums:
+        items[CHECKSUMS] = ocp.args.JsonRestore()
       try:
-        restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # orbax raises many types; the user needs one line
         raise self._unreadable(step, _first_line(e)) from None
+    verify(restored["state"], restored[CHECKSUMS] if has_checksums else None, step, self.step_path(step))
     if data_iterator is not None:
       try:
         self._restore_iterator(step, data_iterator)
-      except (tf.errors.OpError, AssertionError, ValueError) as e:
+      except (tf.errors.OpError, AssertionError, ValueError, IndexError) as e:  # IndexError: a truncated file
         raise self._unreadable(step, f"its data position: {_first_line(e)}") from None
+    if has_checksums:
+      self._verified.add(int(step))
     return restored["state"]
 
   def _move_unreadable(self, steps: List[int]) -> None:
@@ -263,6 +378,7 @@ class CheckpointManager:
 
   def _restore_iterator(self, step: int, iterator) -> None:
     prefix = self._iterator_prefix(step)
+    self._verify_iterator_files(step, prefix)
     if tf.io.gfile.exists(prefix + ".index"):
       tf.train.Checkpoint(iterator=iterator).read(prefix).assert_consumed()
       return
@@ -275,6 +391,30 @@ class CheckpointManager:
       logging.warning("no data position saved for step %d: skipping %d batches", step, consumed)
     for _ in range(consumed):
       next(iterator)
+
+  def _verify_iterator_files(self, step: int, prefix: str) -> None:
+    """Each data-position file this host wrote for ``step`` is there, whole and unchanged."""
+    listing = prefix + ".checksums.json"
+    if not tf.io.gfile.exists(listing):
+      if tf.io.gfile.exists(prefix + ".index"):
+        logging.info("the data position of step %d has no checksums (written before they were recorded): "
+                     "restored unverified", step)
+      return
+    try:
+      with tf.io.gfile.GFile(listing) as f:
+        recorded = json.load(f)["files"]
+    except (tf.errors.OpError, ValueError, KeyError, TypeError) as e:
+      raise self._unreadable(step, f"its data position's checksums {listing}: {_first_line(e)}") from None
+    folder = os.path.dirname(prefix)
+    for name, then in sorted(recorded.items()):
+      path = os.path.join(folder, name)
+      if not tf.io.gfile.exists(path):
+        raise self._unreadable(step, f"its data position: {path} is missing")
+      now = _file_checksums([path])[name]
+      if now["size"] != then["size"]:
+        raise self._unreadable(step, f"its data position: {path} has {now['size']} bytes, {then['size']} were written")
+      if now["crc32"] != then["crc32"]:
+        raise self._unreadable(step, f"its data position: {path} does not match its checksum")
 
   def close(self) -> None:
     self._mngr.wait_until_finished()
@@ -307,13 +447,20 @@ def restore_params(path: str, abstract_params: Any, shardings: Any) -> tuple:
   target = {"params": jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)}
   mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+                               item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                              CHECKSUMS: ocp.JsonCheckpointHandler()})
+  step_path = os.path.join(ckpt_dir, str(step))
+  items = {"state": ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                           partial_restore=True)}
+  has_checksums = tf.io.gfile.exists(os.path.join(step_path, CHECKSUMS))
+  if has_checksums:
+    items[CHECKSUMS] = ocp.args.JsonRestore()
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # one line for the user, whatever orbax raised
     raise CheckpointError(f"cannot restore parameters from step {step} in {ckpt_dir} ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
   finally:
     mngr.close()
+  verify({"params": restored["state"]["params"]}, restored[CHECKSUMS] if has_checksums else None, step, step_path)
   return restored["state"]["params"], step
