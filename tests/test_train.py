@@ -241,3 +241,16 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatc
     _run(tmp_path / "run", 16, checkpoint_period=100)
   assert signal.getsignal(signal.SIGINT) is previous  # the trainer's handlers are gone again
   assert checkpoints.CheckpointManager(str(tmp_path / "run")).latest_step() is None
+
+
+def test_resume_from_readable_passes_a_truncated_data_position_file(tmp_path, straight):
+  run = _copy_of(straight, tmp_path)
+  data_file = next((run / "checkpoints_data" / "16").glob("process_0.data-*"))
+  with open(data_file, "r+b") as f:
+    f.truncate(data_file.stat().st_size // 2)
+  with pytest.raises(checkpoints.UnreadableCheckpointError, match=r"^checkpoint step 16 at .* cannot be read \(its "
+                     r"data position: .*process_0\.data-\S+ has \d+ bytes, \d+ were written\)"):
+    _run(run, 16)
+  resumed = _run(run, 16, resume_from_readable=True)  # step 15's state and data position, then one step
+  assert_trees_equal(_params(straight[1]), _params(resumed))
+  assert (run / "checkpoints_unreadable" / "data" / "16").is_dir()

@@ -315,7 +315,7 @@ def train(
     bad = int(jax.device_get(state.nonfinite_step))
     if bad >= 0:
       manager.wait_until_finished()  # an async save in flight is the last good checkpoint
-      good = manager.latest_step()
+      good = manager.last_verified_step()  # written by this run, or restored with its checksums matching
       if good is None:
         raise NonFiniteLossError(f"loss or gradients became NaN/inf at step {bad}; training stopped and no "
                                  "checkpoint was written yet, so there is none to resume from")
