@@ -275,3 +275,144 @@ def test_restore_params_takes_a_relative_checkpoint_path(tmp_path, monkeypatch):
   restored, step = checkpoints.restore_params("run", abstract, {"w": None})
   assert step == 7
   np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(params["w"]))
+
+
+# ----------------------------------------------------------------------------- topk-decode's inputs
+
+DECODE_INPUT_LENGTH = 16
+
+
+@pytest.fixture(scope="module")
+def byte_run(tmp_path_factory):
+  """``(gin flags, run dir, params)``: a tiny T5 with a byte vocabulary, inputs length 16, random params at step 3."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from topk_transformers import gin_utils  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path_factory.mktemp("byte_run")
+  gin_file = root / "bytes.gin"
+  gin_file.write_text("from __gin__ import dynamic_registration\nimport seqio\ninclude 't5/t5_1_0/tiny.gin'\n"
+                      "VOCABULARY = @seqio.ByteVocabulary()\n"
+                      f"TASK_FEATURE_LENGTHS = {{'inputs': {DECODE_INPUT_LENGTH}, 'targets': 8}}\n")
+  flags = [f"--gin_file={gin_file}", "--gin.NUM_EMBEDDINGS=384", "--gin.TOP_K=32",
+           "--gin.network.T5Config.num_encoder_layers=1", "--gin.network.T5Config.num_decoder_layers=1"]
+  gin_utils.configure(*gin_utils.parse_gin_flags(flags)[:2])
+  module = gin_utils.get_macro("MODEL").module
+  ones = jnp.ones((1, 4), jnp.int32)
+  shapes = nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ones, ones, ones,
+                                                            enable_dropout=False)))["params"]
+  rng = np.random.RandomState(0)
+  params = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.randn(*s.shape) / np.sqrt(s.shape[0]), jnp.float32),
+                                  shapes)
+  manager = checkpoints.CheckpointManager(str(root / "run"), async_save=False)
+  manager.save(3, {"params": params, "step": 0})
+  manager.close()
+  gin.clear_config()
+  return flags, root / "run", params
+
+
+def _decode(byte_run, *args):
+  from topk_transformers.commands import decode as decode_command  # pylint: disable=g-import-not-at-top
+
+  flags, run, _ = byte_run
+  return decode_command.main([*flags, f"--checkpoint={run}", "--max_decode_length=4", *args])
+
+
+def _error_lines(err):
+  return [line for line in err.splitlines() if line.startswith("error:") or "Traceback" in line]
+
+
+def test_decode_cuts_a_long_input_to_the_models_input_length_with_one_line(byte_run, tmp_path, capsys, monkeypatch):
+  """A 100 KB input grew the encoder, and memory, to 22 GB: it is cut to TASK_FEATURE_LENGTHS['inputs']."""
+  import resource  # pylint: disable=g-import-not-at-top
+  from topk_transformers.t5 import decoding as t5_decoding  # pylint: disable=g-import-not-at-top
+
+  seen = []
+  predict = t5_decoding.predict_batch
+  monkeypatch.setattr(t5_decoding, "predict_batch",
+                      lambda module, params, batch, **kw: (seen.append(batch["encoder_input_tokens"].shape),
+                                                           predict(module, params, batch, **kw))[1])
+  long = "word " * 20_000  # 100 KB: 100,000 byte tokens
+  rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  out = tmp_path / "out.json"
+  assert _decode(byte_run, "--input", long, "--input", "short", f"--json={out}") == 0
+  assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 2 << 20  # KiB: under 2 GiB more
+  assert seen == [(2, DECODE_INPUT_LENGTH)]  # the long input's 15 tokens and EOS; the short one padded to it
+  err = capsys.readouterr().err
+  notices = [line for line in err.splitlines() if "input length" in line]
+  assert len(notices) == 1 and notices[0].endswith(
+      f"input 1 is longer than the model's input length of {DECODE_INPUT_LENGTH} tokens: truncated to it, its last "
+      f"{100_000 - (DECODE_INPUT_LENGTH - 1):,} tokens dropped"), notices
+  assert not _error_lines(err)
+  import json  # pylint: disable=g-import-not-at-top
+  assert len(json.loads(out.read_text())["results"]) == 2
+  # --input_length sets it on the command line; an input that fits is not padded to it.
+  seen.clear()
+  assert _decode(byte_run, "--input", "hello", "--input_length=8") == 0
+  assert _decode(byte_run, "--input", long, "--input_length=8") == 0
+  assert seen == [(1, 6), (1, 8)]
+  assert f"its last {100_000 - 7:,} tokens dropped" in capsys.readouterr().err
+
+
+def test_input_is_tokenised_in_pieces_with_the_same_ids():
+  """The pieces that bound a long input's token ids give the ids of the whole, cut to the length."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  from topk_transformers.t5 import text  # pylint: disable=g-import-not-at-top
+
+  vocabulary = seqio.ByteVocabulary()
+  long = "".join(f"piece {i} of a long input, " for i in range(10_000))
+  assert len(long) > 3 * text.PIECE_CHARS
+  whole = list(vocabulary.encode(long))
+  assert text.encode_text(long, vocabulary, len(whole) + 1) == (whole + [text.EOS_ID], 0)
+  assert text.encode_text(long, vocabulary, 100) == (whole[:99] + [text.EOS_ID], len(whole) - 99)
+  assert text.encode_text("hi", vocabulary, 100) == (list(vocabulary.encode("hi")) + [text.EOS_ID], 0)
+  assert text.encode_texts(["hi", long], vocabulary, 10).shape == (2, 10)
+
+
+def test_decode_non_utf8_input_is_one_line_and_exit_2(byte_run, tmp_path, capsys):
+  latin1 = "caf\xe9 noir".encode("latin-1").decode("utf-8", "surrogateescape")  # as Python hands over argv bytes
+  assert _decode(byte_run, "--input", "fine", "--input", latin1) == 2
+  err = capsys.readouterr().err
+  assert _error_lines(err) == ["error: --input number 2 is not UTF-8 text: byte 0xe9 at byte offset 3; "
+                               "convert it to UTF-8"], err
+  path = tmp_path / "inputs.txt"
+  path.write_bytes("fine\ncaf\xe9\n".encode("latin-1"))
+  assert _decode(byte_run, f"--input_file={path}") == 2
+  err = capsys.readouterr().err
+  assert _error_lines(err) == [f"error: {path} is not UTF-8 text (byte 8: b'\\xe9')"], err
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--num_decodes=0", "--num_decodes=0: it must be at least 1"),
+    ("--temperature=-0.5", "--temperature=-0.5: it must be >= 0 (0 is greedy)"),
+    ("--temperature=nan", "--temperature=nan: it must be >= 0 (0 is greedy)"),
+    ("--max_decode_length=0", "--max_decode_length=0: it must be at least 1"),
+    ("--input_length=0", "--input_length=0: it must be at least 1"),
+    ("--topp=1.5", "--topp=1.5: it must lie in [0, 1] (0: off)"),
+])
+def test_decode_settings_are_one_line_and_exit_2_before_any_model_is_built(byte_run, capsys, monkeypatch, flag,
+                                                                            message):
+  from topk_transformers import gin_utils, runs  # pylint: disable=g-import-not-at-top
+
+  def built(*args, **kwargs):
+    raise AssertionError("the settings are checked before gin is read or a model is built")
+
+  monkeypatch.setattr(gin_utils, "configure", built)
+  monkeypatch.setattr(runs, "load_run", built)
+  # The later flag wins, so --max_decode_length=0 overrides _decode's 4.
+  assert _decode(byte_run, "--input", "hello", flag) == 2
+  err = capsys.readouterr().err
+  assert _error_lines(err) == [f"error: {message}"], err
+
+
+def test_decode_truncated_predictors_file_is_one_line_naming_it(byte_run, tmp_path, capsys):
+  from topk_transformers import predictors  # pylint: disable=g-import-not-at-top
+
+  path = str(tmp_path / "r8.npz")
+  predictors.save(path, predictors.perfect_predictors(byte_run[2]))
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+  assert _decode(byte_run, "--input", "hello", f"--predictors={path}") == 2
+  err = capsys.readouterr().err
+  assert _error_lines(err) == [f"error: cannot read predictors file {path}: not a predictors file, or truncated or "
+                               "corrupt (BadZipFile: File is not a zip file)"], err

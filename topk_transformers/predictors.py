@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
+import zlib
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from topk_transformers.errors import ConfigError
+from topk_transformers.errors import ConfigError, one_line
 
 FORMAT = "topk_transformers.predictors/1"
 
@@ -212,21 +214,36 @@ def save(path: str, predictors: Mapping[str, Any], metadata: Optional[Mapping[st
 
 
 def restore(path: str, params: Optional[Mapping[str, Any]] = None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-  """``(predictors, metadata)`` from :func:`save`'s file; with ``params``, checked against the model (``check``)."""
+  """``(predictors, metadata)`` from :func:`save`'s file; with ``params``, checked against the model (``check``).
+
+  A missing, truncated or corrupt file, or one that is not a predictors file, is a one-line ``ConfigError``
+  naming it, as other unreadable input files are.
+  """
   if not os.path.isfile(path):
     raise ConfigError(f"no predictors file at {path}")
   try:
     with np.load(path) as f:
       meta = json.loads(bytes(f["__metadata__"]).decode())
       arrays = {k: f[k] for k in f.files if k != "__metadata__"}
-  except (OSError, ValueError, KeyError) as e:
-    raise ConfigError(f"{path} is not a predictors file ({e})") from None
-  if meta.get("format") != FORMAT:
-    raise ConfigError(f"{path} is not a predictors file (format {meta.get('format')!r})")
+  except KeyError:
+    raise ConfigError(f"{path} is not a predictors file (no metadata)") from None
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    # np.load of a cut or damaged .npz raises any of these (BadZipFile, "Read less bytes", a bad pickle header...).
+    raise ConfigError(f"cannot read predictors file {path}: not a predictors file, or truncated or corrupt "
+                      f"({type(e).__name__}: {one_line(e)})") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    found = meta.get("format") if isinstance(meta, dict) else meta
+    raise ConfigError(f"{path} is not a predictors file (format {found!r})")
   per_layer: Dict[str, Dict[str, Any]] = {}
+  stack = "decoder"
   for key, value in arrays.items():
-    stack, name, _, leaf = key.split("/")
+    parts = key.split("/")
+    if len(parts) != 4 or not parts[1].startswith("layers_") or not parts[1][len("layers_"):].isdigit():
+      raise ConfigError(f"{path} is not a predictors file (unexpected array {key!r})")
+    stack, name, _, leaf = parts
     per_layer.setdefault(name, {})[leaf] = jnp.asarray(value)
+  if not per_layer:
+    raise ConfigError(f"predictors file {path} holds no predictors")
   predictors = _tree(dict(sorted(per_layer.items(), key=lambda kv: int(kv[0].split("_")[1]))), stack)
   if params is not None:
     check(params, predictors)

@@ -11,11 +11,60 @@ Top-k models decode on the sparse path automatically at batch 1;
 ``--predictors=RUN/predictors/r32.npz --candidates=256`` decodes on the predicted-neuron
 path (``topk-train-predictors`` writes them; ``--candidates`` sets
 ``network.T5Config.decode_candidates``, which gin may also set).
+
+An input longer than the model's input length (``--input_length``; default the
+gin's ``TASK_FEATURE_LENGTHS['inputs']``, else 512) is cut to it, as T5X's
+feature lengths do, with one warning line saying how many tokens were dropped.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from topk_transformers.commands import common
+
+DEFAULT_INPUT_LENGTH = 512  # T5's pretraining inputs length, for gin files that set no TASK_FEATURE_LENGTHS
+
+
+def check_settings(args) -> None:
+  """The decoding numbers make sense: a ``ConfigError`` naming the flag otherwise, before anything is built."""
+  wrong = [(args.num_decodes < 1, f"--num_decodes={args.num_decodes}: it must be at least 1"),
+           (args.max_decode_length < 1, f"--max_decode_length={args.max_decode_length}: it must be at least 1"),
+           (not args.temperature >= 0, f"--temperature={args.temperature}: it must be >= 0 (0 is greedy)"),
+           (args.topk < 0, f"--topk={args.topk}: it must be >= 0 (0: all tokens)"),
+           (not 0 <= args.topp <= 1, f"--topp={args.topp}: it must lie in [0, 1] (0: off)"),
+           (args.input_length is not None and args.input_length < 1,
+            f"--input_length={args.input_length}: it must be at least 1"),
+           (args.candidates is not None and args.candidates < 1,
+            f"--candidates={args.candidates}: it must be at least 1")]
+  for bad, message in wrong:
+    if bad:
+      raise common.ConfigError(message)
+
+
+def check_utf8(texts: Sequence[str]) -> None:
+  """Each ``--input`` is UTF-8: the bytes of another encoding reach Python as lone surrogates (``surrogateescape``)."""
+  for n, text in enumerate(texts):
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:
+      offset = len(text[:e.start].encode("utf-8", "surrogateescape"))
+      char = text[e.start]
+      what = f"byte 0x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"character {char!r}"
+      raise common.ConfigError(f"--input number {n + 1} is not UTF-8 text: {what} at byte offset {offset}; "
+                               "convert it to UTF-8") from None
+
+
+def input_length(gin_utils) -> int:
+  """The model's input length: the gin's ``TASK_FEATURE_LENGTHS['inputs']`` if it sets one, else 512."""
+  lengths = gin_utils.get_macro("TASK_FEATURE_LENGTHS", default=None, evaluate=False)
+  try:
+    length = lengths["inputs"]
+  except (TypeError, KeyError, IndexError):
+    return DEFAULT_INPUT_LENGTH
+  if not isinstance(length, int) or length < 1:
+    raise common.ConfigError(f"TASK_FEATURE_LENGTHS['inputs'] = {length!r}: it must be a positive integer")
+  return length
 
 
 @common.command
@@ -37,11 +86,16 @@ def main(argv) -> int:
   p.add_argument("--topp", type=float, default=0.0, help="nucleus sampling mass (0: off)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--max_decode_length", type=int, default=64)
+  p.add_argument("--input_length", type=int, default=None,
+                 help="encoder tokens per input; longer inputs are cut (default: TASK_FEATURE_LENGTHS['inputs'], "
+                      f"else {DEFAULT_INPUT_LENGTH})")
   p.add_argument("--all_decodes", action="store_true", help="print every beam / sample, best first")
   p.add_argument("--json", default=None, help="also write the outputs here")
   p.add_argument("--predictors", default=None, help="predictors file (topk-train-predictors) for predicted decoding")
   p.add_argument("--candidates", type=int, default=None, help="candidate units per decoder MLP step with --predictors")
   args = p.parse_args(rest)
+  check_settings(args)
+  check_utf8(args.input)
   if args.candidates is not None:
     bindings = [*bindings, f"network.T5Config.decode_candidates = {args.candidates}"]
   texts = list(args.input)
@@ -52,15 +106,16 @@ def main(argv) -> int:
   gin_utils.configure(gin_files, bindings)
   model = gin_utils.get_macro("MODEL")  # its vocabulary gives the input shapes
   n = len(texts)
-  shapes = {"encoder_input_tokens": text.encode_texts(texts, model.input_vocabulary).shape,
-            "decoder_input_tokens": (n, args.max_decode_length)}
+  length = args.input_length or input_length(gin_utils)
+  inputs = text.encode_texts(texts, model.input_vocabulary, length)  # [n, <= length]: cut, with a warning
+  shapes = {"encoder_input_tokens": inputs.shape, "decoder_input_tokens": (n, args.max_decode_length)}
   run = runs.load_run(args.checkpoint, model=model, input_shapes=shapes)
   extra = {}
   if args.predictors:
     from topk_transformers import predictors  # pylint: disable=g-import-not-at-top
 
     extra["predictors"] = predictors.restore(args.predictors, run.params)[0]
-  out = text.decode_texts(run, texts, args.max_decode_length, all_decodes=args.all_decodes,
+  out = text.decode_texts(run, texts, args.max_decode_length, all_decodes=args.all_decodes, inputs=inputs,
                           decode_method=args.method, num_decodes=args.num_decodes, alpha=args.alpha,
                           temperature=args.temperature, topk=args.topk, topp=args.topp,
                           rng=jax.random.PRNGKey(args.seed), **extra)
