@@ -254,3 +254,75 @@ def test_resume_from_readable_passes_a_truncated_data_position_file(tmp_path, st
   resumed = _run(run, 16, resume_from_readable=True)  # step 15's state and data position, then one step
   assert_trees_equal(_params(straight[1]), _params(resumed))
   assert (run / "checkpoints_unreadable" / "data" / "16").is_dir()
+
+
+class _RandomBitsToy(ToyModel):
+  """The toy with parameters of random bits (finite): zstd stores them raw, so garbage written into their file reads
+  back as numbers, as bit-rot does (see test_checkpoints._flip_bytes)."""
+
+  def get_initial_variables(self, rng, input_shapes, input_types=None):
+    variables = super().get_initial_variables(rng, input_shapes, input_types)
+    leaves, treedef = jax.tree_util.tree_flatten(variables)
+    keys = jax.random.split(rng, len(leaves))
+    bits = [jax.random.bits(k, x.shape, np.uint32) & np.uint32(0xBFFFFFFF) for k, x in zip(keys, leaves)]  # |x| < 2
+    return jax.tree_util.tree_unflatten(treedef, [jax.lax.bitcast_convert_type(b, x.dtype) for b, x in
+                                                  zip(bits, leaves)])
+
+
+def test_resume_from_readable_passes_a_checkpoint_whose_array_file_was_damaged(tmp_path):
+  from test_checkpoints import _flip_bytes
+
+  run = tmp_path / "run"
+  # Learning rate 0 keeps the random bits as they are (raw on disk); Adam's moments still follow the data position.
+  frozen = lambda **kw: train.train(model=_RandomBitsToy(), dataset=ToyDataset(), model_dir=str(run), train_steps=16,
+                                    batch_size=32, optimizer=optax.adam, learning_rate=lambda s: 0.0, eval_period=0,
+                                    log_period=5, checkpoint_period=5, **kw)
+  straight = frozen()
+  _flip_bytes(run / "checkpoints" / "16" / "state", jax.device_get(straight.state.params["mlp"]["wi"]["kernel"]))
+  with pytest.raises(checkpoints.UnreadableCheckpointError, match=r"^checkpoint step 16 at .* cannot be read \(array "
+                     r"params/mlp/wi/kernel does not match its checksum"):
+    frozen()
+  resumed = frozen(resume_from_readable=True)  # step 15, then one step
+  assert_trees_equal(jax.device_get(straight.state), jax.device_get(resumed.state))
+  assert sorted(os.listdir(run / "checkpoints_unreadable")) == ["16", "data"]
+
+
+def test_the_nan_message_names_only_a_verified_checkpoint_as_the_last_good_one(tmp_path, straight):
+  run = _copy_of(straight, tmp_path)  # checkpoints 10, 15, 16 on disk
+  with pytest.raises(train.NonFiniteLossError, match=r"at step 16\b.*last good checkpoint is step 16 in"):
+    _run(run, 20, model=ToyModel(nan_at_step=16))  # resumed from 16, which verified
+  for step in (10, 15, 16):  # as written before checksums were recorded: restored unverified
+    shutil.rmtree(run / "checkpoints" / str(step) / "checksums")
+  with pytest.raises(train.NonFiniteLossError) as err:
+    _run(run, 20, model=ToyModel(nan_at_step=16), checkpoint_period=100)
+  assert str(err.value) == ("loss or gradients became NaN/inf at step 16; training stopped and no checkpoint is "
+                            f"verified: the newest, step 16 in {run}/checkpoints, has no checksums")
+
+
+def test_topk_train_after_a_second_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
+  from topk_transformers.commands import train as train_command
+
+  calls = {"n": 0}
+  original = partitioning.Partitioner.shard_batch
+
+  def shard_and_maybe_interrupt_twice(self, batch):
+    calls["n"] += 1
+    if calls["n"] == 3:
+      os.kill(os.getpid(), signal.SIGINT)
+      os.kill(os.getpid(), signal.SIGINT)
+    return original(self, batch)
+
+  monkeypatch.setattr(partitioning.Partitioner, "shard_batch", shard_and_maybe_interrupt_twice)
+  gin_file = tmp_path / "toy.gin"
+  gin_file.write_text(_TOY_GIN)
+  try:
+    status = train_command.main([f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+                                 "--gin.TRAIN_STEPS=16"])
+  finally:
+    import gin
+    gin.clear_config()
+  assert status == 130
+  err = capsys.readouterr().err
+  assert "Traceback" not in err
+  assert [line for line in err.splitlines() if line.startswith("error:")] == [
+      "error: interrupted (Ctrl-C) without writing a checkpoint; run the same command again to resume from the last one"]

@@ -316,6 +316,10 @@ def train(
     if bad >= 0:
       manager.wait_until_finished()  # an async save in flight is the last good checkpoint
       good = manager.last_verified_step()  # written by this run, or restored with its checksums matching
+      if good is None and manager.latest_step() is not None:
+        raise NonFiniteLossError(f"loss or gradients became NaN/inf at step {bad}; training stopped and no checkpoint "
+                                 f"is verified: the newest, step {manager.latest_step()} in {manager.directory}, "
+                                 "has no checksums")
       if good is None:
         raise NonFiniteLossError(f"loss or gradients became NaN/inf at step {bad}; training stopped and no "
                                  "checkpoint was written yet, so there is none to resume from")
