@@ -243,6 +243,35 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatc
   assert checkpoints.CheckpointManager(str(tmp_path / "run")).latest_step() is None
 
 
+def test_topk_train_after_a_second_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
+  from topk_transformers.commands import train as train_command
+
+  calls = {"n": 0}
+  original = partitioning.Partitioner.shard_batch
+
+  def shard_and_maybe_interrupt_twice(self, batch):
+    calls["n"] += 1
+    if calls["n"] == 3:
+      os.kill(os.getpid(), signal.SIGINT)
+      os.kill(os.getpid(), signal.SIGINT)
+    return original(self, batch)
+
+  monkeypatch.setattr(partitioning.Partitioner, "shard_batch", shard_and_maybe_interrupt_twice)
+  gin_file = tmp_path / "toy.gin"
+  gin_file.write_text(_TOY_GIN)
+  try:
+    status = train_command.main([f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+                                 "--gin.TRAIN_STEPS=16"])
+  finally:
+    import gin
+    gin.clear_config()
+  assert status == 130
+  err = capsys.readouterr().err
+  assert "Traceback" not in err
+  assert [line for line in err.splitlines() if line.startswith("error:")] == [
+      "error: interrupted (Ctrl-C) without writing a checkpoint; run the same command again to resume from the last one"]
+
+
 def test_resume_from_readable_passes_a_truncated_data_position_file(tmp_path, straight):
   run = _copy_of(straight, tmp_path)
   data_file = next((run / "checkpoints_data" / "16").glob("process_0.data-*"))
@@ -297,32 +326,3 @@ def test_the_nan_message_names_only_a_verified_checkpoint_as_the_last_good_one(t
     _run(run, 20, model=ToyModel(nan_at_step=16), checkpoint_period=100)
   assert str(err.value) == ("loss or gradients became NaN/inf at step 16; training stopped and no checkpoint is "
                             f"verified: the newest, step 16 in {run}/checkpoints, has no checksums")
-
-
-def test_topk_train_after_a_second_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
-  from topk_transformers.commands import train as train_command
-
-  calls = {"n": 0}
-  original = partitioning.Partitioner.shard_batch
-
-  def shard_and_maybe_interrupt_twice(self, batch):
-    calls["n"] += 1
-    if calls["n"] == 3:
-      os.kill(os.getpid(), signal.SIGINT)
-      os.kill(os.getpid(), signal.SIGINT)
-    return original(self, batch)
-
-  monkeypatch.setattr(partitioning.Partitioner, "shard_batch", shard_and_maybe_interrupt_twice)
-  gin_file = tmp_path / "toy.gin"
-  gin_file.write_text(_TOY_GIN)
-  try:
-    status = train_command.main([f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
-                                 "--gin.TRAIN_STEPS=16"])
-  finally:
-    import gin
-    gin.clear_config()
-  assert status == 130
-  err = capsys.readouterr().err
-  assert "Traceback" not in err
-  assert [line for line in err.splitlines() if line.startswith("error:")] == [
-      "error: interrupted (Ctrl-C) without writing a checkpoint; run the same command again to resume from the last one"]
