@@ -8,6 +8,7 @@ import os
 import re
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -326,3 +327,30 @@ def test_a_checkpoint_without_checksums_restores_unverified_with_one_log_line(tm
   assert "the data position of step 20 has no checksums (written before they were recorded): restored unverified" \
       in messages
   assert manager.last_verified_step() is None
+
+
+def test_decode_command_stops_on_a_damaged_checkpoint_with_one_line_and_exit_1(tmp_path, capsys):
+  from topk_transformers import gin_utils  # pylint: disable=g-import-not-at-top
+  from topk_transformers.commands import decode as decode_command  # pylint: disable=g-import-not-at-top
+
+  gin_file = tmp_path / "bytes.gin"  # the tiny T5 with a byte vocabulary: nothing to train or download
+  gin_file.write_text("from __gin__ import dynamic_registration\nimport seqio\n"
+                      "include 't5/t5_1_0/tiny.gin'\nVOCABULARY = @seqio.ByteVocabulary()\n")
+  flags = [f"--gin_file={gin_file}", "--gin.NUM_EMBEDDINGS=384", "--gin.TOP_K=32"]
+  gin_utils.configure(*gin_utils.parse_gin_flags(flags)[:2])
+  module = gin_utils.get_macro("MODEL").module
+  ones = jnp.ones((1, 4), jnp.int32)
+  params = nn.meta.unbox(module.init(jax.random.PRNGKey(0), ones, ones, ones, enable_dropout=False))["params"]
+  state = _incompressible({"params": params, "step": jnp.asarray(0)})
+  manager = checkpoints.CheckpointManager(str(tmp_path / "run"), async_save=False)
+  manager.save(5, state)
+  manager.close()
+  _flip_bytes(tmp_path / "run" / "checkpoints" / "5" / "state", _largest(state["params"]))
+  assert decode_command.main([*flags, f"--checkpoint={tmp_path / 'run'}", "--input", "hello",
+                              "--max_decode_length=4"]) == 1
+  gin.clear_config()
+  captured = capsys.readouterr()
+  lines = [line for line in captured.err.splitlines() if line.startswith("error:") or "Traceback" in line]
+  assert len(lines) == 1 and re.fullmatch(rf"error: checkpoint step 5 at {tmp_path}/run/checkpoints/5 cannot be read "
+                                          r"\(array params/\S+ does not match its checksum: .*\)", lines[0]), lines
+  assert "score" not in captured.out
