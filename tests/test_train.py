@@ -182,6 +182,13 @@ def test_a_fresh_launch_rejected_after_its_checkpoint_directory_was_made_leaves_
   with pytest.raises(train.ConfigError, match="no such evaluator"):
     _launch(tmp_path, tmp_path / "fresh", "TRAIN_STEPS = 3")
   assert not (tmp_path / "fresh").exists()
+  # A MODEL_DIR made beforehand (empty, or with the user's own files) stays as it was.
+  made = tmp_path / "made"
+  made.mkdir()
+  (made / "notes.txt").write_text("mine\n")
+  with pytest.raises(train.ConfigError, match="no such evaluator"):
+    _launch(tmp_path, made, "TRAIN_STEPS = 3")
+  assert _snapshot(made) == {"notes.txt": b"mine\n"}
 
 
 def test_topk_train_rejected_for_top_k_0_changes_nothing_in_model_dir(tmp_path, capsys):

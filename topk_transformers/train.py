@@ -379,20 +379,33 @@ def train_from_gin() -> TrainResult:
   """
   gin_utils.check_required_macros()
   model_dir = gin_utils.get_macro("MODEL_DIR")
-  fresh = not tf.io.gfile.exists(model_dir)
+  try:
+    before, listed = (_entries(model_dir) if tf.io.gfile.isdir(model_dir) else None), True
+  except (OSError, tf.errors.OpError):  # an unreadable MODEL_DIR: train() reports it; nothing to tidy after it
+    before, listed = None, False
   try:
     return gin.get_configurable(train)(config_text=gin.config_str())
   except BaseException:
-    # A fresh launch rejected after the checkpoint manager made its (empty) directories leaves none behind.
-    if fresh and jax.process_index() == 0:
-      _remove_if_no_files(model_dir)
+    # A launch rejected after the checkpoint manager made its (empty) directories leaves none of them behind;
+    # tidying never hides the error itself.
+    if listed and jax.process_index() == 0:
+      try:
+        _remove_new_empty_directories(model_dir, before)
+      except (OSError, tf.errors.OpError):
+        pass
     raise
 
 
-def _remove_if_no_files(directory: str) -> None:
-  """Removes ``directory`` if it holds only (empty) directories; anything written in it keeps it."""
-  if not tf.io.gfile.isdir(directory):
+def _entries(directory: str) -> set:
+  return {name.rstrip("/") for name in tf.io.gfile.listdir(directory)}
+
+
+def _remove_new_empty_directories(model_dir: str, before: Optional[set]) -> None:
+  """Removes what a failed launch made that holds no file: ``model_dir`` itself if it was new (``before`` is
+  ``None``), else its entries not in ``before``. Anything written keeps its directory."""
+  if not tf.io.gfile.isdir(model_dir):
     return
-  if any(files for _, _, files in tf.io.gfile.walk(directory)):
-    return
-  tf.io.gfile.rmtree(directory)
+  new = [model_dir] if before is None else [os.path.join(model_dir, n) for n in _entries(model_dir) - before]
+  for path in new:
+    if tf.io.gfile.isdir(path) and not any(files for _, _, files in tf.io.gfile.walk(path)):
+      tf.io.gfile.rmtree(path)
