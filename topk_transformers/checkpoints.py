@@ -19,12 +19,14 @@ step numbers do not collide with them.
 
 Every save records a checksum of each array (``checkpoints/<step>/checksums``,
 an orbax item committed with the arrays) and of each data-position file
-(``process_<i>.checksums.json`` beside them), and every restore verifies them:
-orbax and TensorStore check only the zarr3 shard index (crc32c), not the chunk
-data, so garbage inside an array file reads back as numbers. A mismatch, a
-missing data-position file or a non-finite float after a restore makes the
-step unreadable, with one line naming the step and the array. Checkpoints
-written before checksums existed restore unverified, with one log line.
+(``process_<i>.checksums.json`` beside them), and every restore verifies them.
+orbax 0.12 has no option that checks the array data (its zarr3 layout checksums
+only the shard index, its default zarr2 layout nothing), and zstd stores
+incompressible data raw: garbage inside an array file reads back as numbers.
+A mismatch, a missing or changed data-position file, or a non-finite float
+after a restore makes the step unreadable, with one line naming the step and
+the array. Checkpoints written before checksums existed restore unverified,
+with one log line.
 """
 
 from __future__ import annotations
