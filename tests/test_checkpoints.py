@@ -354,3 +354,38 @@ def test_decode_command_stops_on_a_damaged_checkpoint_with_one_line_and_exit_1(t
   assert len(lines) == 1 and re.fullmatch(rf"error: checkpoint step 5 at {tmp_path}/run/checkpoints/5 cannot be read "
                                           r"\(array params/\S+ does not match its checksum: .*\)", lines[0]), lines
   assert "score" not in captured.out
+
+
+_SHARDED = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from topk_transformers import checkpoints
+
+devices = np.array(jax.devices()).reshape(2, 2)
+mesh = Mesh(devices, ("data", "model"))
+x = jax.random.normal(jax.random.PRNGKey(0), (8, 16)).astype(jnp.bfloat16)
+state = {"w": jax.device_put(x, NamedSharding(mesh, P("data", "model"))), "b": jnp.arange(5, dtype=jnp.int32)}
+manager = checkpoints.CheckpointManager(sys.argv[1], async_save=False)
+manager.save(1, state)
+# Restored on another mesh: same checksums, so it verifies; one device: the same.
+other = {"w": NamedSharding(mesh, P("model", None)), "b": NamedSharding(mesh, P())}
+restored = manager.restore_latest(jax.eval_shape(lambda t: t, state), other)
+assert restored["w"].sharding.spec == P("model", None)
+one = jax.sharding.SingleDeviceSharding(jax.devices()[3])
+assert checkpoints.fingerprints(state) == checkpoints.fingerprints(jax.device_put(state, one))
+changed = dict(state, w=state["w"].at[3, 5].add(1))
+assert checkpoints.fingerprints(changed)["w"]["checksum"] != checkpoints.fingerprints(state)["w"]["checksum"]
+print("ok", manager.last_verified_step())
+"""
+
+
+def test_checksums_do_not_depend_on_the_sharding(tmp_path):
+  import subprocess
+  import sys
+
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _SHARDED, str(tmp_path / "run")], env=env, capture_output=True,
+                        text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split()[-2:] == ["ok", "1"]
