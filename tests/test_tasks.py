@@ -1,6 +1,11 @@
 """seqio Tasks (C4 through tfds mock data, local text), the cached SentencePiece vocabulary, the corpus."""
 
+import json
 import os
+import re
+import subprocess
+import sys
+import textwrap
 
 import gin
 import numpy as np
@@ -13,6 +18,8 @@ from topk_transformers.data import corpus
 from topk_transformers.data import span_corruption as sc
 from topk_transformers.data import tasks
 from topk_transformers.data import vocab
+from topk_transformers.gin_utils import ConfigError
+from test_vocab import MEMORY_PROBE, write_one_line
 
 WORDS = ("the of and to in is was for on that with as by at from his her it an are were which this be or "
          "river city king war music church school island language science water light green house").split()
@@ -228,6 +235,95 @@ def test_missing_local_files_are_one_line_errors(tmp_path, tiny_model):
                                         vocabulary_path=str(tmp_path / "no.model"))
   with pytest.raises(tasks.MissingDataError, match=r"SentencePiece model .*no\.model.* not found"):
     tasks.check_task_data(task)
+
+
+# ----------------------------------------------------------------------------- long lines
+
+
+def test_cut_long_lines_copies_only_files_that_need_it(tmp_path, tmp_cache):
+  short = tmp_path / "short.txt"
+  lines = write_docs(short, 20, seed=10)
+  assert corpus.cut_long_lines(str(short), max(map(len, lines))) == str(short), "no line too long: read in place"
+  long_line = " ".join(f"word{i}" for i in range(3000))  # 26 k characters
+  path = tmp_path / "long.txt"
+  path.write_text(f"{lines[0]}\n\n{long_line}\n{lines[1]}", encoding="utf-8")
+  copy = corpus.cut_long_lines(str(path), 1000)
+  assert copy != str(path) and copy.startswith(str(tmp_cache / "text"))
+  out = open(copy, encoding="utf-8").read().split("\n")
+  pieces = out[2:-2]
+  assert out[:2] == [lines[0], ""] and out[-2:] == [lines[1], ""], "shorter lines are copied unchanged"
+  assert all(990 <= len(p) <= 1000 for p in pieces[:-1]) and 0 < len(pieces[-1]) <= 1000, "cut at the last space"
+  assert " ".join(pieces) == long_line, "cut at spaces: no word is split"
+  stamp = os.stat(copy).st_mtime_ns
+  assert corpus.cut_long_lines(str(path), 1000) == copy and os.stat(copy).st_mtime_ns == stamp, "the copy is reused"
+  path.write_text(long_line, encoding="utf-8")
+  assert corpus.cut_long_lines(str(path), 1000) != copy, "a changed file gets a new copy"
+  assert not [f for f in os.listdir(tmp_cache / "text") if ".tmp-" in f]
+
+
+def test_a_long_line_is_read_as_documents_of_bounded_size(tmp_path, tiny_model):
+  lines = write_docs(tmp_path / "train.txt", 40, seed=11)
+  long_line = " ".join(lines)  # one document of ~4 k characters among the others
+  (tmp_path / "train.txt").write_text("\n".join(lines[:5] + [long_line] + lines[5:]) + "\n", encoding="utf-8")
+  task = tasks.register_local_text_task(name="test_long", train_files=str(tmp_path / "train.txt"),
+                                        vocabulary_path=tiny_model, max_document_chars=500)
+  v = task.output_features["targets"].vocabulary
+  lengths = {"inputs": 32, "targets": sc.random_spans_helper(32)[1]}
+  docs = []
+  for line in lines[:5] + [long_line] + lines[5:]:
+    docs += vocab.cut_at_spaces(line, 500)[0]
+  assert len(docs) > len(lines) + 5 and max(map(len, docs)) <= 500
+  examples = list(task.get_dataset(lengths, split="train", shuffle=False, seed=1).as_numpy_iterator())
+  assert stream_of(examples, v) == [t for doc in docs for t in v.encode(doc)]
+  with pytest.raises(ConfigError, match=r"^tasks.register_local_text_task.max_document_chars must be a positive "
+                                        r"integer, got 0"):  # gin adds its context below the line
+    tasks.register_local_text_task(name="test_long", train_files=str(tmp_path / "train.txt"),
+                                   vocabulary_path=tiny_model, max_document_chars=0)
+
+
+_READ_LONG_LINE = MEMORY_PROBE + textwrap.dedent("""
+    import json, sys, time
+    from topk_transformers.data import tasks
+    path, model = sys.argv[1], sys.argv[2]
+    task = tasks.register_local_text_task(name="long_line", train_files=path, vocabulary_path=model,
+                                          max_document_chars=10_000)
+    task.output_features["targets"].vocabulary.tokenizer  # the model loaded before measuring
+    limit_data(1 << 30)
+    base, start = reset_peak(), time.time()
+    ds = task.get_dataset({"inputs": 32, "targets": 8}, split="train", shuffle=False, seed=0)
+    examples = [e for _, e in zip(range(3), ds.as_numpy_iterator())]
+    print(json.dumps({"examples": len(examples), "s": time.time() - start, "rss": peak() - base}))
+""")
+
+
+def test_a_20_mb_line_is_read_in_bounded_memory(tmp_path, tmp_cache, tiny_model):
+  """The line used to be read and tokenised whole: 0.9 GB more for 5 MB, past 8 GB for 50 MB."""
+  path = tmp_path / "one_line.txt"
+  write_one_line(path, 20)
+  out = subprocess.run([sys.executable, "-c", _READ_LONG_LINE, str(path), tiny_model], capture_output=True,
+                       text=True, timeout=300, check=False, env=dict(os.environ))
+  assert out.returncode == 0, out.stderr[-2000:]
+  m = json.loads(out.stdout.strip().splitlines()[-1])
+  # Cutting the line into a copy is linear (about 1 s); then only 128 documents of 10 k characters are tokenised.
+  assert m["examples"] == 3 and m["s"] < 60 and m["rss"] < 200 << 20, m
+
+
+def test_a_vocabulary_error_is_one_line_before_tf_data(tmp_path, tmp_cache, capsys):
+  """Training the vocabulary inside tf.data's tracing buried its ConfigError in a StagingError traceback."""
+  path = tmp_path / "repetitive.txt"
+  path.write_text("word " * 200_000 + "\n", encoding="utf-8")
+  task = tasks.register_local_text_task(name="test_repetitive", train_files=str(path))
+  message = rf"^the text of {path} is too little for a vocabulary of 3996 pieces \(SentencePiece can give at most"
+  with pytest.raises(ConfigError, match=message) as err:
+    task.get_dataset({"inputs": 32, "targets": 8}, split="train", shuffle=False)
+  assert "\n" not in str(err.value)
+
+  from topk_transformers.commands import train as train_command  # pylint: disable=g-import-not-at-top
+  status = train_command.main(["--gin_file=t5/runs/cpu_smoke.gin", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+                               f"--gin.tasks.register_local_text_task.train_files=['{path}']"])
+  err = capsys.readouterr().err
+  assert status == 2 and "Traceback" not in err and "StagingError" not in err
+  assert re.match(r"error: " + message[1:], [line for line in err.splitlines() if line.strip()][-1])
 
 
 # ----------------------------------------------------------------------------- embedded corpus

@@ -11,11 +11,18 @@ case and punctuation (so SentencePiece learns real text), and writes one
 article per line to ``<cache>/corpus/<name>/{train,validation}.txt``.
 Every ``validation_every``-th article is held out for validation. Files are
 written atomically (temporary file + rename) and reused on later calls.
+
+:func:`cut_long_lines` gives a text file whose lines (documents) are at most a
+number of characters: the file itself when they are, else a cached copy in
+which each longer line is cut at spaces into lines of at most that many, read
+and written a block at a time. The local text Task reads that copy, so no
+document is ever held, tokenised or span-corrupted whole beyond that size.
 """
 
 from __future__ import annotations
 
 import bz2
+import hashlib
 import json
 import os
 import re
@@ -117,6 +124,47 @@ def text_stats(path: str) -> Dict[str, int]:
         chars += len(line)
         words += len(line.split())
   return {"documents": docs, "characters": chars, "words": words}
+
+
+def cut_long_lines(path: str, max_chars: int, cache_dir: str | None = None) -> str:
+  """``path`` if no line is longer than ``max_chars`` characters, else a copy with the longer lines cut.
+
+  A longer line becomes several lines of at most ``max_chars`` characters, each
+  cut at its last space (at ``max_chars`` if it has none); whitespace at a cut
+  is dropped, shorter lines are copied unchanged. The copy lives in
+  ``<cache_dir>/<hash of path, size, mtime and max_chars>-<name>`` (default
+  ``<vocab.cache_dir()>/text``), is written atomically and reused while the
+  file is unchanged. Time is linear in the file and memory bounded by about
+  ``2 * max_chars`` plus a read block, however long the lines.
+
+  ``path`` must have passed :func:`vocab.check_text_file` (which measures the
+  longest line in bytes, an upper bound on its characters).
+  """
+  if max_chars < 1:
+    raise ValueError(f"max_chars must be >= 1, got {max_chars!r}")
+  if vocab_lib.check_text_file(path) <= max_chars:
+    return path
+  stat = os.stat(path)
+  key = json.dumps([os.path.abspath(path), stat.st_size, stat.st_mtime_ns, max_chars])
+  out_dir = cache_dir or os.path.join(vocab_lib.cache_dir(), "text")
+  out = os.path.join(out_dir, f"{hashlib.sha256(key.encode()).hexdigest()[:16]}-{os.path.basename(path)}")
+  if os.path.exists(out):
+    return out
+  os.makedirs(out_dir, exist_ok=True)
+  tmp = f"{out}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    carry, written = "", False  # written: this line has given a line of the copy
+    for text, ends_line in vocab_lib.line_pieces(path):
+      pieces, carry = vocab_lib.cut_at_spaces(carry + text, max_chars, final=ends_line)
+      for piece in pieces:
+        f.write(piece + "\n")
+      written = written or bool(pieces)
+      if ends_line:
+        if not written:
+          f.write("\n")  # an empty line stays one
+        written = False
+  os.replace(tmp, out)
+  return out
 
 
 @gin.configurable

@@ -52,6 +52,9 @@ LOCAL_TEXT_TASK = "local_text_span_corruption"
 DEFAULT_C4_TFDS_NAME = "c4/en:3.1.0"
 # 3996 pieces + 100 extra ids = 4096 ids.
 DEFAULT_LOCAL_VOCAB_SIZE = 3996
+# Characters of one document (line) of a local text file: longer ones are cut into several. 256 Ki characters are
+# about T5's max_chunk_length of 65536 tokens, and more than the embedded corpus's longest article (93 k).
+DEFAULT_MAX_DOCUMENT_CHARS = 1 << 18
 
 Files = Union[str, Sequence[str]]
 
@@ -164,12 +167,26 @@ class LocalTextSource(seqio.TextLineDataSource):
 
   The mapping may be a callable (e.g. one that writes the embedded corpus):
   it is called the first time files are listed, not at construction.
+
+  A local file with a line longer than ``max_document_chars`` is read through
+  a copy with that line cut into several (:func:`corpus.cut_long_lines`), so
+  no document is held or tokenised whole past that size. ``vocabulary``, if it
+  is a :class:`vocab.TrainedSentencePieceVocabulary`, is trained (or found in
+  its cache) when a dataset is first asked for, before any tf.data pipeline is
+  built, so its errors are one line and not a tf.data traceback.
   """
 
   def __init__(self, split_to_files: Union[Mapping[str, Files], Callable[[], Mapping[str, Files]]],
-               splits: Sequence[str] = ("train", "validation"), task_name: str = LOCAL_TEXT_TASK):
+               splits: Sequence[str] = ("train", "validation"), task_name: str = LOCAL_TEXT_TASK,
+               max_document_chars: int = DEFAULT_MAX_DOCUMENT_CHARS,
+               vocabulary: Optional[seqio.Vocabulary] = None):
+    if not isinstance(max_document_chars, int) or max_document_chars < 1:
+      raise ConfigError(f"tasks.register_local_text_task.max_document_chars must be a positive integer, "
+                        f"got {max_document_chars!r}")
     self._files_fn = split_to_files if callable(split_to_files) else None
     self._task_name = task_name
+    self._max_document_chars = max_document_chars
+    self._vocabulary = vocabulary
     patterns = {s: () for s in splits} if self._files_fn else dict(split_to_files)
     super().__init__(patterns)
 
@@ -187,17 +204,29 @@ class LocalTextSource(seqio.TextLineDataSource):
           f"task {self._task_name!r}: no text file for split {split!r} (patterns: {patterns!r}); {bind}")
     if missing:
       raise MissingTextFilesError(f"task {self._task_name!r}: {split} file {missing[0]} does not exist; {bind}")
-    for path in files:
-      _check_file(path, f"{split} file")
-    return files
+    return [_check_file(path, f"{split} file", self._max_document_chars) for path in files]
+
+  def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, **kwargs):
+    self.list_shards(split)  # the files' own one-line errors come first
+    if isinstance(self._vocabulary, vocab_lib.TrainedSentencePieceVocabulary):
+      self._vocabulary.train_once()
+    return super().get_dataset(split=split, shuffle=shuffle, seed=seed, shard_info=shard_info, **kwargs)
 
 
-def _check_file(path: str, what: str) -> None:
-  """A local file must be non-empty UTF-8 (read once, see ``vocab.check_text_file``); a remote one non-empty."""
+def _check_file(path: str, what: str, max_document_chars: int) -> str:
+  """The file to read for ``path``.
+
+  A local file must be non-empty UTF-8 (read once, see ``vocab.check_text_file``); one with a line over
+  ``max_document_chars`` is read through a copy with its long lines cut (``corpus.cut_long_lines``). A remote
+  file must be non-empty and is read as it is.
+  """
   if "://" not in path:
-    vocab_lib.check_text_file(path, what)
-  elif tf.io.gfile.stat(path).length == 0:
+    if vocab_lib.check_text_file(path, what) > max_document_chars:
+      return corpus_lib.cut_long_lines(path, max_document_chars)
+    return path
+  if tf.io.gfile.stat(path).length == 0:
     raise ConfigError(f"{what} {path} is empty: it needs one document per line")
+  return path
 
 
 @seqio.map_over_dataset
@@ -226,7 +255,8 @@ def register_local_text_task(name: str = LOCAL_TEXT_TASK,
                              vocab_size: int = DEFAULT_LOCAL_VOCAB_SIZE,
                              extra_ids: int = vocab_lib.DEFAULT_EXTRA_IDS,
                              noise_density: float = 0.15,
-                             mean_noise_span_length: float = 3.0) -> seqio.Task:
+                             mean_noise_span_length: float = 3.0,
+                             max_document_chars: int = DEFAULT_MAX_DOCUMENT_CHARS) -> seqio.Task:
   """Registers (or replaces) a span-corruption Task over local text files and returns it.
 
   Args:
@@ -241,24 +271,29 @@ def register_local_text_task(name: str = LOCAL_TEXT_TASK,
       ``vocab_size + extra_ids`` ids; 3996 + 100 = 4096 by default).
     extra_ids: sentinel ids.
     noise_density, mean_noise_span_length: span corruption.
+    max_document_chars: a longer line of a local file is cut at spaces into
+      documents of at most this many characters (read through a cached copy),
+      so memory stays bounded whatever the line lengths. Span corruption cuts
+      documents into pieces of a few hundred tokens anyway; T5 would keep one
+      random 65536-token chunk of a longer document, this keeps all of it.
   """
   if train_files is None:
     if validation_files is not None:
       raise ValueError(f"validation_files={validation_files!r} needs train_files too")
-    source = LocalTextSource(_embedded_splits, task_name=name)
+    split_to_files = _embedded_splits
     train_for_vocab = _embedded_train_files
   else:
     split_to_files = {"train": _as_list(train_files)}
     if validation_files is not None:
       split_to_files["validation"] = _as_list(validation_files)
-    source = LocalTextSource(split_to_files, task_name=name)
-    patterns = split_to_files["train"]
-    train_for_vocab = functools.partial(seqio.utils.list_files, patterns)
+    train_for_vocab = functools.partial(seqio.utils.list_files, split_to_files["train"])
   if vocabulary_path:
     vocabulary = vocab_lib.get_vocabulary(vocabulary_path, extra_ids=extra_ids)
   else:
     vocabulary = vocab_lib.TrainedSentencePieceVocabulary(train_for_vocab, vocab_size=vocab_size,
                                                           name=name, extra_ids=extra_ids)
+  source = LocalTextSource(split_to_files, task_name=name, max_document_chars=max_document_chars,
+                           vocabulary=vocabulary)
   preprocessors = [_line_to_text, functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"})]
   preprocessors += span_corruption_preprocessors(noise_density, mean_noise_span_length)
   return _add_task(name, source, vocabulary, preprocessors)

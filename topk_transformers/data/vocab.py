@@ -17,7 +17,11 @@
 * :func:`check_text_file` rejects a training text file that is missing, empty
   (or only blank lines) or not UTF-8, with a one-line :class:`ConfigError`
   naming the file (and the offset of the first bad byte), before anything reads
-  it for training.
+  it for training. It returns the file's longest line in bytes.
+
+Every file is read in blocks (:func:`line_pieces`), never a whole line at once:
+training a vocabulary takes time linear in the files and bounded memory,
+however long their lines.
 
 The cache root is :func:`cache_dir`: a gin binding
 (``vocab.cache_dir.path = '...'``), else ``$TOPK_TRANSFORMERS_CACHE``, else
@@ -34,7 +38,7 @@ import logging
 import os
 import re
 import time
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import gin
 import seqio
@@ -53,19 +57,24 @@ class MissingTextFileError(ConfigError, FileNotFoundError):
   """A text file that does not exist: a configuration mistake, and a ``FileNotFoundError``."""
 
 
-# (path, size, mtime) of the local files check_text_file has accepted: each is read once per process.
-_accepted_files: set = set()
+# (path, size, mtime) of the local files check_text_file has accepted -> their longest line in bytes: each
+# file is read once per process.
+_accepted_files: dict = {}
 _READ_BLOCK = 1 << 20
 
 
-def check_text_file(path: str, what: str = "text file") -> None:
-  """Raises a one-line :class:`ConfigError` unless ``path`` holds some UTF-8 text.
+def check_text_file(path: str, what: str = "text file") -> int:
+  """Raises a one-line :class:`ConfigError` unless ``path`` holds some UTF-8 text; returns its longest line.
 
   Missing (:class:`MissingTextFileError`), empty or only whitespace, or not
   valid UTF-8 (the message gives the byte offset and line of the first bad
   byte). Reads the file once, in blocks; a file already accepted and not
   changed since is not read again. ``what`` names the file's role in the
   message, e.g. ``"train file"``.
+
+  Returns:
+    The length in bytes of the file's longest line (between ``\\n`` bytes), so a
+    reader can tell whether any line needs cutting.
   """
   path = os.fspath(path)
   try:
@@ -76,13 +85,14 @@ def check_text_file(path: str, what: str = "text file") -> None:
     raise ConfigError(f"{what} {path} is a directory, not a text file")
   key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
   if key in _accepted_files:
-    return
+    return _accepted_files[key]
   if stat.st_size == 0:
     raise ConfigError(f"{what} {path} is empty: it needs one document per line")
   carry = b""  # the start of a character cut by the block boundary
   offset = 0  # file offset of carry + block
   newlines = 0
   has_text = False
+  line, longest = 0, 0  # bytes of the current line so far; of the longest line ended
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(_READ_BLOCK), b""):
       data = carry + block
@@ -94,12 +104,18 @@ def check_text_file(path: str, what: str = "text file") -> None:
                           f"(line {line}); convert it to UTF-8, e.g. with iconv -f latin1 -t utf-8") from None
       has_text = has_text or bool(data.strip())
       newlines += block.count(b"\n")
+      lines = block.split(b"\n")
+      if len(lines) > 1:
+        longest = max(longest, line + len(lines[0]), max(map(len, lines[1:-1]), default=0))
+        line = 0
+      line += len(lines[-1])
       carry, offset = data[consumed:], offset + consumed
   if carry:
     raise ConfigError(f"{what} {path} is not UTF-8: it ends inside a character, at byte offset {offset}")
   if not has_text:
     raise ConfigError(f"{what} {path} has no text, only blank lines: it needs one document per line")
-  _accepted_files.add(key)
+  _accepted_files[key] = longest = max(longest, line)
+  return longest
 
 
 @gin.configurable
@@ -117,25 +133,85 @@ def get_vocabulary(path: str = DEFAULT_T5_VOCABULARY_PATH,
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_SPACES = re.compile(r"\s*")
+# Characters read at a time: a line is never held whole, whatever its length.
+_TEXT_BLOCK_CHARS = 1 << 20
 
 
-def _sentences(text_files: Sequence[str], max_chars: int) -> Iterator[str]:
+def line_pieces(path: str, block_chars: int = _TEXT_BLOCK_CHARS) -> Iterator[Tuple[str, bool]]:
+  """``(text, ends_line)`` pieces of the lines of a UTF-8 file, each at most ``block_chars`` long.
+
+  The file is read ``block_chars`` characters at a time (universal newlines, as
+  ``for line in f``), so memory stays bounded and time linear however long a
+  line is. ``text`` has no newline; ``ends_line`` is True on the last piece of
+  each line (the file's last line included, with or without a final newline).
+  """
+  pending = False  # a line has started and not ended
+  with open(path, encoding="utf-8") as f:
+    for block in iter(lambda: f.read(block_chars), ""):
+      start = 0
+      while True:
+        nl = block.find("\n", start)
+        if nl < 0:
+          if start < len(block):
+            yield block[start:], False
+            pending = True
+          break
+        yield block[start:nl], True
+        pending = False
+        start = nl + 1
+  if pending:
+    yield "", True
+
+
+def cut_at_spaces(text: str, max_chars: int, final: bool = True) -> Tuple[list, str]:
+  """Cuts ``text`` into pieces of at most ``max_chars``, each at its last space if it has one.
+
+  Returns ``(pieces, rest)``: with ``final`` the rest is empty (every piece is
+  returned); without, ``rest`` is the end whose cut depends on text that has
+  not come yet (at most ``max_chars`` characters and trailing whitespace). Leading whitespace after a
+  cut is dropped. Indexes into ``text`` rather than copying what remains, so the
+  time is linear in its length.
+  """
+  pieces, start, n = [], 0, len(text)
+  # Unfinished text: trailing whitespace may yet be stripped at the line's end, so it decides no cut.
+  known = n if final else len(text.rstrip())
+  while known - start > max_chars:
+    cut = text.rfind(" ", start, start + max_chars)
+    cut = cut if cut > start else start + max_chars
+    pieces.append(text[start:cut])
+    start = _SPACES.match(text, cut).end()
+  if final:
+    if start < n:
+      pieces.append(text[start:])
+    return pieces, ""
+  # Whitespace more than max_chars past the rest can end up in no piece (a cut skips it): keep the rest bounded.
+  return pieces, text[start:known + max_chars + 1]
+
+
+def _sentences(text_files: Sequence[str], max_chars: int,
+               block_chars: int = _TEXT_BLOCK_CHARS) -> Iterator[str]:
   """Sentences of one-document-per-line files, each at most ``max_chars`` long.
 
   SentencePiece silently skips training lines longer than its
-  ``max_sentence_length``; a Wikipedia article on one line would be lost whole.
+  ``max_sentence_length``; a Wikipedia article on one line would be lost whole,
+  so a longer sentence is cut at a space. The files are read in blocks of
+  ``block_chars`` (see :func:`line_pieces`): the time is linear in the file and
+  the memory bounded, whatever the line lengths. The sentences are those of
+  splitting each stripped line at the whitespace after ``.!?``.
   """
   for path in text_files:
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        for sentence in _SENTENCE_END.split(line.strip()):
-          while len(sentence) > max_chars:
-            cut = sentence.rfind(" ", 0, max_chars)
-            cut = cut if cut > 0 else max_chars
-            yield sentence[:cut]
-            sentence = sentence[cut:].lstrip()
-          if sentence:
-            yield sentence
+    carry = ""  # the unfinished sentence; it starts with a non-space (or is empty)
+    for text, ends_line in line_pieces(path, block_chars):
+      text = carry + text if carry else text.lstrip()
+      if ends_line:
+        text = text.rstrip()
+      sentences = _SENTENCE_END.split(text)
+      tail = "" if ends_line else sentences.pop()
+      for sentence in sentences:
+        yield from cut_at_spaces(sentence, max_chars)[0]
+      pieces, carry = cut_at_spaces(tail, max_chars, final=False)
+      yield from pieces
 
 
 def corpus_fingerprint(text_files: Sequence[str], settings: dict) -> str:
@@ -297,6 +373,12 @@ class TrainedSentencePieceVocabulary(seqio.SentencePieceVocabulary):
     files = list(self._text_files() if callable(self._text_files) else self._text_files)
     prefix = self._model_prefix or default_model_prefix(self._name, files, self._vocab_size_to_train)
     return train_sentencepiece(files, prefix, self._vocab_size_to_train, **self._train_kwargs)
+
+  def train_once(self) -> str:
+    """Trains the model if this vocabulary has not yet (see :meth:`train`); returns its path."""
+    if not self._sentencepiece_model_file:
+      self._sentencepiece_model_file = self.train()
+    return self._sentencepiece_model_file
 
   def _model_context(self):
     if not self._sentencepiece_model_file:
