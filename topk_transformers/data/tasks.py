@@ -52,9 +52,10 @@ LOCAL_TEXT_TASK = "local_text_span_corruption"
 DEFAULT_C4_TFDS_NAME = "c4/en:3.1.0"
 # 3996 pieces + 100 extra ids = 4096 ids.
 DEFAULT_LOCAL_VOCAB_SIZE = 3996
-# Characters of one document (line) of a local text file: longer ones are cut into several. 256 Ki characters are
-# about T5's max_chunk_length of 65536 tokens, and more than the embedded corpus's longest article (93 k).
-DEFAULT_MAX_DOCUMENT_CHARS = 1 << 18
+# Characters of one document (line) of a local text file: longer ones are cut into several. 128 Ki characters keep
+# the embedded corpus's longest article (93 k) whole; span corruption tokenises 128 documents at a time, so this
+# bounds its memory (a few hundred MB at most).
+DEFAULT_MAX_DOCUMENT_CHARS = 1 << 17
 
 Files = Union[str, Sequence[str]]
 
