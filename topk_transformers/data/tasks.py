@@ -30,7 +30,10 @@ says what is missing and how to get it; :func:`check_task_data` raises it
 before any training starts. A local text file that is missing, empty or not
 UTF-8 is a configuration mistake: a one-line ``ConfigError`` that names the file
 (and the offset of its first bad byte), raised when the files are first listed,
-before anything is read for training.
+before anything is read for training. A line of a local file longer than
+``max_document_chars`` is read as several documents (``corpus.cut_long_lines``),
+so memory is bounded whatever the line lengths; a trained vocabulary is trained
+before the tf.data pipeline is built, so its errors are one line too.
 """
 
 from __future__ import annotations
