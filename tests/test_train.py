@@ -333,3 +333,49 @@ def test_the_nan_message_names_only_a_verified_checkpoint_as_the_last_good_one(t
     _run(run, 20, model=ToyModel(nan_at_step=16), checkpoint_period=100)
   assert str(err.value) == ("loss or gradients became NaN/inf at step 16; training stopped and no checkpoint is "
                             f"verified: the newest, step 16 in {run}/checkpoints, has no checksums")
+
+
+# ---------------------------------------------------------------------------
+# A MODEL_DIR that cannot be used
+# ---------------------------------------------------------------------------
+
+
+def _topk_train_toy(tmp_path, model_dir, capsys):
+  """``topk-train`` on the toy gin file: (exit status, stderr)."""
+  from topk_transformers.commands import train as train_command
+
+  gin_file = tmp_path / "toy.gin"
+  gin_file.write_text(_TOY_GIN)
+  try:
+    status = train_command.main([f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=5"])
+  finally:
+    import gin
+    gin.clear_config()
+  return status, capsys.readouterr().err
+
+
+def test_topk_train_on_a_model_dir_that_is_a_file_is_one_line_and_exit_2(tmp_path, capsys):
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("mine\n")
+  for model_dir, message in ((a_file, f"MODEL_DIR {a_file} is a file, not a directory; name a directory"),
+                             (a_file / "run", f"MODEL_DIR {a_file}/run cannot be made: {a_file} is a file, not a "
+                                              "directory")):
+    status, err = _topk_train_toy(tmp_path, model_dir, capsys)
+    assert status == 2
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {message}"]
+  assert a_file.read_text() == "mine\n"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "toy.gin"]
+
+
+def test_topk_train_on_a_read_only_filesystem_is_one_line_and_exit_2(tmp_path, capsys):
+  import tmpfs
+
+  with tmpfs.mounted(tmp_path / "ro", "ro,size=1m") as ro:
+    for model_dir, message in ((ro, f"MODEL_DIR {ro} cannot be written: it is on a read-only filesystem"),
+                               (ro / "run", f"MODEL_DIR {ro}/run cannot be written: {ro} is on a read-only "
+                                            "filesystem")):
+      status, err = _topk_train_toy(tmp_path, model_dir, capsys)
+      assert status == 2
+      assert "Traceback" not in err
+      assert [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {message}"]

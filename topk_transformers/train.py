@@ -205,6 +205,7 @@ def train(
   """
   if train_steps < 0:
     raise ConfigError(f"train_steps must be >= 0, got train_steps={train_steps}")
+  check_model_dir(model_dir)
   partitioning.maybe_initialize_distributed(multi_host)
   partitioner = partitioner or partitioning.Partitioner()
   runs.check_batch_size(batch_size, partitioner)
@@ -368,6 +369,29 @@ def train(
   return TrainResult(state=state, train_metrics=train_metrics, eval_metrics=eval_metrics,
                      sparsity=eval_sparsity, preempted=preempted, log=train_log,
                      stop_signal=(preemption.signal_name or "SIGTERM") if preempted else None)
+
+
+def check_model_dir(model_dir: str) -> None:
+  """A local ``model_dir`` that is a file, lies under a file, or cannot be written (a read-only filesystem, no
+  permission) is a one-line ``ConfigError`` naming it, before anything is built or created.
+
+  ``os.access`` reports a read-only filesystem even to root, and writes nothing. Remote paths (``gs://``) are
+  left to the first write.
+  """
+  if "://" in model_dir:
+    return
+  path = os.path.abspath(model_dir)
+  existing = path
+  while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    if existing == path:
+      raise ConfigError(f"MODEL_DIR {model_dir} is a file, not a directory; name a directory")
+    raise ConfigError(f"MODEL_DIR {model_dir} cannot be made: {existing} is a file, not a directory")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    why = "is on a read-only filesystem" if read_only else "is not writable (permission denied)"
+    raise ConfigError(f"MODEL_DIR {model_dir} cannot be written: {'it' if existing == path else existing} {why}")
 
 
 def train_from_gin() -> TrainResult:
