@@ -389,3 +389,105 @@ def test_checksums_do_not_depend_on_the_sharding(tmp_path):
                         text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split()[-2:] == ["ok", "1"]
+
+
+# ---- the commands end with exactly one line when a checkpoint cannot be used
+
+_RUN_COMMAND = "import sys; from topk_transformers.commands.{0} import main; sys.exit(main())"
+
+
+@pytest.fixture(scope="module")
+def byte_run(tmp_path_factory):
+  """``(gin flags, run dir)``: a one-layer tiny T5 with a byte vocabulary, its params at step 3."""
+  from topk_transformers import gin_utils  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path_factory.mktemp("byte_run")
+  gin_file = root / "bytes.gin"
+  gin_file.write_text("from __gin__ import dynamic_registration\nimport seqio\ninclude 't5/t5_1_0/tiny.gin'\n"
+                      "VOCABULARY = @seqio.ByteVocabulary()\nTASK_FEATURE_LENGTHS = {'inputs': 16, 'targets': 8}\n")
+  flags = [f"--gin_file={gin_file}", "--gin.NUM_EMBEDDINGS=384", "--gin.TOP_K=32",
+           "--gin.network.T5Config.num_encoder_layers=1", "--gin.network.T5Config.num_decoder_layers=1"]
+  from topk_transformers import gin_utils  # pylint: disable=g-import-not-at-top,reimported
+  gin_utils.configure(*gin_utils.parse_gin_flags(flags)[:2])
+  module = gin_utils.get_macro("MODEL").module
+  ones = jnp.ones((1, 4), jnp.int32)
+  params = nn.meta.unbox(module.init(jax.random.PRNGKey(0), ones, ones, ones, enable_dropout=False))["params"]
+  manager = checkpoints.CheckpointManager(str(root / "run"), async_save=False)
+  manager.save(3, {"params": params, "step": 0})
+  manager.close()
+  gin.clear_config()
+  return flags, root / "run"
+
+
+def _remove_array_files(run):
+  for path in (run / "checkpoints" / "3" / "state").rglob("*"):
+    if path.is_file() and path.parent.name == "d":
+      path.unlink()
+
+
+@pytest.mark.parametrize("damage, flags, message", [
+    (None, ["--gin.network.T5Config.num_decoder_layers=2"],
+     r"\(a different model: missing parameter 'params/decoder/layers_1/\S+' \(13 missing, 0 unexpected\)\)"),
+    (None, ["--gin.network.T5Config.emb_dim=32"],
+     r"\(a different model: 'params/\S+' has shape \(64,\) there but \(32,\) in this model\)"),
+    (_remove_array_files, [],
+     r"\((metadata: )?ValueError: [A-Z_]+: Error .*\)"),  # TensorStore's own line: which file, what is wrong
+    (lambda run: (run / "checkpoints" / "3" / "state" / "_METADATA").unlink(), [],
+     r"\(no array metadata found: its files are missing or damaged\)"),
+], ids=["more_layers", "another_width", "array_files_removed", "metadata_removed"])
+def test_topk_decode_stderr_is_exactly_one_line_for_a_checkpoint_it_cannot_use(byte_run, tmp_path, damage, flags,
+                                                                                message):
+  """No traceback, no orbax warnings about its read-only manager, no TensorStore spec, no event-loop noise."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  base_flags, run = byte_run
+  copy = tmp_path / "run"
+  shutil.copytree(run, copy)
+  if damage:
+    damage(copy)
+  done = subprocess.run([sys.executable, "-c", _RUN_COMMAND.format("decode"), *base_flags, *flags,
+                         f"--checkpoint={copy}", "--input", "hello", "--max_decode_length=4"],
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 1, done.stderr[-3000:]
+  lines = done.stderr.splitlines()
+  assert len(lines) == 1, done.stderr[-3000:]
+  assert re.fullmatch(rf"error: cannot restore parameters from step 3 in {copy}/checkpoints {message}", lines[0]), lines
+  assert "TensorStore" not in lines[0]
+
+
+_NOISE = """
+import sys, threading
+from topk_transformers.commands import common
+
+class Closed:
+  def __del__(self):
+    raise RuntimeError("Event loop is closed")   # as TensorStore reports it, through PyErr_WriteUnraisable
+
+class Other:
+  def __del__(self):
+    raise RuntimeError("another problem")
+
+@common.command(tensorflow=False)
+def main(argv):
+  Closed()
+  sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)  # through PyErr_Print
+  worker = threading.Thread(target=lambda: (_ for _ in ()).throw(RuntimeError("Event loop is closed")))
+  worker.start(); worker.join()
+  Other()
+  raise common.CommandFailed("the checkpoint cannot be read")
+
+sys.exit(main([]))
+"""
+
+
+def test_closed_event_loop_errors_are_dropped_and_other_errors_kept(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  done = subprocess.run([sys.executable, "-c", _NOISE], capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode == 1
+  assert "Event loop is closed" not in done.stderr
+  assert "RuntimeError: another problem" in done.stderr  # every other error still reaches its hook
+  assert done.stderr.splitlines()[-1] == "error: the checkpoint cannot be read"

@@ -58,8 +58,16 @@ class UnreadableCheckpointError(CheckpointError):
     self.step, self.path = step, path
 
 
-def _first_line(e: BaseException, limit: int = 160) -> str:
+_SPEC_DUMP = "See full TensorStore details"
+
+
+def _first_line(e: BaseException, limit: int = 240) -> str:
+  """``Type: first line`` of an exception. orbax wraps TensorStore's error (its cause, which names the file
+  and what is wrong with it) in one that appends the whole TensorStore spec: the cause is named instead."""
+  if _SPEC_DUMP in str(e) and e.__cause__ is not None:
+    return _first_line(e.__cause__, limit)
   text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  text = text.split(_SPEC_DUMP)[0].strip().rstrip(".")
   text = text if len(text) <= limit else text[:limit - 3] + "..."
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
@@ -355,28 +363,12 @@ class CheckpointManager:
       meta = self._mngr.item_metadata(step)["state"]
     except Exception as e:  # pylint: disable=broad-except
       raise self._unreadable(step, f"metadata: {_first_line(e)}") from None
-    meta = getattr(meta, "tree", meta)
-    want = {_key_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-    have = {}
-    for p, x in jax.tree_util.tree_flatten_with_path(meta)[0]:
-      shape = getattr(x, "shape", None)
-      if shape is not None:
-        have[_key_str(p)] = tuple(shape)
-    if not have:  # e.g. its files were deleted: orbax finds no metadata, not another model
+    problem = _incompatibility(abstract_state, getattr(meta, "tree", meta))
+    if problem == _NO_METADATA:  # e.g. its files were deleted: orbax finds no metadata, not another model
       raise self._unreadable(step, "no array metadata found")
-    missing = sorted(set(want) - set(have))
-    extra = sorted(set(have) - set(want))
-    if missing or extra:
-      name = (missing or extra)[0]
-      raise CheckpointError(
-          f"checkpoint step {step} in {self.directory} is of a different model: "
-          f"{'missing' if missing else 'unexpected'} parameter {name!r} "
-          f"({len(missing)} missing, {len(extra)} unexpected); use another MODEL_DIR")
-    for name, shape in want.items():
-      if have[name] != shape:
-        raise CheckpointError(
-            f"checkpoint step {step} in {self.directory} is of a different model: {name!r} has shape "
-            f"{have[name]} there but {shape} in this model; use another MODEL_DIR")
+    if problem:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} is of a different model: {problem}; "
+                            "use another MODEL_DIR")
 
   def _restore_iterator(self, step: int, iterator) -> None:
     prefix = self._iterator_prefix(step)
@@ -423,6 +415,31 @@ class CheckpointManager:
     self._mngr.close()
 
 
+_NO_METADATA = "no array metadata found"
+
+
+def _incompatibility(abstract: Any, meta: Any) -> Optional[str]:
+  """What differs between a model's abstract tree and a checkpoint's metadata tree (``None``: nothing)."""
+  want = {_key_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  have = {}
+  for p, x in jax.tree_util.tree_flatten_with_path(meta)[0]:
+    shape = getattr(x, "shape", None)
+    if shape is not None:
+      have[_key_str(p)] = tuple(shape)
+  if not have:
+    return _NO_METADATA
+  missing = sorted(set(want) - set(have))
+  extra = sorted(set(have) - set(want))
+  if missing or extra:
+    name = (missing or extra)[0]
+    return (f"{'missing' if missing else 'unexpected'} parameter {name!r} "
+            f"({len(missing)} missing, {len(extra)} unexpected)")
+  for name, shape in want.items():
+    if have[name] != shape:
+      return f"{name!r} has shape {have[name]} there but {shape} in this model"
+  return None
+
+
 def locate(path: str) -> tuple:
   """``(checkpoints_dir, step)`` for a run directory (its latest step) or one step's directory."""
   path = path.rstrip("/")
@@ -448,20 +465,38 @@ def restore_params(path: str, abstract_params: Any, shardings: Any) -> tuple:
   ckpt_dir, step = locate(path)
   target = {"params": jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)}
-  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                                              CHECKSUMS: ocp.JsonCheckpointHandler()})
+  # orbax warns three times that a read-only manager is read-only.
+  with _orbax_logs(lambda record, failed: not failed and "read only" in record.getMessage().replace("_", " ")):
+    mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True),
+                                 item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                CHECKSUMS: ocp.JsonCheckpointHandler()})
   step_path = os.path.join(ckpt_dir, str(step))
-  items = {"state": ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                           partial_restore=True)}
-  has_checksums = tf.io.gfile.exists(os.path.join(step_path, CHECKSUMS))
-  if has_checksums:
-    items[CHECKSUMS] = ocp.args.JsonRestore()
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(**items))
-  except Exception as e:  # one line for the user, whatever orbax raised
-    raise CheckpointError(f"cannot restore parameters from step {step} in {ckpt_dir} ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    with _orbax_logs(lambda record, failed: failed):
+      try:
+        meta = mngr.item_metadata(step)["state"]
+        meta = getattr(meta, "tree", meta)
+      except Exception as e:  # pylint: disable=broad-except
+        raise CheckpointError(f"cannot restore parameters from step {step} in {ckpt_dir} (metadata: "
+                              f"{_first_line(e)})") from None
+      # partial_restore fills a parameter the checkpoint lacks with its abstract placeholder: check first.
+      problem = _incompatibility({"params": abstract_params}, {"params": (meta or {}).get("params", {})})
+      if problem == _NO_METADATA:
+        raise CheckpointError(f"cannot restore parameters from step {step} in {ckpt_dir} (no array metadata found: "
+                              "its files are missing or damaged)")
+      if problem:
+        raise CheckpointError(f"cannot restore parameters from step {step} in {ckpt_dir} (a different model: "
+                              f"{problem})")
+      items = {"state": ocp.args.PyTreeRestore(item=target,
+                                               restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                               partial_restore=True)}
+      has_checksums = tf.io.gfile.exists(os.path.join(step_path, CHECKSUMS))
+      if has_checksums:
+        items[CHECKSUMS] = ocp.args.JsonRestore()
+      try:
+        restored = mngr.restore(step, args=ocp.args.Composite(**items))
+      except Exception as e:  # one line for the user, whatever orbax raised
+        raise CheckpointError(f"cannot restore parameters from step {step} in {ckpt_dir} ({_first_line(e)})") from None
   finally:
     mngr.close()
   verify({"params": restored["state"]["params"]}, restored[CHECKSUMS] if has_checksums else None, step, step_path)

@@ -39,6 +39,7 @@ def command(main: Optional[Callable[..., Optional[int]]] = None, *, tensorflow: 
   def wrapper(argv: Optional[Sequence[str]] = None) -> int:
     if tensorflow:
       startup.quiet_start()
+    quiet_closed_event_loops()
     startup.setup_logging()
     # A missing data file (``data.tasks.MissingDataError``, gensim's corpus) is named in one line too.
     failures: Tuple[type, ...] = (CommandFailed, FileNotFoundError)
@@ -56,6 +57,50 @@ def command(main: Optional[Callable[..., Optional[int]]] = None, *, tensorflow: 
     return int(status or 0)
 
   return wrapper
+
+
+def _closed_event_loop(exc: Optional[BaseException]) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def quiet_closed_event_loops() -> None:
+  """Drops the ``RuntimeError: Event loop is closed`` tracebacks that follow a failed checkpoint read.
+
+  When one array of an orbax restore cannot be read, orbax's ``asyncio.gather`` stops and its event loop is
+  closed while TensorStore still completes the other reads; each completion then calls
+  ``loop.call_soon_threadsafe`` on the closed loop from TensorStore's threads, and TensorStore prints that error
+  (``PyErr_WriteUnraisable`` / ``PyErr_Print``) after the command's one ``error:`` line, even at exit. Nothing is
+  lost: the restore has already failed and been reported. Only that exact error is dropped (to the debug log);
+  every other exception reaches the previous hooks.
+  """
+  import logging  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+
+  if getattr(sys.unraisablehook, "_topk_quiet", False):
+    return
+  previous_unraisable, previous_except, previous_thread = sys.unraisablehook, sys.excepthook, threading.excepthook
+
+  def unraisable(args):
+    if _closed_event_loop(args.exc_value):
+      logging.debug("dropped after a failed checkpoint read: %s", args.exc_value)
+    else:
+      previous_unraisable(args)
+
+  def excepthook(exc_type, exc, tb):
+    if _closed_event_loop(exc):
+      logging.debug("dropped after a failed checkpoint read: %s", exc)
+    else:
+      previous_except(exc_type, exc, tb)
+
+  def thread_hook(args):
+    if _closed_event_loop(args.exc_value):
+      logging.debug("dropped after a failed checkpoint read: %s", args.exc_value)
+    else:
+      previous_thread(args)
+
+  for hook in (unraisable, excepthook, thread_hook):
+    hook._topk_quiet = True  # pylint: disable=protected-access
+  sys.unraisablehook, sys.excepthook, threading.excepthook = unraisable, excepthook, thread_hook
 
 
 class ArgumentParser(argparse.ArgumentParser):
