@@ -379,3 +379,39 @@ def test_topk_train_on_a_read_only_filesystem_is_one_line_and_exit_2(tmp_path, c
       assert status == 2
       assert "Traceback" not in err
       assert [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {message}"]
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch,
+                                                                                          straight):
+  """A real full disk (a 4 MiB tmpfs filled during step 7): the write of step 10 fails."""
+  import tmpfs
+
+  with tmpfs.mounted(tmp_path / "disk", "size=4m") as disk:
+    run = disk / "run"
+    _run(run, 5)
+    original = partitioning.Partitioner.shard_batch
+    calls = {"n": 0}
+
+    def shard_and_fill_the_disk(self, batch):
+      calls["n"] += 1
+      if calls["n"] == 2:
+        with open(disk / "filler", "wb", buffering=0) as f:
+          try:
+            while True:
+              f.write(b"\0" * 4096)
+          except OSError:
+            pass
+      return original(self, batch)
+
+    monkeypatch.setattr(partitioning.Partitioner, "shard_batch", shard_and_fill_the_disk)
+    with pytest.raises(checkpoints.CheckpointWriteError) as err:
+      _run(run, 12)
+    assert str(err.value) == (f"cannot write checkpoint step 10 in {run}/checkpoints (no space left on device); its "
+                              "temporary files are removed and the newest checkpoint, step 5, is kept; free space "
+                              "and run the same command again to resume")
+    assert sorted(os.listdir(run / "checkpoints")) == ["5"]
+    assert sorted(os.listdir(run / "checkpoints_data")) == ["5"]
+    (disk / "filler").unlink()
+    monkeypatch.setattr(partitioning.Partitioner, "shard_batch", original)
+    resumed = _run(run, 16)  # from the kept step 5, verified, to the straight run's parameters
+    assert_trees_equal(_params(straight[1]), _params(resumed))

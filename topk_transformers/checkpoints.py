@@ -32,10 +32,12 @@ with one log line.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import re
+import time
 import zlib
 from typing import Any, Callable, List, Optional
 
@@ -48,6 +50,10 @@ import tensorflow as tf
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used for this model (wrong shapes, unreadable files)."""
+
+
+class CheckpointWriteError(CheckpointError):
+  """A checkpoint that could not be written (a full disk, a read-only filesystem); its temporary files are removed."""
 
 
 class UnreadableCheckpointError(CheckpointError):
@@ -197,6 +203,37 @@ def _file_checksums(paths: List[str]) -> dict:
   return out
 
 
+class _DemoteBackgroundFailures(logging.Filter):
+  _ABOUT = ("background save thread", "Save Finalize thread", "save_finalize", "_SignalingThread.run() raised",
+            "Failed to write metadata")
+
+  def filter(self, record):
+    if record.levelno >= logging.ERROR and any(a in record.getMessage() for a in self._ABOUT):
+      logging.debug("orbax: %s", record.getMessage())
+      return False
+    return True
+
+
+class _DemoteAbandonedTasks(logging.Filter):
+  """asyncio's "Task exception was never retrieved" for the reads or writes orbax gave up on after the first one
+  failed (each with a traceback and a TensorStore spec): the failure is already reported in one line."""
+
+  def filter(self, record):
+    if "exception was never retrieved" in record.getMessage():
+      logging.debug("orbax: %s", record.getMessage().splitlines()[0])
+      return False
+    return True
+
+
+_ABANDONED_TASKS = _DemoteAbandonedTasks()
+
+
+def _quiet_abandoned_tasks() -> None:
+  logger = logging.getLogger("asyncio")
+  if _ABANDONED_TASKS not in logger.filters:
+    logger.addFilter(_ABANDONED_TASKS)
+
+
 class CheckpointManager:
   """Periodic, keep-N checkpoints of a train state and the data iterator."""
 
@@ -215,13 +252,19 @@ class CheckpointManager:
                                          item_handlers={"state": ocp.StandardCheckpointHandler(),
                                                         CHECKSUMS: ocp.JsonCheckpointHandler()})
     self._verified = set()  # steps this manager saved, or restored with every checksum matching
+    self._pending: Optional[int] = None  # the newest step saved, perhaps still being written asynchronously
+    # A failed asynchronous save is logged by orbax's background thread (with tracebacks) when it happens; it is
+    # reported once, as CheckpointWriteError's one line, at the next save or wait: those records go to DEBUG.
+    self._background_failures = _DemoteBackgroundFailures()
+    logging.getLogger("absl").addFilter(self._background_failures)
 
   def latest_step(self) -> Optional[int]:
     return self._mngr.latest_step()
 
   def wait_until_finished(self) -> None:
-    """Blocks until an asynchronous save has been written and finalised."""
-    self._mngr.wait_until_finished()
+    """Blocks until an asynchronous save has been written and finalised (a failed one: :class:`CheckpointWriteError`)."""
+    with self._writing(None):
+      self._mngr.wait_until_finished()
 
   def all_steps(self):
     return list(self._mngr.all_steps())
@@ -233,14 +276,83 @@ class CheckpointManager:
 
   # ---- save
   def save(self, step: int, state: Any, data_iterator: Any = None) -> None:
+    """Writes ``step``; a write that fails (here, or an asynchronous one that fails later and is found by the next
+    save, :meth:`wait_until_finished` or :meth:`close`) is a one-line :class:`CheckpointWriteError` naming the step,
+    after the failed step's temporary files are removed. The checkpoints written before it stay as they were."""
     arrays = {name: {k: v for k, v in f.items() if k != "finite"} for name, f in fingerprints(state).items()}
     checksums = {"format": _CHECKSUM_FORMAT, "step": int(step), "arrays": arrays}
-    self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                  **{CHECKSUMS: ocp.args.JsonSave(checksums)}), force=True)
-    self._verified.add(int(step))
-    if data_iterator is not None:
-      self._save_iterator(step, data_iterator)
-    self._prune_data(keep_also=step)
+    with self._writing(step):
+      self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    **{CHECKSUMS: ocp.args.JsonSave(checksums)}), force=True)
+      self._verified.add(int(step))
+      if data_iterator is not None:
+        self._save_iterator(step, data_iterator)
+      self._prune_data(keep_also=step)
+    self._pending = int(step)
+
+  @contextlib.contextmanager
+  def _writing(self, step: Optional[int]):
+    """Turns a failed write into :class:`CheckpointWriteError`: the step in flight (an asynchronous save still
+    being written) or ``step`` is removed from what is kept, with its temporary files."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  # orbax and TensorFlow raise many types
+      if isinstance(e, CheckpointError):
+        raise
+      failed = self._pending if self._pending is not None and self._pending not in self._committed() else step
+      self._pending = None
+      raise self._write_failed(failed, e) from None
+
+  def _committed(self) -> set:
+    return {int(n) for n in tf.io.gfile.listdir(self.directory) if n.rstrip("/").isdigit()
+            and tf.io.gfile.exists(os.path.join(self.directory, n.rstrip("/"), "commit_success.txt"))} \
+        if tf.io.gfile.isdir(self.directory) else set()
+
+  def _remove_failed(self, step: Optional[int]) -> bool:
+    """Removes orbax's temporary directories and ``step``'s uncommitted files; whether there were any."""
+    found = False
+    for name in tf.io.gfile.listdir(self.directory):
+      name = name.rstrip("/")
+      if ".orbax-checkpoint-tmp" in name or (name == str(step) and int(step) not in self._committed()):
+        tf.io.gfile.rmtree(os.path.join(self.directory, name))
+        found = True
+    if step is not None and int(step) not in self._committed():
+      data = os.path.join(self._data_dir, str(step))
+      if tf.io.gfile.exists(data):
+        tf.io.gfile.rmtree(data)
+        found = True
+    return found
+
+  def _write_failed(self, step: Optional[int], e: BaseException) -> "CheckpointWriteError":
+    _quiet_abandoned_tasks()
+    self._verified.discard(step)
+    removed = True
+    try:  # orbax's threads may still be writing the failed step: let them end before tidying
+      self._mngr.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except  # the same failure, already in hand
+      pass
+    try:
+      # TensorStore may still finish an open of the failed step after orbax has given up on it (the tasks orbax
+      # stopped waiting for), making its directory again: tidy until nothing is left twice in a row.
+      quiet = 0
+      for _ in range(50):
+        found = self._remove_failed(step)
+        quiet = 0 if found else quiet + 1
+        if quiet == 2:
+          break
+        time.sleep(0.1)
+      else:
+        removed = False
+      self._mngr.reload()
+    except Exception:  # pylint: disable=broad-except  # tidying never hides the error itself
+      removed = False
+    kept = sorted(self._committed() - {step})
+    why = "no space left on device" if _no_space(e) else _first_line(_root_cause(e))
+    return CheckpointWriteError(
+        f"cannot write checkpoint step {step} in {self.directory} ({why}); "
+        + ("its temporary files are removed" if removed else "its temporary files could not all be removed")
+        + (f" and the newest checkpoint, step {kept[-1]}, is kept" if kept else "; no earlier checkpoint exists")
+        + "; free space and run the same command again to resume")
 
   def _iterator_prefix(self, step: int) -> str:
     return os.path.join(self._data_dir, str(step), f"process_{jax.process_index()}")
@@ -250,6 +362,8 @@ class CheckpointManager:
     tf.io.gfile.makedirs(os.path.dirname(prefix))
     try:
       tf.train.Checkpoint(iterator=iterator).write(prefix)
+    except (tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError):
+      raise  # a full disk or a read-only one: the checkpoint is not written (CheckpointWriteError)
     except (tf.errors.OpError, TypeError, ValueError) as e:
       # Not checkpointable (e.g. a py_function in the pipeline): record the step; restore skips.
       logging.warning("data iterator is not checkpointable (%s); a restart will skip %d batches", e, step)
@@ -320,6 +434,7 @@ class CheckpointManager:
       try:
         restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # orbax raises many types; the user needs one line
+        _quiet_abandoned_tasks()
         raise self._unreadable(step, _first_line(e)) from None
     verify(restored["state"], restored[CHECKSUMS] if has_checksums else None, step, self.step_path(step))
     if data_iterator is not None:
@@ -411,8 +526,30 @@ class CheckpointManager:
         raise self._unreadable(step, f"its data position: {path} does not match its checksum")
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    try:
+      self.wait_until_finished()
+    finally:
+      self._mngr.close()
+      logging.getLogger("absl").removeFilter(self._background_failures)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+  seen = set()
+  while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return e
+
+
+def _no_space(e: BaseException) -> bool:
+  """Whether a full disk (or quota) is somewhere in the exception's chain."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 _NO_METADATA = "no array metadata found"
@@ -496,6 +633,7 @@ def restore_params(path: str, abstract_params: Any, shardings: Any) -> tuple:
       try:
         restored = mngr.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # one line for the user, whatever orbax raised
+        _quiet_abandoned_tasks()
         raise CheckpointError(f"cannot restore parameters from step {step} in {ckpt_dir} ({_first_line(e)})") from None
   finally:
     mngr.close()
