@@ -4,6 +4,7 @@ one-line errors for a checkpoint that is missing or of another model.
 Unreadable checkpoints (truncated files, ``skip_unreadable``) are exercised through the trainer in test_bad_inputs.py.
 """
 
+import json
 import os
 import re
 
@@ -491,3 +492,23 @@ def test_closed_event_loop_errors_are_dropped_and_other_errors_kept(tmp_path):
   assert "Event loop is closed" not in done.stderr
   assert "RuntimeError: another problem" in done.stderr  # every other error still reaches its hook
   assert done.stderr.splitlines()[-1] == "error: the checkpoint cannot be read"
+
+
+def test_a_converted_project_checkpoint_records_checksums_and_restores_verified(tmp_path, tiny_t5_config, caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+  from topk_transformers.t5 import convert  # pylint: disable=g-import-not-at-top
+
+  config = tiny_t5_config()
+  params = _incompressible({"params": tiny_state(network.Transformer(config))["params"]})["params"]
+  run = tmp_path / "converted"
+  convert.save_project(config, params, str(run))
+  recorded = json.loads((run / "checkpoints" / "0" / "checksums" / "metadata").read_text())
+  assert recorded["arrays"] == {name: {k: v for k, v in f.items() if k != "finite"}
+                                for name, f in checkpoints.fingerprints({"params": params}).items()}
+  with caplog.at_level(logging.INFO):
+    restored, step = checkpoints.restore_params(str(run), *on_one_device(params))
+  assert step == 0 and "checkpoint step 0: every restored array matches its checksum" in caplog.text
+  assert_trees_equal(jax.device_get(restored), jax.device_get(params))
+  _flip_bytes(run / "checkpoints" / "0" / "state", _largest(params))
+  with pytest.raises(checkpoints.UnreadableCheckpointError, match=r"array params/\S+ does not match its checksum"):
+    checkpoints.restore_params(str(run), *on_one_device(params))

@@ -578,15 +578,21 @@ def save_project(config: network.T5Config, params: Mapping[str, Any], path: str,
                  vocabulary: Optional[str] = None) -> str:
   """Writes a params-only project checkpoint: ``path/checkpoints/<step>/state`` and ``path/t5_config.json``."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from topk_transformers import checksums  # pylint: disable=g-import-not-at-top
 
   flat = {k: _float32(jax.device_get(v)) for k, v in flatten(params).items()}
   check_params(flat, config, "params")
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=True)
+  state = {"params": unflatten(flat)}
+  # The trainer's checksums item beside the arrays, so every restore of this checkpoint verifies it.
   with ocp.CheckpointManager(os.path.join(path, "checkpoints"),
                              options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
-                             item_handlers={"state": ocp.StandardCheckpointHandler()}) as mngr:
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": unflatten(flat)})), force=True)
+                             item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                            checksums.CHECKSUMS: ocp.JsonCheckpointHandler()}) as mngr:
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            **{checksums.CHECKSUMS: ocp.args.JsonSave(checksums.record(state, step))}),
+              force=True)
     mngr.wait_until_finished()
   with open(os.path.join(path, PROJECT_CONFIG), "w", encoding="utf-8") as f:
     json.dump(config_to_json(config), f, indent=2)
