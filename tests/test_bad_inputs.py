@@ -335,7 +335,15 @@ def test_decode_cuts_a_long_input_to_the_models_input_length_with_one_line(byte_
   long = "word " * 20_000  # 100 KB: 100,000 byte tokens
   rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   out = tmp_path / "out.json"
-  assert _decode(byte_run, "--input", long, "--input", "short", f"--json={out}") == 0
+  # The decode runs under a data limit 2 GiB above what this process maps now: an encoder that followed the input
+  # (100,000 tokens, attention logits of 10^10 entries per head) fails to allocate instead of taking the machine.
+  data_now = [int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmData:")][0]
+  soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+  resource.setrlimit(resource.RLIMIT_DATA, (data_now + (2 << 30), hard))
+  try:
+    assert _decode(byte_run, "--input", long, "--input", "short", f"--json={out}") == 0
+  finally:
+    resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
   assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 2 << 20  # KiB: under 2 GiB more
   assert seen == [(2, DECODE_INPUT_LENGTH)]  # the long input's 15 tokens and EOS; the short one padded to it
   err = capsys.readouterr().err
