@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from topk_transformers import checkpoints, gin_utils, runs, topk
 from topk_transformers.data import seqio_input
+import toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -239,26 +240,8 @@ def test_keep_checkpoints_prunes_old_steps_and_their_data_iterator_states(tmp_pa
 # topk-train's exit statuses, as a console script
 # ---------------------------------------------------------------------------
 
-_TOY_GIN = """
-from __gin__ import dynamic_registration
-import optax
-import toy
-from topk_transformers import train
-
-NAN_AT_STEP = None
-toy.ToyModel.nan_at_step = %NAN_AT_STEP
-train.train:
-  model = @toy.ToyModel()
-  dataset = @toy.ToyDataset()
-  model_dir = %MODEL_DIR
-  train_steps = %TRAIN_STEPS
-  batch_size = 32
-  optimizer = @optax.adam
-  learning_rate = @train.rsqrt_schedule()
-  eval_period = 0
-  log_period = 1
-  checkpoint_period = 2
-"""
+_TOY_GIN = toy.train_gin("NAN_AT_STEP = None\ntoy.ToyModel.nan_at_step = %NAN_AT_STEP",
+                         learning_rate="@train.rsqrt_schedule()", log_period="1", checkpoint_period="2")
 
 
 def _train_command():
@@ -279,16 +262,14 @@ def _errors(stderr):
 # run: each child calls topk-train's console-script entry point (read from the installed package's metadata) as
 # the generated script does, ``sys.exit(main())``, with its own stdout and stderr, and the parent reads its exit
 # status with waitpid. Nothing has run JAX or TensorFlow when it forks (imports only), so the children are clean.
-_EXIT_STATUS_DRIVER = textwrap.dedent(r"""
-    import importlib.metadata, json, os, signal, sys, tempfile, time, traceback
+# The drivers below share this prelude: the imports, and start / finish.
+_FORK_PRELUDE = textwrap.dedent(r"""
+    import importlib.metadata, json, os, re, signal, sys, tempfile, time, traceback
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     (entry,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "topk-train"]
     main = entry.load()
     import toy  # noqa: F401  the gin file's model and dataset
     from topk_transformers import checkpoints, gin_utils, train  # noqa: F401  imported here, run in the children
-
-    gin_file, run_dir, fresh = sys.argv[1:4]
-    base = ["topk-train", f"--gin_file={gin_file}"]
 
     def start(argv):
       sys.stdout.flush(); sys.stderr.flush()
@@ -315,6 +296,12 @@ _EXIT_STATUS_DRIVER = textwrap.dedent(r"""
       _, status = os.waitpid(pid, 0)
       err.seek(0)
       return dict(returncode=os.waitstatus_to_exitcode(status), stdout=stdout, stderr=err.read().decode())
+""")
+
+_EXIT_STATUS_DRIVER = _FORK_PRELUDE + textwrap.dedent(r"""
+    gin_file, run_dir, fresh = sys.argv[1:4]
+    base = ["topk-train", f"--gin_file={gin_file}"]
+
 
     def run(*extra):
       return finish(*start(base + [f"--gin.MODEL_DIR='{run_dir}'", *extra]))
@@ -342,17 +329,22 @@ _EXIT_STATUS_DRIVER = textwrap.dedent(r"""
 """)
 
 
-@pytest.mark.slow
-def test_train_command_exit_statuses_in_a_subprocess(tmp_path):
+def _run_driver(tmp_path, driver, *dirs):
+  """Runs a driver script over the toy gin file and the run directories ``dirs``; its ``RESULT`` dict."""
   _train_command()  # the console script is installed
   gin_file = tmp_path / "toy.gin"
   gin_file.write_text(_TOY_GIN)
-  run_dir, fresh = tmp_path / "run", tmp_path / "fresh"
-  proc = subprocess.run([sys.executable, "-c", _EXIT_STATUS_DRIVER, str(gin_file), str(run_dir), str(fresh)],
+  proc = subprocess.run([sys.executable, "-c", driver, str(gin_file), *map(str, dirs)],
                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
   lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
   assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-  r = json.loads(lines[-1][len("RESULT "):])
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_train_command_exit_statuses_in_a_subprocess(tmp_path):
+  run_dir, fresh = tmp_path / "run", tmp_path / "fresh"
+  r = _run_driver(tmp_path, _EXIT_STATUS_DRIVER, run_dir, fresh)
 
   # A configuration mistake: 2, one line, no traceback.
   assert r["config"]["returncode"] == 2, r["config"]["stderr"][-2000:]
@@ -379,43 +371,11 @@ def test_train_command_exit_statuses_in_a_subprocess(tmp_path):
 # Ctrl-C: like SIGTERM, a checkpoint at the next step, then 130; the same command resumes
 # ---------------------------------------------------------------------------
 
-_SIGINT_DRIVER = textwrap.dedent(r"""
-    import importlib.metadata, json, os, re, signal, sys, tempfile, time, traceback
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    (entry,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "topk-train"]
-    main = entry.load()
-    import toy  # noqa: F401  the gin file's model and dataset
-    from topk_transformers import checkpoints, gin_utils, train  # noqa: F401  imported here, run in the children
-
+_SIGINT_DRIVER = _FORK_PRELUDE + textwrap.dedent(r"""
     gin_file, run_dir = sys.argv[1:3]
     base = ["topk-train", f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{run_dir}'",
             "--gin.train.train.checkpoint_period=100000"]
 
-    def start(argv):
-      sys.stdout.flush(); sys.stderr.flush()
-      out_r, out_w = os.pipe()
-      err = tempfile.TemporaryFile()
-      pid = os.fork()
-      if pid == 0:  # the child: the console script
-        os.close(out_r)
-        os.dup2(out_w, 1); os.dup2(err.fileno(), 2)
-        sys.argv = list(argv)
-        try:
-          code = main()
-        except SystemExit as e:
-          code = e.code
-        except BaseException:  # as the interpreter would: a traceback, status 1
-          traceback.print_exc(); code = 1
-        sys.stdout.flush(); sys.stderr.flush()
-        os._exit(code if isinstance(code, int) else (0 if code is None else 1))
-      os.close(out_w)
-      return pid, os.fdopen(out_r), err
-
-    def finish(pid, out, err, stdout=""):
-      stdout += out.read()
-      _, status = os.waitpid(pid, 0)
-      err.seek(0)
-      return dict(returncode=os.waitstatus_to_exitcode(status), stdout=stdout, stderr=err.read().decode())
 
     results = {}
     # Ctrl-C (SIGINT) once a progress line past step 1 is out ("step N/100000 | loss ...").
@@ -438,15 +398,8 @@ _SIGINT_DRIVER = textwrap.dedent(r"""
 
 @pytest.mark.slow
 def test_train_command_ctrl_c_writes_a_checkpoint_exits_130_and_resumes(tmp_path):
-  _train_command()  # the console script is installed
-  gin_file = tmp_path / "toy.gin"
-  gin_file.write_text(_TOY_GIN)
   run_dir = tmp_path / "run"
-  proc = subprocess.run([sys.executable, "-c", _SIGINT_DRIVER, str(gin_file), str(run_dir)],
-                        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
-  lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-  assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-  r = json.loads(lines[-1][len("RESULT "):])
+  r = _run_driver(tmp_path, _SIGINT_DRIVER, run_dir)
 
   sigint = r["sigint"]
   assert sigint["returncode"] == 130, sigint["stderr"][-2000:]

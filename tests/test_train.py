@@ -11,6 +11,7 @@ import pytest
 
 from topk_transformers import checkpoints, partitioning, train
 from conftest import assert_trees_equal
+import toy
 from toy import ToyDataset, ToyModel, ToyNet
 
 
@@ -40,17 +41,25 @@ def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path, straight):
   assert straight[1].train_metrics["accuracy"] > 0.8
 
 
-def test_sigterm_writes_checkpoint_and_restart_continues(tmp_path, monkeypatch, straight):
+def _signal_at_batch(monkeypatch, signum, batch_number=4, times=1):
+  """Sends this process ``signum`` (``times`` times) as the trainer shards its ``batch_number``-th batch; returns the
+  unpatched method."""
   calls = {"n": 0}
   original = partitioning.Partitioner.shard_batch
 
-  def shard_and_maybe_preempt(self, batch):
+  def shard_and_maybe_signal(self, batch):
     calls["n"] += 1
-    if calls["n"] == 4:
-      os.kill(os.getpid(), signal.SIGTERM)
+    if calls["n"] == batch_number:
+      for _ in range(times):
+        os.kill(os.getpid(), signum)
     return original(self, batch)
 
-  monkeypatch.setattr(partitioning.Partitioner, "shard_batch", shard_and_maybe_preempt)
+  monkeypatch.setattr(partitioning.Partitioner, "shard_batch", shard_and_maybe_signal)
+  return original
+
+
+def test_sigterm_writes_checkpoint_and_restart_continues(tmp_path, monkeypatch, straight):
+  original = _signal_at_batch(monkeypatch, signal.SIGTERM)
   result = _run(tmp_path / "run", 16, checkpoint_period=100)
   assert result.preempted and int(result.state.step) == 4
   assert checkpoints.CheckpointManager(str(tmp_path / "run")).latest_step() == 4
@@ -119,26 +128,8 @@ def test_train_command_turns_a_bad_top_k_into_one_line_and_exit_2(tmp_path, caps
 # A rejected launch writes nothing
 # ---------------------------------------------------------------------------
 
-_TOY_GIN = """
-from __gin__ import dynamic_registration
-import optax
-import toy
-from topk_transformers import train
-
-HIDDEN = 64
-toy.ToyNet.hidden = %HIDDEN
-toy.ToyModel.module = @toy.ToyNet()
-train.train:
-  model = @toy.ToyModel()
-  dataset = @toy.ToyDataset()
-  model_dir = %MODEL_DIR
-  train_steps = %TRAIN_STEPS
-  batch_size = 32
-  optimizer = @optax.adam
-  eval_period = 0
-  log_period = 5
-  checkpoint_period = 5
-"""
+_TOY_GIN = toy.train_gin("HIDDEN = 64\ntoy.ToyNet.hidden = %HIDDEN\ntoy.ToyModel.module = @toy.ToyNet()",
+                         log_period="5", checkpoint_period="5")
 
 
 def _launch(tmp_path, model_dir, *bindings):
@@ -212,16 +203,7 @@ def test_topk_train_rejected_for_top_k_0_changes_nothing_in_model_dir(tmp_path, 
 
 
 def test_ctrl_c_writes_checkpoint_like_sigterm_and_restart_continues(tmp_path, monkeypatch, straight):
-  calls = {"n": 0}
-  original = partitioning.Partitioner.shard_batch
-
-  def shard_and_maybe_interrupt(self, batch):
-    calls["n"] += 1
-    if calls["n"] == 4:
-      os.kill(os.getpid(), signal.SIGINT)
-    return original(self, batch)
-
-  monkeypatch.setattr(partitioning.Partitioner, "shard_batch", shard_and_maybe_interrupt)
+  original = _signal_at_batch(monkeypatch, signal.SIGINT)
   result = _run(tmp_path / "run", 16, checkpoint_period=100)
   assert result.preempted and result.stop_signal == "SIGINT" and int(result.state.step) == 4
   assert checkpoints.CheckpointManager(str(tmp_path / "run")).latest_step() == 4
@@ -232,17 +214,7 @@ def test_ctrl_c_writes_checkpoint_like_sigterm_and_restart_continues(tmp_path, m
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatch):
-  calls = {"n": 0}
-  original = partitioning.Partitioner.shard_batch
-
-  def shard_and_maybe_interrupt_twice(self, batch):
-    calls["n"] += 1
-    if calls["n"] == 4:
-      os.kill(os.getpid(), signal.SIGINT)
-      os.kill(os.getpid(), signal.SIGINT)
-    return original(self, batch)
-
-  monkeypatch.setattr(partitioning.Partitioner, "shard_batch", shard_and_maybe_interrupt_twice)
+  _signal_at_batch(monkeypatch, signal.SIGINT, times=2)
   previous = signal.getsignal(signal.SIGINT)
   with pytest.raises(KeyboardInterrupt):
     _run(tmp_path / "run", 16, checkpoint_period=100)
@@ -253,17 +225,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatc
 def test_topk_train_after_a_second_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
   from topk_transformers.commands import train as train_command
 
-  calls = {"n": 0}
-  original = partitioning.Partitioner.shard_batch
-
-  def shard_and_maybe_interrupt_twice(self, batch):
-    calls["n"] += 1
-    if calls["n"] == 3:
-      os.kill(os.getpid(), signal.SIGINT)
-      os.kill(os.getpid(), signal.SIGINT)
-    return original(self, batch)
-
-  monkeypatch.setattr(partitioning.Partitioner, "shard_batch", shard_and_maybe_interrupt_twice)
+  _signal_at_batch(monkeypatch, signal.SIGINT, batch_number=3, times=2)
   gin_file = tmp_path / "toy.gin"
   gin_file.write_text(_TOY_GIN)
   try:
@@ -354,16 +316,21 @@ def _topk_train_toy(tmp_path, model_dir, capsys):
   return status, capsys.readouterr().err
 
 
+def _assert_config_error(tmp_path, model_dir, message, capsys):
+  """``topk-train`` on ``model_dir`` exits 2 with exactly ``error: message`` and no traceback."""
+  status, err = _topk_train_toy(tmp_path, model_dir, capsys)
+  assert status == 2
+  assert "Traceback" not in err
+  assert [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {message}"]
+
+
 def test_topk_train_on_a_model_dir_that_is_a_file_is_one_line_and_exit_2(tmp_path, capsys):
   a_file = tmp_path / "notes.txt"
   a_file.write_text("mine\n")
   for model_dir, message in ((a_file, f"MODEL_DIR {a_file} is a file, not a directory; name a directory"),
                              (a_file / "run", f"MODEL_DIR {a_file}/run cannot be made: {a_file} is a file, not a "
                                               "directory")):
-    status, err = _topk_train_toy(tmp_path, model_dir, capsys)
-    assert status == 2
-    assert "Traceback" not in err
-    assert [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {message}"]
+    _assert_config_error(tmp_path, model_dir, message, capsys)
   assert a_file.read_text() == "mine\n"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "toy.gin"]
 
@@ -375,10 +342,7 @@ def test_topk_train_on_a_read_only_filesystem_is_one_line_and_exit_2(tmp_path, c
     for model_dir, message in ((ro, f"MODEL_DIR {ro} cannot be written: it is on a read-only filesystem"),
                                (ro / "run", f"MODEL_DIR {ro}/run cannot be written: {ro} is on a read-only "
                                             "filesystem")):
-      status, err = _topk_train_toy(tmp_path, model_dir, capsys)
-      assert status == 2
-      assert "Traceback" not in err
-      assert [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {message}"]
+      _assert_config_error(tmp_path, model_dir, message, capsys)
 
 
 def test_a_full_disk_while_a_checkpoint_is_written_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch,

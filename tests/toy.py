@@ -114,3 +114,14 @@ class ReverseCopyDataset:
     if repeat:
       ds = ds.repeat()
     return ds.batch(batch_size, drop_remainder=repeat)
+
+
+def train_gin(model_bindings: str, **train_settings: str) -> str:
+  """A gin file that trains the toy model: ``model_bindings``, then ``train.train`` with ``train_settings`` (gin
+  values as text) over the settings every toy run shares."""
+  settings = dict(model="@toy.ToyModel()", dataset="@toy.ToyDataset()", model_dir="%MODEL_DIR",
+                  train_steps="%TRAIN_STEPS", batch_size="32", optimizer="@optax.adam", eval_period="0")
+  settings.update(train_settings)
+  body = "\n".join(f"  {name} = {value}" for name, value in settings.items())
+  return ("from __gin__ import dynamic_registration\nimport optax\nimport toy\nfrom topk_transformers import train\n\n"
+          f"{model_bindings}\ntrain.train:\n{body}\n")
