@@ -296,6 +296,17 @@ _FORK_PRELUDE = textwrap.dedent(r"""
       _, status = os.waitpid(pid, 0)
       err.seek(0)
       return dict(returncode=os.waitstatus_to_exitcode(status), stdout=stdout, stderr=err.read().decode())
+
+    def signal_past_step_1(argv, signum):
+      # Starts argv, sends signum once a progress line past step 1 is out ("step N/... | loss ..."), finishes.
+      pid, out, err = start(argv)
+      seen, deadline = "", time.time() + 300
+      for line in out:
+        seen += line
+        if line.startswith("step ") and not line.startswith("step 1/") or time.time() > deadline:
+          break
+      os.kill(pid, signum)
+      return finish(pid, out, err, seen)
 """)
 
 _EXIT_STATUS_DRIVER = _FORK_PRELUDE + textwrap.dedent(r"""
@@ -316,15 +327,8 @@ _EXIT_STATUS_DRIVER = _FORK_PRELUDE + textwrap.dedent(r"""
           f.truncate(os.path.getsize(os.path.join(root, name)) // 2)
     results["unreadable"] = run("--gin.TRAIN_STEPS=10")
     # SIGTERM once a progress line past step 1 is out ("step N/100000 | loss ...").
-    pid, out, err = start(base + [f"--gin.MODEL_DIR='{fresh}'", "--gin.TRAIN_STEPS=100000",
-                                  "--gin.train.train.checkpoint_period=100000"])
-    seen, deadline = "", time.time() + 300
-    for line in out:
-      seen += line
-      if line.startswith("step ") and not line.startswith("step 1/") or time.time() > deadline:
-        break
-    os.kill(pid, signal.SIGTERM)
-    results["sigterm"] = finish(pid, out, err, seen)
+    results["sigterm"] = signal_past_step_1(base + [f"--gin.MODEL_DIR='{fresh}'", "--gin.TRAIN_STEPS=100000",
+                                                    "--gin.train.train.checkpoint_period=100000"], signal.SIGTERM)
     print("RESULT " + json.dumps(results))
 """)
 
@@ -379,14 +383,7 @@ _SIGINT_DRIVER = _FORK_PRELUDE + textwrap.dedent(r"""
 
     results = {}
     # Ctrl-C (SIGINT) once a progress line past step 1 is out ("step N/100000 | loss ...").
-    pid, out, err = start(base + ["--gin.TRAIN_STEPS=100000"])
-    seen, deadline = "", time.time() + 300
-    for line in out:
-      seen += line
-      if line.startswith("step ") and not line.startswith("step 1/") or time.time() > deadline:
-        break
-    os.kill(pid, signal.SIGINT)
-    results["sigint"] = finish(pid, out, err, seen)
+    results["sigint"] = signal_past_step_1(base + ["--gin.TRAIN_STEPS=100000"], signal.SIGINT)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     results["steps"] = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) if os.path.isdir(ckpt_dir) else []
     stopped = re.search(r"stopped by SIGINT at step (\d+)", results["sigint"]["stderr"])
