@@ -84,6 +84,40 @@ def test_histogram_sums_to_neurons_and_fire_counts_to_nonzero_count(runs):
   assert counts.tolist() == [2, 0, 1, 2] and edges.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
+def test_firing_shares_on_hand_built_frequencies_with_the_10pct_boundary_excluded():
+  tokens = 20
+  fires = np.array([0, 0, 1, 2, 3, 20, 1, 0])  # 2/20 is exactly 10%: not "fewer than 10%"
+  freq = fires / tokens
+  assert sparsity_report.fraction_firing_below(freq) == 5 / 8  # three 0s and two 1/20s (never-firing included)
+  assert sparsity_report.fraction_never_firing(freq) == 3 / 8
+  # float32 frequencies, as a device might give them: exactly 10% stays out, just under is in.
+  f32 = np.array([100, 99, 0, 101], np.float32) / np.float32(1000)
+  assert sparsity_report.fraction_firing_below(f32) == 2 / 4
+  assert sparsity_report.fraction_firing_below(np.array([0.1, 0.0999999, 0.2])) == 1 / 3
+  summary = sparsity_report.firing_summary(freq)
+  assert summary["fraction_firing_below_10pct"] == 5 / 8 and summary["fraction_never_firing"] == 3 / 8
+  # The default 20-bin histogram's first two bins are exactly the units below 10%.
+  assert sum(summary["histogram"][:2]) / summary["num_neurons"] == summary["fraction_firing_below_10pct"]
+  assert sparsity_report.fraction_firing_below(np.ones(5)) == 0.0
+  assert sparsity_report.fraction_never_firing(np.zeros(5)) == 1.0
+  for bad in (np.array([]), np.zeros((2, 3))):
+    with pytest.raises(ValueError, match="non-empty"):
+      sparsity_report.fraction_firing_below(bad)
+
+
+def test_measurement_reports_the_firing_shares_per_layer_and_in_its_table(runs):
+  m = sparsity_report.measure(runs["trained"], "validation", eval_steps=3)
+  fires, tokens = _direct_toy_counts(runs["trained"].params, 3)
+  below, never = np.mean(fires * 10 < tokens), np.mean(fires == 0)  # counted in integers
+  summary = m.summary()
+  assert summary["fraction_firing_below_10pct"] == {"mlp": pytest.approx(below, abs=0)}
+  assert summary["fraction_never_firing"] == {"mlp": pytest.approx(never, abs=0)}
+  assert summary["firing"]["mlp"]["fraction_firing_below_10pct"] == below
+  table = sparsity_report.format_report([m])
+  assert "% of units firing on < 10% of tokens / never firing" in table
+  assert f"{100 * below:.1f} / {100 * never:.1f}" in table.split("never firing")[-1]
+
+
 def test_init_is_the_trainers_step_zero(runs, tmp_path):
   _train_toy(tmp_path, 0)  # writes only the step-0 checkpoint
   init = runs["init"].params
@@ -244,7 +278,11 @@ def test_command_init_report_on_random_images_through_gin(tmp_path, capsys):
     assert list(m["percent_nonzero"]) == ["Transformer/encoderblock_0", "Transformer/encoderblock_1"]
     assert m["token_count"]["Transformer/encoderblock_0"] == tokens
   assert (out / "per_layer.png").exists() and "over_steps" not in report["figures"]
-  assert "% nonzero MLP activations per layer" in capsys.readouterr().out
+  for m in report["measurements"]:
+    for key in ("fraction_firing_below_10pct", "fraction_never_firing"):
+      assert set(m[key]) == set(m["percent_nonzero"]) and all(0.0 <= v <= 1.0 for v in m[key].values())
+  printed = capsys.readouterr().out
+  assert "% nonzero MLP activations per layer" in printed and "firing on < 10% of tokens" in printed
 
 
 def test_command_missing_checkpoint_is_one_line_and_exit_1_before_any_data_is_built(tmp_path, capsys):

@@ -36,6 +36,8 @@ from topk_transformers.runs import INIT
 SOURCES = ("events", "checkpoints")
 _EVENT_PREFIXES = {"train": "train/sparsity/", "eval": "eval/sparsity/"}
 FIGURE_BINS = 50  # bins of the firing-frequency figures (the JSON's histograms have ``bins``)
+RARE_FIRING = 0.1
+"""The paper's statistic (Li et al., 2022, Section 3): the share of units that fire on fewer than 10% of tokens."""
 
 
 # ---------------------------------------------------------------------------
@@ -69,6 +71,9 @@ class Measurement:
         "percent_nonzero": dict(self.percent_nonzero),
         "mean_percent_nonzero": stack_means(self.percent_nonzero),
         "token_count": dict(self.token_count),
+        "fraction_firing_below_10pct": {name: fraction_firing_below(freq) for name, freq
+                                        in self.firing_frequency.items()},
+        "fraction_never_firing": {name: fraction_never_firing(freq) for name, freq in self.firing_frequency.items()},
         "firing": {name: firing_summary(freq, bins) for name, freq in self.firing_frequency.items()},
     }
 
@@ -114,18 +119,41 @@ def firing_histogram(frequency: np.ndarray, bins: int = 20) -> Tuple[np.ndarray,
   return counts, edges
 
 
+def _unit_frequencies(frequency: np.ndarray) -> np.ndarray:
+  frequency = np.asarray(frequency)
+  if frequency.ndim != 1 or frequency.size == 0:
+    raise ValueError(f"firing frequencies must be a non-empty [d_ff] vector, got shape {frequency.shape}")
+  return frequency if np.issubdtype(frequency.dtype, np.floating) else frequency.astype(np.float64)
+
+
+def fraction_firing_below(frequency: np.ndarray, threshold: float = RARE_FIRING) -> float:
+  """The share of units that fire on fewer than ``threshold`` of the tokens (never-firing units included).
+
+  Strictly below: a unit that fires on exactly 10% of the tokens is not counted. The comparison is made in the
+  frequencies' own dtype, so a float32 frequency of exactly 1/10 is not taken for less than the float64 0.1.
+  """
+  frequency = _unit_frequencies(frequency)
+  return float(np.mean(frequency < frequency.dtype.type(threshold)))
+
+
+def fraction_never_firing(frequency: np.ndarray) -> float:
+  """The share of units that were zero on every counted token."""
+  return float(np.mean(_unit_frequencies(frequency) == 0.0))
+
+
 def firing_summary(frequency: np.ndarray, bins: int = 20) -> dict:
-  """Per-layer firing statistics: histogram, never-firing and mostly-firing units, quantiles."""
-  frequency = np.asarray(frequency, np.float64)
+  """Per-layer firing statistics: histogram, the paper's rarely-firing share, never- and mostly-firing units."""
+  frequency = _unit_frequencies(frequency)
   counts, edges = firing_histogram(frequency, bins)
   return {
       "num_neurons": int(frequency.size),
       "histogram": counts.tolist(),
       "bin_edges": edges.tolist(),
-      "mean": float(frequency.mean()) if frequency.size else 0.0,
-      "median": float(np.median(frequency)) if frequency.size else 0.0,
-      "never_fire": float(np.mean(frequency == 0.0)) if frequency.size else 0.0,
-      "fire_over_half": float(np.mean(frequency > 0.5)) if frequency.size else 0.0,
+      "mean": float(np.mean(frequency, dtype=np.float64)),
+      "median": float(np.median(frequency)),
+      "fraction_firing_below_10pct": fraction_firing_below(frequency),
+      "fraction_never_firing": fraction_never_firing(frequency),
+      "fire_over_half": float(np.mean(frequency > 0.5)),
   }
 
 
@@ -285,13 +313,24 @@ def format_report(measurements: Sequence[Measurement]) -> str:
   heads = [f"{m.label}/{m.split}" for m in measurements]
   width = max(len(n) for n in layers + ["layer", "mean (all)"])
   cols = [max(len(h), 9) for h in heads]
+  fcols = [max(len(h), 13) for h in heads]
   lines = [f"{'layer':<{width}}  " + "  ".join(f"{h:>{c}}" for h, c in zip(heads, cols))]
   for name in layers:
     lines.append(f"{name:<{width}}  " + "  ".join(
         f"{m.percent_nonzero.get(name, float('nan')):>{c}.3f}" for m, c in zip(measurements, cols)))
   lines.append(f"{'mean (all)':<{width}}  " + "  ".join(
       f"{stack_means(m.percent_nonzero).get('all', float('nan')):>{c}.3f}" for m, c in zip(measurements, cols)))
-  return "% nonzero MLP activations per layer\n" + "\n".join(lines)
+  firing = [f"{'layer':<{width}}  " + "  ".join(f"{h:>{c}}" for h, c in zip(heads, fcols))]
+  for name in layers:
+    cells = []
+    for m, c in zip(measurements, fcols):
+      freq = m.firing_frequency.get(name)
+      cell = "–" if freq is None else (
+          f"{100 * fraction_firing_below(freq):.1f} / {100 * fraction_never_firing(freq):.1f}")
+      cells.append(f"{cell:>{c}}")
+    firing.append(f"{name:<{width}}  " + "  ".join(cells))
+  return ("% nonzero MLP activations per layer\n" + "\n".join(lines) +
+          "\n\n% of units firing on < 10% of tokens / never firing\n" + "\n".join(firing))
 
 
 # ---------------------------------------------------------------------------
