@@ -86,6 +86,19 @@ def test_representation_layer_adds_a_dense():
   assert _count(params) == PUBLISHED_PARAM_COUNTS["B/16"] + 768 * 768 + 768
 
 
+def test_mlp_dim_overrides_only_the_hidden_width():
+  # Test/2 on 8x8x1 digits with gap pooling is 18,154 parameters; each of its 2 MLPs grows by
+  # (256 - 64) * (2 * 32 + 1) parameters (wi, its bias, wo) when d_ff goes from 64 to 256.
+  narrow = _abstract_params(network.ViT(variant="Test/2", num_classes=10, pool_type="gap"), image_size=8)
+  wide_vit = network.ViT(variant="Test/2", num_classes=10, pool_type="gap", mlp_dim=256)
+  wide = _abstract_params(wide_vit, image_size=8)
+  assert _count(wide) - _count(narrow) == 2 * (256 - 64) * (2 * 32 + 1)
+  assert wide["Transformer"]["encoderblock_0"]["mlp"]["wi"]["kernel"].shape == (32, 256)
+  assert wide_vit.shape == dict(width=32, depth=2, mlp_dim=256, num_heads=2, patch_size=2)
+  with pytest.raises(Exception, match="mlp_dim must be a positive integer"):
+    network.ViT(variant="Test/2", mlp_dim=0)
+
+
 def test_topk_changes_no_parameter():
   dense = _abstract_params(network.ViT(variant="B/16", num_classes=1000))
   sparse = _abstract_params(network.ViT(variant="B/16", num_classes=1000, top_k=256, mlp_activation="relu"))

@@ -167,6 +167,8 @@ class ViT(nn.Module):
     dtype: computation dtype (parameters stay float32; logits are returned in float32).
     image_size: if set, inputs must be ``image_size x image_size``; otherwise the
       size is taken from the input at initialisation (it fixes ``pos_embedding``).
+    mlp_dim: if set, the MLP's hidden width instead of the variant's (big_vision's override), e.g. a
+      ``Test/2`` with 256 hidden units so that k / d_ff can sit at the dense model's own level.
   """
 
   variant: str = "B/16"
@@ -181,6 +183,7 @@ class ViT(nn.Module):
   attention_dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   image_size: Optional[int] = None
+  mlp_dim: Optional[int] = None
 
   def __post_init__(self):
     # Configuration errors surface when the model is built (e.g. by gin), not inside a jitted step.
@@ -190,7 +193,7 @@ class ViT(nn.Module):
       raise ConfigError(f"mlp_activation must be one of {MLP_ACTIVATIONS}, got {self.mlp_activation!r}")
     if self.pool_type not in POOL_TYPES:
       raise ConfigError(f"pool_type must be one of {POOL_TYPES}, got {self.pool_type!r}")
-    for name in ("num_classes", "representation_size", "image_size"):
+    for name in ("num_classes", "representation_size", "image_size", "mlp_dim"):
       value = getattr(self, name)
       if value is None and name != "num_classes":
         continue
@@ -203,8 +206,11 @@ class ViT(nn.Module):
 
   @property
   def shape(self) -> dict:
-    """``width``, ``depth``, ``mlp_dim``, ``num_heads``, ``patch_size`` of this variant."""
-    return decode_variant(self.variant)
+    """``width``, ``depth``, ``mlp_dim``, ``num_heads``, ``patch_size`` of this variant (``mlp_dim`` overridden)."""
+    shape = decode_variant(self.variant)
+    if self.mlp_dim is not None:
+      shape["mlp_dim"] = self.mlp_dim
+    return shape
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool) -> Array:
