@@ -88,6 +88,18 @@ def test_paired_difference_of_one_value_per_seed_equals_the_interval_of_the_diff
   assert paired.seed_means == pytest.approx(tuple(a - b))
 
 
+def test_batch_interval_is_the_measurements_own_spread_and_shrinks_with_more_batches():
+  rng = np.random.default_rng(5)
+  few, many = rng.normal(30, 4, 10), rng.normal(30, 4, 160)
+  a, b = intervals.batch_interval(few), intervals.batch_interval(many)
+  assert a.n_seeds == 1 and a.estimate == pytest.approx(few.mean())
+  assert b.half_width == pytest.approx(a.half_width / 4, rel=0.4)  # 16x the batches: about 1/4 the width
+  w = intervals.batch_interval([1.0, 3.0], weights=[3, 1], n_resamples=500)
+  assert w.estimate == 1.5 and 1.0 <= w.low <= w.high <= 3.0
+  with pytest.raises(ValueError, match="at least 2 batch values"):
+    intervals.batch_interval([1.0])
+
+
 def test_degenerate_inputs_are_clear_errors():
   with pytest.raises(ValueError, match="at least 2 seeds"):
     intervals.hierarchical_interval([[1.0, 2.0]])

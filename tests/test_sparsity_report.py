@@ -118,6 +118,24 @@ def test_measurement_reports_the_firing_shares_per_layer_and_in_its_table(runs):
   assert f"{100 * below:.1f} / {100 * never:.1f}" in table.split("never firing")[-1]
 
 
+def test_per_batch_figures_add_up_to_the_pass_and_equal_a_direct_count_of_each_batch(runs):
+  m = sparsity_report.measure(runs["trained"], "validation", eval_steps=3)
+  pb = m.per_batch
+  assert len(pb["weight"]) == len(pb["percent_nonzero"]["mlp"]) == 3
+  tokens = np.array(pb["token_count"]["mlp"])
+  pct = np.array(pb["percent_nonzero"]["mlp"])
+  assert tokens.tolist() == [BATCH] * 3
+  assert float((pct * tokens).sum() / tokens.sum()) == pytest.approx(m.percent_nonzero["mlp"], rel=1e-12)
+  loss = np.array(pb["metrics"]["loss"])
+  assert float((loss * pb["weight"]).sum() / np.sum(pb["weight"])) == pytest.approx(m.metrics["loss"], rel=1e-9)
+  for i in range(3):  # batch i alone: the direct count of its first i+1 batches minus the first i
+    upto, _ = _direct_toy_counts(runs["trained"].params, i + 1)
+    before, _ = _direct_toy_counts(runs["trained"].params, i) if i else (0, 0)
+    assert pct[i] == pytest.approx(100.0 * (upto - before).sum() / (BATCH * 64), rel=1e-12)
+  assert len(set(np.round(pct, 9))) > 1  # the batches differ, so a spread over them is measurable
+  assert m.summary()["per_batch"] == pb
+
+
 def test_init_is_the_trainers_step_zero(runs, tmp_path):
   _train_toy(tmp_path, 0)  # writes only the step-0 checkpoint
   init = runs["init"].params

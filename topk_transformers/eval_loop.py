@@ -10,10 +10,12 @@ others read the same result.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import jax
 import numpy as np
+
+from topk_transformers import sparsity as sparsity_lib
 
 
 def make_eval_step(model, params_shardings, batch_shardings) -> Callable:
@@ -33,6 +35,9 @@ class SplitResult:
   """The sown ``intermediates`` (the MLPs' counts), added up over the batches in float64 on the host."""
   weight: float
   """The summed weights (target tokens or examples)."""
+  batches: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+  """Per batch, in order: ``{"weight", "metrics": {name: mean}, "counts": {layer: (nonzero, tokens)}}``, so that
+  a spread over the eval batches can be measured (``intervals.py``); the MLP counts are scalars (no ``[d_ff]``)."""
 
 
 def _add(total: Any, value: Any) -> Any:
@@ -85,6 +90,7 @@ class EvalLoop:
     sums: Dict[str, Any] = {}
     intermediates = None
     total = 0.0
+    batches: List[Dict[str, Any]] = []
     for i, batch in enumerate(ds.as_numpy_iterator()):
       if self.eval_steps is not None and i >= self.eval_steps:
         break
@@ -99,5 +105,13 @@ class EvalLoop:
         sums[name] = jax.tree_util.tree_map(np.add, sums[name], value) if name in sums else value
       intermediates = _add(intermediates, stats)
       total += weight
+      batches.append({"weight": weight, "metrics": {name: float(value) for name, value in metrics.items()},
+                      "counts": _layer_counts(stats)})
     means = {name: value / max(total, 1e-9) for name, value in weighted.items()}
-    return SplitResult(means=means, sums=sums, intermediates=intermediates or {}, weight=total)
+    return SplitResult(means=means, sums=sums, intermediates=intermediates or {}, weight=total, batches=batches)
+
+
+def _layer_counts(stats: Any) -> Dict[str, tuple]:
+  """``{layer: (nonzero activations, counted tokens)}`` of one batch's sown MLP statistics."""
+  return {name: (float(np.sum(s["nonzero_count"])), float(np.sum(s["token_count"])))
+          for name, s in sparsity_lib.layer_stats(stats).items()} if stats else {}

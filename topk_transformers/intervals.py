@@ -183,6 +183,26 @@ def hierarchical_interval(values: Groups, weights: Optional[Groups] = None, leve
                   int(n_resamples), seed_means)
 
 
+def batch_interval(values: ArrayLike, weights: Optional[ArrayLike] = None, level: float = DEFAULT_LEVEL,
+                   n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Interval:
+  """Bootstrap interval of one seed's (weighted) batch mean, resampling its batches only.
+
+  The spread of the measurement itself (how many eval batches are enough), not of the training run.
+  """
+  _check(level, n_resamples)
+  g = np.asarray(values, np.float64)
+  if g.ndim != 1 or g.size < 2:
+    raise ValueError(f"values: a bootstrap over batches needs at least 2 batch values (1-D), got shape {g.shape}")
+  if not np.all(np.isfinite(g)):
+    raise ValueError("values: a batch value is non-finite")
+  (w,) = _weights(None if weights is None else [weights], [g])
+  rng = np.random.default_rng(seed)
+  replicates = _resampled_seed_means(rng, [g], [w], np.zeros((int(n_resamples), 1), np.int64))[:, 0]
+  low, high = _percentiles(replicates, level)
+  estimate = _weighted_mean(g, w)
+  return Interval(estimate, low, high, level, 1, int(g.size), int(n_resamples), (estimate,))
+
+
 def seed_interval(values: ArrayLike, level: float = DEFAULT_LEVEL, n_resamples: int = DEFAULT_RESAMPLES,
                   seed: int = 0) -> Interval:
   """Bootstrap interval of the mean of one value per seed (e.g. each seed's test accuracy)."""

@@ -60,6 +60,8 @@ class Measurement:
   """Per layer: tokens counted (padding excluded)."""
   firing_frequency: Dict[str, np.ndarray]
   """Per layer, ``[d_ff]``: the fraction of counted tokens on which each hidden unit is nonzero."""
+  per_batch: Optional[Dict[str, Any]] = None
+  """The same pass batch by batch (:func:`per_batch_figures`), for intervals over the eval batches."""
 
   def summary(self, bins: int = 20) -> dict:
     """JSON-ready: per-layer %, stack means, token counts, firing-frequency histograms and statistics."""
@@ -75,6 +77,7 @@ class Measurement:
                                         in self.firing_frequency.items()},
         "fraction_never_firing": {name: fraction_never_firing(freq) for name, freq in self.firing_frequency.items()},
         "firing": {name: firing_summary(freq, bins) for name, freq in self.firing_frequency.items()},
+        **({"per_batch": self.per_batch} if self.per_batch is not None else {}),
     }
 
 
@@ -83,14 +86,35 @@ def measure(run: Any, split: str, eval_steps: Optional[int] = None, label: Optio
 
   The sparsity evaluator's counts; the model's metrics on the same batches (the same pass) come along.
   """
-  results = evaluators.run_all(evaluators.for_run(run, evaluators.DEFAULT, split, eval_steps), run.params)
+  loop = run.eval_loop(split, eval_steps)
+  built = evaluators.build(evaluators.DEFAULT, run.model, run.dataset, split, loop=loop, step=run.step)
+  results = evaluators.run_all(built, run.params)
   metrics, percent = evaluators.split_results(results)
   if not percent:
     raise ValueError(f"no MLP statistics recorded on split {split!r} (empty split, or a model without MlpBlocks)")
+  widths = {name: int(np.size(f)) for name, f in results["firing_frequency"].items()}
   return Measurement(
       label=label or (INIT if run.checkpoint == INIT else f"step {run.step}"), split=split, step=run.step,
       metrics=metrics, percent_nonzero=percent, token_count=results["tokens_counted"],
-      firing_frequency=results["firing_frequency"])
+      firing_frequency=results["firing_frequency"], per_batch=per_batch_figures(loop(run.params).batches, widths))
+
+
+def per_batch_figures(batches: Sequence[Mapping[str, Any]], widths: Mapping[str, int]) -> Dict[str, Any]:
+  """JSON-ready, per eval batch: its weight and metrics, and per layer its % nonzero and counted tokens.
+
+  A layer's % nonzero over the pass is the token-weighted mean of its batches' (weights ``token_count``), and a
+  metric's is the ``weight``-weighted mean, which is how ``intervals.hierarchical_interval`` takes them.
+  """
+  layers = list(widths)
+  out = {"weight": [float(b["weight"]) for b in batches],
+         "metrics": {name: [float(b["metrics"].get(name, np.nan)) for b in batches]
+                     for name in dict.fromkeys(n for b in batches for n in b["metrics"])},
+         "percent_nonzero": {}, "token_count": {}}
+  for name in layers:
+    counts = [b["counts"].get(name, (0.0, 0.0)) for b in batches]
+    out["token_count"][name] = [float(t) for _, t in counts]
+    out["percent_nonzero"][name] = [100.0 * nz / max(t * widths[name], 1.0) for nz, t in counts]
+  return out
 
 
 def stack_of(layer: str) -> str:
