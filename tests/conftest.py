@@ -15,6 +15,9 @@ import shutil
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Speed choices come from the rules, not from timing this shared CPU, so every run of the suite traces the same
+# programs (autotune is tested with a fake timer in test_autotune.py).
+os.environ.setdefault("TOPK_AUTOTUNE", "0")
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _CACHE = tempfile.mkdtemp(prefix="topk_tests_jax_cache_")

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from topk_transformers import autotune
 from topk_transformers import mlp_steps
 from topk_transformers import topk as topk_lib
 
@@ -129,10 +130,11 @@ class MlpBlock(nn.Module):
   ``mlp_steps.py``, on the same parameters, with the same statistics:
 
   * ``mlp_steps.sparse_step`` reads only the ``k`` selected rows of ``wo``.
-    ``sparse_decode``: ``None`` chooses it when ``tokens * k <= d_ff / 4``
-    (tokens = all positions of the call, e.g. batch x beams in a decoding step),
-    since the gather reads each row at lower throughput than a streaming matmul;
-    ``True`` / ``False`` force it on / off.
+    ``sparse_decode``: ``None`` chooses it by measuring both on the device
+    (``autotune``, cached), or with ``TOPK_AUTOTUNE=0`` by the rule measured on
+    XLA:CPU, ``tokens * k <= d_ff / 4`` (tokens = all positions of the call,
+    e.g. batch x beams in a decoding step; the gather reads each row at lower
+    throughput than a streaming matmul); ``True`` / ``False`` force it on / off.
   * ``mlp_steps.predicted_step``, with ``decode_candidates = c`` and a predictor
     in this block's ``predictors`` collection (``predictors.py``: ``a``, ``b``,
     ``wi_rows`` and, for gated blocks, ``b_cols``), computes only the ``c``
@@ -217,8 +219,11 @@ class MlpBlock(nn.Module):
                          f"{self.intermediate_dropout_rate} is active)")
       return "predicted"
     if self.sparse_decode is None:
+      if dropout_on:
+        return "dense"
       tokens = int(np.prod(inputs.shape[:-1]))
-      return "sparse" if not dropout_on and 4 * tokens * self.top_k <= self.intermediate_dim else "dense"
+      rule = "sparse" if 4 * tokens * self.top_k <= self.intermediate_dim else "dense"  # measured on XLA:CPU
+      return autotune.decode_path(inputs.shape, self.intermediate_dim, self.step_settings(), default=rule)
     if self.sparse_decode and dropout_on:
       raise ValueError(f"sparse_decode=True needs deterministic=True (intermediate dropout "
                        f"{self.intermediate_dropout_rate} is active)")

@@ -10,9 +10,9 @@ state, so each can be called and tested on its own:
   among them and its ``k`` rows of ``wo``. With ``c >= d_ff``, or a predictor that ranks the units as they are, the
   result is the sparse step's.
 
-Both read their rows through ``row_kernels`` (on CPU in float32 a kernel that reads each row once; elsewhere
-XLA's gather). Every path, the dense one included, counts its units with :func:`statistics` and adds its biases
-with :func:`add_bias`.
+Both read their rows through ``row_kernels`` (on CPU in float32 a kernel that reads each row once; on GPU and TPU
+Pallas kernels where measured faster; elsewhere XLA's gather). Every path, the dense one included, counts its units
+with :func:`statistics` and adds its biases with :func:`add_bias`.
 
 ``params`` is the MLP's parameter dict, as ``MlpBlock`` declares it: ``{'wi': {'kernel', 'bias'?}, 'wo': ...}``, or
 ``wi_0``, ``wi_1`` for the gated v1.1 MLP; kernels ``[in, out]``. A layer without ``'bias'`` has none.
@@ -164,10 +164,12 @@ def _wo(params: Params, width: int, units: Optional[int] = None) -> Mapping[str,
 
 
 def _rows_of_wo(vals: Array, idx: Array, wo: Mapping[str, Array], settings: Settings) -> Array:
-  """``sum_j vals_j * wo[idx_j] + bias``: the k rows of ``wo``, through the CPU row kernel where it applies."""
+  """``sum_j vals_j * wo[idx_j] + bias``: the k rows of ``wo``, through ``row_kernels`` when ``wo`` is already in the
+  computation dtype (its XLA path is then ``sparse_matmul``'s product; its other candidates, the CPU handler for
+  float32 and the Pallas kernels on GPU and TPU, are taken where measured faster)."""
   kernel = wo["kernel"]
-  if jnp.dtype(settings.dtype) == jnp.float32 and kernel.dtype == jnp.float32:
-    y = row_kernels.gather_vecmat(vals.astype(jnp.float32), kernel, idx, native=settings.native)
+  if kernel.dtype == jnp.dtype(settings.dtype):
+    y = row_kernels.gather_vecmat(vals.astype(kernel.dtype), kernel, idx, native=settings.native)
   else:
     y = topk_lib.sparse_matmul(vals, idx, kernel, dtype=settings.dtype)
   return add_bias(y, wo, settings.dtype)

@@ -10,7 +10,9 @@ reads the copy: three passes over the rows. Unbatched decoding of a Large T5 wit
 its MLP time there (``docs/design/decoding_paths.md``). On CPU, for float32, these functions call two XLA FFI handlers
 (``native/row_kernels.cc``) that read each selected row once, four rows at a time, split over XLA's intra-op
 threads. Elsewhere (GPU, TPU, other dtypes) and when the handlers cannot be built, they are the plain JAX
-expressions (gather, then einsum), which give the same values up to float rounding.
+expressions (gather, then einsum), which give the same values up to float rounding. On GPU and TPU the Pallas
+kernels of ``pallas_rows.py`` are a third candidate; where more than one applies, ``autotune`` times them on the
+device and keeps the fastest (``TOPK_AUTOTUNE=0``: the CPU handler where it applies, else XLA's gather).
 
 The handlers are compiled on first use with the system C++ compiler (``$CXX``, else ``c++``/``g++``) against the
 installed jaxlib's FFI headers (``jax.ffi.include_dir()``), into ``$TOPK_NATIVE_CACHE`` (default
@@ -124,31 +126,83 @@ def unavailable_reason() -> Optional[str]:
   return _state["reason"]
 
 
-def _native(*arrays: jax.Array, native: Optional[bool]) -> bool:
-  if native is False:
-    return False
-  fits = (jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in arrays[:2])
+def _native_fits(*arrays: jax.Array) -> bool:
+  return (jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in arrays[:2])
           and arrays[2].dtype == jnp.int32)
-  if native and not fits:
-    raise ValueError("row kernels need the CPU backend, float32 operands and int32 indices")
-  if native and not available():
-    raise RuntimeError(f"row kernels unavailable: {unavailable_reason()}")
-  return fits and available()
+
+
+def _ffi_matvec(x, w, idx):
+  x_b = jnp.broadcast_to(x, idx.shape[:-1] + x.shape[-1:])
+  return jax.ffi.ffi_call(_TARGETS[0], jax.ShapeDtypeStruct(idx.shape, jnp.float32),
+                          vmap_method="sequential")(x_b, w, idx)
+
+
+def _ffi_vecmat(v, w, idx):
+  return jax.ffi.ffi_call(_TARGETS[1], jax.ShapeDtypeStruct(idx.shape[:-1] + w.shape[-1:], jnp.float32),
+                          vmap_method="sequential")(v, w, idx)
+
+
+def _xla_matvec(x, w, idx):
+  rows = w.at[idx].get(mode="promise_in_bounds")  # [..., c, d]
+  return jnp.einsum("...d,...cd->...c", x, rows)
+
+
+def _xla_vecmat(v, w, idx):
+  rows = w.at[idx].get(mode="promise_in_bounds")  # [..., k, d]
+  return jnp.einsum("...k,...kd->...d", v, rows)
+
+
+def _pallas_matvec(x, w, idx):
+  from topk_transformers import pallas_rows  # pylint: disable=g-import-not-at-top
+  return pallas_rows.gather_matvec(x, w, idx)
+
+
+def _pallas_vecmat(v, w, idx):
+  from topk_transformers import pallas_rows  # pylint: disable=g-import-not-at-top
+  return pallas_rows.gather_vecmat(v, w, idx)
+
+
+_IMPLEMENTATIONS = {"gather_matvec": {"ffi": _ffi_matvec, "xla": _xla_matvec, "pallas": _pallas_matvec},
+                    "gather_vecmat": {"ffi": _ffi_vecmat, "xla": _xla_vecmat, "pallas": _pallas_vecmat}}
+
+
+def implementation(op: str, a: jax.Array, w: jax.Array, idx: jax.Array, native: Optional[bool] = None) -> str:
+  """``"ffi"``, ``"xla"`` or ``"pallas"``: how ``op`` (``gather_matvec`` / ``gather_vecmat``) runs for these operands.
+
+  ``native=False``: XLA's gather; ``True``: the CPU handler (an error where it cannot run). ``None``: the fastest of
+  those that apply here, measured on the device (``autotune``): the CPU handler (CPU, float32), XLA's gather, the
+  Pallas kernels (GPU, TPU; operands of one dtype). With ``TOPK_AUTOTUNE=0``, the rule measured on the CPU: the
+  handler where it applies, else XLA's gather (Pallas is never assumed faster).
+  """
+  if native is False:
+    return "xla"
+  fits = _native_fits(a, w, idx)
+  if native:
+    if not fits:
+      raise ValueError("row kernels need the CPU backend, float32 operands and int32 indices")
+    if not available():
+      raise RuntimeError(f"row kernels unavailable: {unavailable_reason()}")
+    return "ffi"
+  names = ["ffi"] if fits and available() else []
+  names.append("xla")
+  from topk_transformers import pallas_rows  # pylint: disable=g-import-not-at-top
+  if pallas_rows.platform_for(jax.default_backend()) and a.dtype == w.dtype and pallas_rows.supported(w, idx):
+    names.append("pallas")
+  if len(names) == 1:
+    return names[0]
+  from topk_transformers import autotune  # pylint: disable=g-import-not-at-top
+  return autotune.row_implementation(op, a.shape, w.shape, idx.shape, w.dtype,
+                                     {name: _IMPLEMENTATIONS[op][name] for name in names}, default=names[0])
 
 
 def gather_matvec(x: jax.Array, w: jax.Array, idx: jax.Array, native: Optional[bool] = None) -> jax.Array:
   """``out[..., j] = x[..., :] . w[idx[..., j], :]``: ``x [..., d]``, ``w [n, d]``, ``idx [..., c]`` in ``[0, n)``.
 
-  ``native``: ``None`` uses the CPU handler where it applies (see the module docstring), ``False`` never, ``True``
-  always (an error where it cannot).
+  ``native``: ``None`` takes the fastest implementation that applies (:func:`implementation`), ``False`` XLA's
+  gather, ``True`` the CPU handler (an error where it cannot).
   """
   _check(x, w, idx, "x", x.shape[-1] if x.ndim else None)
-  if _native(x, w, idx, native=native):
-    x_b = jnp.broadcast_to(x, idx.shape[:-1] + x.shape[-1:])
-    return jax.ffi.ffi_call(_TARGETS[0], jax.ShapeDtypeStruct(idx.shape, jnp.float32),
-                            vmap_method="sequential")(x_b, w, idx)
-  rows = w.at[idx].get(mode="promise_in_bounds")  # [..., c, d]
-  return jnp.einsum("...d,...cd->...c", x, rows)
+  return _IMPLEMENTATIONS["gather_matvec"][implementation("gather_matvec", x, w, idx, native)](x, w, idx)
 
 
 def gather_vecmat(v: jax.Array, w: jax.Array, idx: jax.Array, native: Optional[bool] = None) -> jax.Array:
@@ -159,11 +213,7 @@ def gather_vecmat(v: jax.Array, w: jax.Array, idx: jax.Array, native: Optional[b
   if v.shape != idx.shape:
     raise ValueError(f"values and idx must have the same shape, got {v.shape} and {idx.shape}")
   _check(v, w, idx, "v", None)
-  if _native(v, w, idx, native=native):
-    return jax.ffi.ffi_call(_TARGETS[1], jax.ShapeDtypeStruct(idx.shape[:-1] + w.shape[-1:], jnp.float32),
-                            vmap_method="sequential")(v, w, idx)
-  rows = w.at[idx].get(mode="promise_in_bounds")  # [..., k, d]
-  return jnp.einsum("...k,...kd->...d", v, rows)
+  return _IMPLEMENTATIONS["gather_vecmat"][implementation("gather_vecmat", v, w, idx, native)](v, w, idx)
 
 
 def _check(a: jax.Array, w: jax.Array, idx: jax.Array, name: str, width: Optional[int]) -> None:

@@ -17,8 +17,8 @@ one place where ``TopK`` lives:
     largest score is found by radix selection over bit planes, and the entries
     above it, plus the first tied ones by position, are kept. It keeps exactly
     the set that ``lax.top_k`` keeps, ties, ``-0.0``, ``inf`` and NaN included.
-  - ``"auto"`` (the default): the faster exact method for the backend and shape
-    (:func:`resolve_method`, where the measurements are).
+  - ``"auto"`` (the default): the faster exact method for the backend and shape,
+    measured on the device (``autotune``) or by the rules (:func:`resolve_method`).
 
 * :func:`select` returns the selected ``(values, indices)`` themselves, which is
   what the sparse decoding path multiplies with the ``k`` gathered rows of ``wo``.
@@ -102,12 +102,25 @@ def resolve_method(method: str, shape: Tuple[int, ...], k: int, dtype, backend: 
     ``threshold`` above.
   * TPU, assumed (not measured here): ``top_k`` is a sort there as well (the
     paper used ``approx_max_k`` to avoid it), so ``threshold``.
+
+  These are the rules. On the backend that runs the call (``backend`` None or
+  the default one), ``autotune`` replaces them by a measurement: the first time
+  a shape is traced both exact methods are timed on the device and the faster
+  is cached on disk (``TOPK_AUTOTUNE=0``: the rules).
   """
   if method != "auto":
     return method
   if jnp.dtype(dtype) not in _KEY_DTYPES:
     return "exact"
-  backend = backend or jax.default_backend()
+  rule = _rule(shape, k, backend or jax.default_backend())
+  if backend is None or backend == jax.default_backend():
+    from topk_transformers import autotune  # pylint: disable=g-import-not-at-top  # autotune imports this module
+    return autotune.selection_method(math.prod(shape[:-1]), shape[-1], k, dtype, default=rule)
+  return rule
+
+
+def _rule(shape: Tuple[int, ...], k: int, backend: str) -> str:
+  """``resolve_method``'s rules by backend, for a 16- or 32-bit float."""
   if backend == "cpu":
     rows = math.prod(shape[:-1])
     big = rows >= CPU_THRESHOLD_MIN_ROWS and rows * shape[-1] >= CPU_THRESHOLD_MIN_ELEMENTS
