@@ -56,7 +56,7 @@ startup.quiet_start()  # before the imports below bring in TensorFlow, so that i
 import gin  # noqa: E402
 import jax  # noqa: E402
 
-from topk_transformers import evaluate, gin_utils, plotting, robustness, runs, train  # noqa: E402
+from topk_transformers import evaluate, gin_utils, intervals, plotting, robustness, runs, train  # noqa: E402
 from topk_transformers import sparsity_report as report_lib  # noqa: E402
 from topk_transformers.benchmarks import machine  # noqa: E402
 from topk_transformers.commands import common  # noqa: E402
@@ -76,7 +76,17 @@ SETTINGS = {
     # name -> this directory's gin files stacked over the model's.
     "table": [],
     "memorisation": [os.path.join(HERE, "memorisation.gin")],
+    # The memorisation regime with d_ff 256: k near the dense model's own % nonzero and at half of it.
+    "power": [os.path.join(HERE, "memorisation.gin"), os.path.join(HERE, "power.gin")],
 }
+
+
+TIMING_FILE = "timing.json"
+# The power setting's models: k at the dense model's own level (21.1% of d_ff 256, measured first on seed 0 at 0% and
+# 40% noise: 22.2% and 20.1%) and at half of it (README.md).
+POWER_MODELS = ("dense", "top54", "top27")
+# Settings that follow each run over training (memorisation.json, the best step).
+MEMORISATION_SETTINGS = ("memorisation", "power")
 
 
 def model_type(name: str) -> str:
@@ -125,7 +135,7 @@ def train_and_evaluate(model: str, noise: float, seed: int, run_dir: str, extra_
     f.write(gin.operative_config_str())
   trained = time.time()
   final = None
-  if setting == "memorisation":
+  if setting in MEMORISATION_SETTINGS:
     _, final = write_memorisation(run_dir)  # before eval_results.json, whose presence marks a finished run
   result = evaluate.evaluate(final or runs.load_run(run_dir), results_dir=run_dir)
   for key in result["evaluators"]:
@@ -296,7 +306,15 @@ def paired_differences(results: Dict[Tuple[str, float, int], Dict[str, Any]], mo
         if a is not None and b is not None and pick(a) is not None and pick(b) is not None:
           diffs[s] = float(pick(a) - pick(b))
       if diffs:
-        out.setdefault(key, {})[model] = {"per_seed": diffs, **_stats(list(diffs.values()))}
+        cell = {"per_seed": diffs, **_stats(list(diffs.values()))}
+        if len(diffs) >= 2:
+          # 95% percentile-bootstrap interval of the mean paired difference over seeds (the shared test images
+          # are not resampled: each seed's difference is on the same 360 images).
+          ds = sorted(diffs)
+          cell["interval"] = intervals.paired_difference_interval(
+              [pick(results[(model, noise, s)]) for s in ds], [pick(results[(baseline, noise, s)]) for s in ds]
+          ).as_dict(6)
+        out.setdefault(key, {})[model] = cell
   return out
 
 
@@ -417,6 +435,87 @@ def plot_k(summary: List[Dict[str, Any]], path: str) -> Optional[str]:
   return plotting.save(fig, path)
 
 
+# ---------------------------------------------------------------------------
+# The power setting: paired differences against dense with 95% intervals
+# ---------------------------------------------------------------------------
+
+_ROW_LABELS = {"accuracy": "clean accuracy", "ece": "ECE"}
+
+
+def _row_label(key: str) -> str:
+  if key.startswith("label_noise_"):
+    return f"{100 * float(key.removeprefix('label_noise_')):g}% label noise"
+  if key.startswith("corruption_"):
+    return key.removeprefix("corruption_").replace("_", " ")
+  return _ROW_LABELS.get(key, key)
+
+
+def _run_timings(run_dirs: Sequence[str]) -> Dict[str, Any]:
+  """Each finished run's wall times (``timing.json``, written when it finished)."""
+  out = {}
+  for d in run_dirs:
+    path = os.path.join(d, TIMING_FILE)
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        out[os.path.basename(d)] = json.load(f)
+  return out
+
+
+def power_markdown(diffs: Dict[str, Any], summary: List[Dict[str, Any]]) -> str:
+  """Paired differences at the end of training with their 95% intervals, and each model's % nonzero."""
+  models = list(dict.fromkeys(m for row in diffs.values() for m in row))
+  lines = ["## Paired differences against dense at the end of training, with 95% intervals", "",
+           "Points (ECE: points of ECE); mean over seeds of (model - dense) at the same seed, and the 95% "
+           "percentile-bootstrap interval over seeds (`intervals.paired_difference_interval`).", "",
+           "| | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+  for key, row in diffs.items():
+    cells = []
+    for m in models:
+      c = row.get(m)
+      if c is None:
+        cells.append("–")
+      elif "interval" in c:
+        iv = c["interval"]
+        cells.append(f"{100 * iv['estimate']:+.2f} [{100 * iv['low']:+.2f}, {100 * iv['high']:+.2f}] (n={c['n']})")
+      else:
+        cells.append(f"{100 * c['mean']:+.2f} (n=1)")
+    lines.append(f"| {_row_label(key)} | " + " | ".join(cells) + " |")
+  lines += ["", "## % nonzero at the end (test images, mean of the 2 layers; mean ± sample std over seeds)", "",
+            "| model | noise | % nonzero | seeds |", "|---|---|---|---|"]
+  for row in summary:
+    layers = [c for c in row["final_percent_nonzero_test"].values() if c]
+    mean = np.mean([c["mean"] for c in layers])
+    lines.append(f"| {row['model']} | {100 * row['label_noise']:g}% | {mean:.1f} | {len(row['seeds'])} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_differences(diffs: Dict[str, Any], path: str) -> str:
+  """Each Top-k model's paired difference against dense per row of Table 1, with its 95% interval."""
+  plt = plotting.pyplot()
+  keys = list(diffs)
+  models = list(dict.fromkeys(m for row in diffs.values() for m in row))
+  fig, ax = plt.subplots(figsize=(7.0, 0.45 * len(keys) * max(1, len(models)) + 1.2))
+  for j, model in enumerate(models):
+    for i, key in enumerate(keys):
+      c = diffs[key].get(model)
+      if c is None:
+        continue
+      y = i * (len(models) + 1) + j
+      iv = c.get("interval")
+      est = 100 * (iv["estimate"] if iv else c["mean"])
+      err = [[est - 100 * iv["low"]], [100 * iv["high"] - est]] if iv else None
+      ax.errorbar([est], [y], xerr=err, fmt="o", color=f"C{j}", capsize=3, label=model if i == 0 else None)
+  ax.axvline(0.0, color="k", linewidth=0.8)
+  ax.set_yticks([i * (len(models) + 1) + (len(models) - 1) / 2 for i in range(len(keys))])
+  ax.set_yticklabels([_row_label(k) for k in keys])
+  ax.invert_yaxis()
+  ax.set_xlabel("Top-k − dense at the same seed (points), mean and 95% interval")
+  ax.grid(True, axis="x", alpha=0.3)
+  ax.legend(fontsize="small")
+  fig.tight_layout()
+  return plotting.save(fig, path)
+
+
 def parse_args(argv: Sequence[str]):
   """``(arguments, extra gin bindings)``; a bad value is a ``ConfigError``."""
   gin_files, bindings, rest = gin_utils.parse_gin_flags(argv)
@@ -426,16 +525,19 @@ def parse_args(argv: Sequence[str]):
   parser = common.ArgumentParser(prog="run.py", description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default="/tmp/topk_vit_robustness", help="one directory per run, and the table")
   parser.add_argument("--setting", default="table", choices=list(SETTINGS),
-                      help="table: 800 steps with augmentation; memorisation: memorisation.gin (curves, best step)")
+                      help="table: 800 steps with augmentation; memorisation: memorisation.gin (curves, best step); "
+                           "power: memorisation.gin + power.gin (d_ff 256, paired intervals)")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--label_noise", type=float, nargs="+", default=[0.0, 0.4, 0.8])
   parser.add_argument("--models", type=model_type, nargs="+", default=None,
                       help="dense, topk (k = 5) or top<k> (default: dense topk; memorisation: dense top5)")
   parser.add_argument("--name", default="table", help="the table's file names: OUT/<name>.md, .json, .png")
   parser.add_argument("--overwrite", action="store_true", help="retrain runs that already have results")
+  parser.add_argument("--table_only", action="store_true",
+                      help="train nothing: the table of the finished runs (partial if some are not)")
   args = parser.parse_args(rest)
   if args.models is None:
-    args.models = ["dense", "top5"] if args.setting == "memorisation" else ["dense", "topk"]
+    args.models = {"memorisation": ["dense", "top5"], "power": list(POWER_MODELS)}.get(args.setting, ["dense", "topk"])
   for p in args.label_noise:
     if not 0.0 <= p <= 1.0:
       raise gin_utils.ConfigError(f"--label_noise values must be in [0, 1], got {p:g}")
@@ -443,6 +545,7 @@ def parse_args(argv: Sequence[str]):
     values = getattr(args, flag)
     if len(set(values)) != len(values):
       raise gin_utils.ConfigError(f"--{flag} repeats a value: {' '.join(map(str, values))}")
+  args.out = os.path.abspath(args.out)  # orbax wants absolute checkpoint paths
   if not re.match(r"^[A-Za-z0-9_.-]+$", args.name):
     raise gin_utils.ConfigError(f"--name must be a plain file name, got {args.name!r}")
   return args, bindings
@@ -469,20 +572,29 @@ def main(argv: Sequence[str]) -> int:
     if os.path.exists(os.path.join(run_dir, robustness.RESULTS_FILE)) and not args.overwrite:
       print(f"== {name}: results exist, skipped", flush=True)
       continue
+    if args.table_only:
+      continue
     if os.path.exists(run_dir):
       shutil.rmtree(run_dir)  # A half-finished run restarts from scratch.
     print(f"== {name}", flush=True)
     timings[name] = train_and_evaluate(model, noise, seed, run_dir, bindings, args.setting)
+    with open(os.path.join(run_dir, TIMING_FILE), "w", encoding="utf-8") as f:
+      json.dump({**timings[name], "load_average_at_end": machine.load_average()}, f)
     print(f"== {name}: train {timings[name]['train_seconds']:.0f} s, eval {timings[name]['eval_seconds']:.0f} s",
           flush=True)
   wall = time.time() - start
 
+  planned = len(keys)
+  # Only finished runs (eval_results.json written) enter the table; a partial table says how many.
+  keys = [k for k in keys if os.path.exists(os.path.join(args.out, run_name(*k), robustness.RESULTS_FILE))]
+  if not keys:
+    raise gin_utils.ConfigError(f"no finished run in {args.out} for these seeds, noise levels and models")
   run_dirs = [os.path.join(args.out, run_name(*k)) for k in keys]
   results = {k: robustness.load_results(d) for k, d in zip(keys, run_dirs)}
   table = robustness.build_table(list(results.values()))
   markdown = robustness.table_markdown(table)
   extra: Dict[str, Any] = {}
-  if args.setting == "memorisation":
+  if args.setting in MEMORISATION_SETTINGS:
     memo = {}
     for k, d in zip(keys, run_dirs):
       with open(os.path.join(d, MEMORISATION_FILE), encoding="utf-8") as f:
@@ -493,12 +605,18 @@ def main(argv: Sequence[str]) -> int:
     diffs_end = paired_differences(results, args.models, args.label_noise, args.seeds)
     diffs_best = paired_differences(best, args.models, args.label_noise, args.seeds)
     markdown = memorisation_markdown(table, table_best, diffs_end, diffs_best, summary)
+    if args.setting == "power":
+      figures_power = {"differences": os.path.basename(plot_differences(
+          diffs_end, os.path.join(args.out, f"{args.name}_differences.png")))}
+      markdown += power_markdown(diffs_end, summary)
     figures = {"curves": os.path.basename(plot_curves(memo, args.models, args.label_noise, args.seeds,
                                                       os.path.join(args.out, f"{args.name}_curves.png")))}
     figures["per_layer"] = os.path.basename(plot_layer_sparsity(
         summary, os.path.join(args.out, f"{args.name}_per_layer.png")))
-    if sum(m != "dense" for m in args.models) > 1:
+    if sum(m != "dense" for m in args.models) > 1 and args.setting == "memorisation":  # its axis: k of 64
       figures["k"] = os.path.basename(plot_k(summary, os.path.join(args.out, f"{args.name}_k.png")))
+    if args.setting == "power":
+      figures.update(figures_power)
     train_steps = sorted({m["train_steps"] for m in memo.values()})
     extra = {"table_best_step": table_best, "paired_differences_end": diffs_end,
              "paired_differences_best_step": diffs_best, "memorisation": summary, "figures": figures,
@@ -508,6 +626,8 @@ def main(argv: Sequence[str]) -> int:
       "run_dirs": run_dirs, "machine": host, "wall_seconds_this_invocation": wall, "run_seconds": timings,
       "command": " ".join(["experiments/robustness/run.py"] + list(argv)),
       "seeds": args.seeds, "label_noise": args.label_noise, "extra_bindings": bindings, **extra,
+      "runs_planned": planned, "runs_done": len(keys), "complete": len(keys) == planned,
+      "seeds_done": sorted({s for _, _, s in keys}), "run_timings": _run_timings(run_dirs),
   })
   with open(os.path.join(args.out, f"{args.name}.md"), "w", encoding="utf-8") as f:
     f.write(markdown)
