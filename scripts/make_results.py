@@ -721,6 +721,149 @@ def k_sweep_page(root: Path) -> str:
     return page("ViT robustness: the k sweep at 40% label noise", [rel], body)
 
 
+POWER = RB + "power.json"
+POWER_CMD = ("nohup nice -n 19 python experiments/robustness/run.py --setting=power --out=runs/robustness_power "
+             "--seeds 0 1 2 3 4 5 6 7 8 9 --label_noise 0.4 0.8 0 &")
+
+
+def _ivp(iv: dict) -> str:
+    """A paired difference's estimate and 95% interval, in points."""
+    return f"{iv['estimate'] * 100:+.2f} [{iv['low'] * 100:+.2f}, {iv['high'] * 100:+.2f}]"
+
+
+def _verdict(iv: dict, higher_is_better: bool = True) -> str:
+    if iv["low"] > 0 or iv["high"] < 0:
+        better = (iv["low"] > 0) == higher_is_better
+        return "Top-k " + ("better" if better else "worse") + " (the interval excludes 0)"
+    return "not resolved (the interval holds 0)"
+
+
+def robustness_power_page(root: Path) -> tuple[str, dict] | None:
+    """The powered Table 1 (run.py --setting=power), partial or whole; ``None`` before its first JSON."""
+    if not (root / POWER).exists():
+        return None
+    d = load(root, POWER)
+    dense, *topks = d["columns"]
+    diffs = d.get("paired_differences_end", {})
+    state = (f"**Partial: {d['runs_done']} of {d['runs_planned']} runs finished** (table built "
+             f"{d['machine']['date'][:16].replace('T', ' ')}); the runs are still training, and each cell says its "
+             "number of seeds." if not d["complete"] else f"All {d['runs_done']} runs finished.")
+    rows, verdicts = [], []
+    for r in d["rows"]:
+        key = r["key"]
+        cells = [r["label"] + (" (%)" if key == "ece" else "")]
+        cells += [_cellp(r["cells"].get(c)) for c in d["columns"]]
+        for k in topks:
+            c = diffs.get(key, {}).get(k)
+            if c and "interval" in c:
+                cells.append(f"{_ivp(c['interval'])} (n={c['n']})")
+                verdicts.append((r["label"], k, c["interval"], key != "ece"))
+            else:
+                cells.append(f"{c['mean'] * 100:+.2f} (n=1)" if c else "–")
+        cells.append(PAPER.get(key, ""))
+        rows.append(cells)
+    nz = []
+    for m in d.get("memorisation", []):
+        layers = [c["mean"] for c in m["final_percent_nonzero_test"].values() if c]
+        nz.append([m["model"], f"{m['label_noise'] * 100:.0f}%", f"{statistics.mean(layers):.1f}",
+                   _cellp(m.get("final_train_memorised")).rsplit(" (", 1)[0] if m.get("final_train_memorised") else "–",
+                   str(len(m["seeds"]))])
+    resolved = [v for v in verdicts if v[2]["low"] > 0 or v[2]["high"] < 0]
+    shows = ("Every interval holds 0: no difference between a Top-k model and dense is resolved, in either "
+             "direction." if not resolved else "Resolved (interval excludes 0): " + "; ".join(
+                 f"{k} on {label}: {_ivp(iv)} points, {_verdict(iv, hib)}" for label, k, iv, hib in resolved)
+             + ". Every other interval holds 0.")
+    body = [
+        f"The paper's Table 1 on scikit-learn's digits with a ViT whose MLP is wide enough for k to sit at the "
+        f"dense model's own level: `Test/2` with d_ff 256 (43,114 parameters), dense ReLU against "
+        f"{' and '.join(topks)} (k / d_ff {', '.join(f'{int(k[3:]) / 256:.1%}' for k in topks)}; the dense model is "
+        f"at about 21%). {d['train_steps']} steps without augmentation (the memorisation regime), label noise "
+        f"{', '.join(f'{x:.0%}' for x in d['label_noise'])}, seeds {', '.join(map(str, d['seeds']))}.", "",
+        state, "",
+        "Test accuracy in % (360 test images), mean ± sample std over seeds (n); ECE in %. **Top-k − dense** is the "
+        "mean over seeds of the difference at the same seed (same initialisation seed, same noisy labels), in "
+        "points, with its **95% percentile-bootstrap interval over seeds** (`intervals.paired_difference_interval`, "
+        "10,000 resamples). The 360 test images are shared by every run and not resampled.", "",
+        *table(["", *d["columns"], *[f"{k} − dense [95%]" for k in topks], "paper, ViT-B/16 → Top-k (ImageNet)"],
+               rows, "l" + "r" * (len(d["columns"]) + len(topks)) + "l"),
+        "", f"**What the intervals show.** {shows}", "",
+        "% nonzero at the end of training (test images, mean of the 2 layers), and the share of the labels the "
+        "noise changed that the model fits:", "",
+        *table(["model", "noise", "% nonzero", "changed labels fitted (%)", "seeds"], nz, "llrrr"), "",
+        f"![paired differences](../../{RB}{d['figures']['differences']})", "",
+        "## Command", "", "The runs (resumable: the same command skips finished runs and restarts an unfinished one), "
+        "then the table of the finished ones (`--table_only`, the command recorded in the JSON):", "",
+        "```bash", POWER_CMD, "```", "", *command_block([(POWER, "python " + d["command"], None)]), "",
+        f"Machine (the table's invocation): {machine_line(d.get('machine'))} Per run: "
+        f"[`power_runs/`](../../{RB}power_runs/).",
+    ]
+    head = {"done": d["runs_done"], "planned": d["runs_planned"], "topks": topks,
+            "cells": {key: {k: diffs.get(key, {}).get(k) for k in topks} for key in ("label_noise_0.4", "label_noise_0.8")}}
+    return page(f"ViT robustness with power: d_ff 256, k at the dense level and at half, {len(d['seeds'])} seeds",
+                [POWER], body), head
+
+
+def _cellp(cell: dict | None) -> str:
+    if not cell:
+        return "–"
+    if cell["n"] > 1:
+        return f"{cell['mean'] * 100:.2f} ± {cell['std'] * 100:.2f} ({cell['n']})"
+    return f"{cell['mean'] * 100:.2f} (1)"
+
+
+INF = "experiments/infinite_data/results/infinite_data.json"
+
+
+def infinite_data_page(root: Path) -> tuple[str, dict] | None:
+    """Fresh random images at every step against a fixed set (experiments/infinite_data); ``None`` before its JSON."""
+    if not (root / INF).exists():
+        return None
+    d = load(root, INF)
+    rows = []
+    for data, row in d["by_data"].items():
+        ev, tr = row["eval"], row["train"]
+        layers = list(ev["percent_nonzero"])
+
+        def iv(c, digits=1, scale=1.0):
+            if "low" not in c:
+                return f"{c['estimate'] * scale:.{digits}f} (1 seed)"
+            return f"{c['estimate'] * scale:.{digits}f} [{c['low'] * scale:.{digits}f}, {c['high'] * scale:.{digits}f}]"
+        rows.append([data, ", ".join(map(str, row["seeds"])), iv(ev["mean_percent_nonzero"]),
+                     " / ".join(iv(ev["percent_nonzero"][l]) for l in layers), iv(tr["mean_percent_nonzero"]),
+                     " / ".join(iv(ev["firing_below_10pct"][l], 0, 100) for l in layers),
+                     " / ".join(iv(ev["never_firing"][l], 0, 100) for l in layers),
+                     iv(tr["accuracy"], 1, 100)])
+    diff = d.get("infinite_minus_finite_eval_mean_percent_nonzero")
+    fin, inf = (d["by_data"].get(k, {}).get("eval", {}).get("mean_percent_nonzero") for k in ("finite", "infinite"))
+    if diff:
+        says = ("not resolved: the interval holds 0" if diff["low"] <= 0 <= diff["high"] else
+                ("the fresh-image model is **denser**" if diff["low"] > 0 else "the fresh-image model is **sparser**"))
+        diff_line = (f"Infinite − finite, held-out % nonzero (mean of layers): **{diff['estimate']:+.1f} points** "
+                     f"[{diff['low']:+.1f}, {diff['high']:+.1f}] (95% bootstrap interval over seeds, unpaired): "
+                     f"{says}.")
+    else:
+        diff_line = "The difference needs at least 2 seeds of each kind."
+    steps = d["runs"][0]["train_steps"]
+    body = [
+        "Experiment 3's dense ReLU ViT (`Test/2`, d_ff 64, 18,154 parameters; batch 128, AdamW at 1e-2, no "
+        f"augmentation, {steps} steps) on uniform-noise 8x8 images with random labels: **finite**, 1437 fixed images "
+        f"({steps * 128 / 1437:.0f} epochs; `experiments/sparsity/vit_random_images.gin`), against **infinite**, every "
+        f"training image drawn afresh ({steps * 128:,} images, none seen twice; "
+        "`random_images.InfiniteRandomImageDataset`). Held-out: 360 other random images. Cells: mean over seeds and "
+        "the 95% bootstrap interval over seeds (`intervals.seed_interval`; with 3 seeds read it as the spread "
+        "measured). \"Train\" is the finite set, or the stream's first 1437 images.", "",
+        *table(["data", "seeds", "% nonzero, held-out (mean of layers)", "layer 0 / 1", "% nonzero, train",
+                "units firing on < 10% of tokens (%, layer 0 / 1)", "never firing (%)", "train accuracy (%)"],
+               rows, "llrrrrrr"),
+        "", diff_line, "",
+        f"![over training](../../experiments/infinite_data/results/{d['figure']})", "",
+        "## Command", "", *command_block([(INF, "python " + d["command"], None)]), "",
+        f"Machine: {machine_line(d.get('machine'))}",
+    ]
+    return page("Infinite data: fresh random images at every step against a fixed set", [INF], body), dict(
+        diff=diff, finite=fin, infinite=inf, seeds=len(d["seeds"]))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Formulation study and decode-step microbenchmark
 
@@ -829,6 +972,22 @@ def headline_block(h: dict) -> str:
          f"{signed(rb['e8']['mean'] * 100)} ± {rb['e8']['std'] * 100:.2f} points",
          f"digits, memorisation regime, {rb['n']} seeds", "robustness_memorisation.md"],
     ]
+    if "robustness_power" in h:
+        rp = h["robustness_power"]
+        cells = []
+        for key, label in (("label_noise_0.4", "40%"), ("label_noise_0.8", "80%")):
+            for k in rp["topks"]:
+                c = rp["cells"][key].get(k)
+                if c and "interval" in c:
+                    cells.append(f"{k} {label}: {_ivp(c['interval'])}")
+        rows.append(["ViT Top-k − dense, 40% / 80% noise, d_ff 256 (95% interval)", "; ".join(cells) or "–",
+                     f"digits, {rp['done']} of {rp['planned']} runs" + (" (partial)" if rp["done"] < rp["planned"]
+                                                                         else ""), "robustness_power.md"])
+    if "infinite_data" in h and h["infinite_data"]["diff"]:
+        inf = h["infinite_data"]
+        rows.append(["ViT % nonzero, fresh vs fixed random images", f"{inf['infinite']['estimate']:.1f} vs "
+                     f"{inf['finite']['estimate']:.1f}% (difference [{inf['diff']['low']:+.1f}, "
+                     f"{inf['diff']['high']:+.1f}])", f"dense ViT, held-out, {inf['seeds']} seeds", "infinite_data.md"])
     lines = table(["result", "figure", "measured on", "page"],
                   [[a, b, c, f"[{Path(p).stem}](docs/results/{p})"] for a, b, c, p in rows], "llll")
     return "\n".join(lines) + "\n"
@@ -856,6 +1015,10 @@ def generate(root: Path = ROOT) -> dict[str, str]:
     pages["sparsity_topk"], heads["topk"] = topk_page(root)
     pages["robustness_memorisation"], heads["robustness"] = robustness_page(root)
     pages["robustness_k_sweep"] = k_sweep_page(root)
+    for name, make in (("robustness_power", robustness_power_page), ("infinite_data", infinite_data_page)):
+        made = make(root)
+        if made is not None:
+            pages[name], heads[name] = made
     pages["mlp_formulations"] = formulations_page(root)
     pages["decode_step_microbench"] = microbench_page(root)
     titles = {n: text.split("\n# ", 1)[1].split("\n", 1)[0] for n, text in pages.items()}
