@@ -61,8 +61,8 @@ def test_auto_takes_the_selection_method_the_timer_finds_fastest(cache, fastest)
   assert topk.resolve_method("auto", (2, 64), 8, jnp.float32, "tpu") == "threshold"  # another backend: its rule
 
 
-def test_a_tie_keeps_the_rule_and_each_shape_is_measured_once(cache):
-  timer = FakeTimer({"exact": 1e-3, "threshold": 1e-3})
+def test_a_near_tie_keeps_the_rule_and_each_shape_is_measured_once(cache):
+  timer = FakeTimer({"exact": 1e-3, "threshold": 0.97e-3})  # within autotune.MARGIN (5%): noise on a shared machine
   with autotune.use_timer(timer):
     assert topk.resolve_method("auto", (2, 64), 8, jnp.float32) == "exact"  # the CPU rule for few rows
     assert topk.resolve_method("auto", (16, 2048), 8, jnp.float32) == "threshold"

@@ -12,7 +12,8 @@ Three choices in this project change only speed, never a result beyond float rou
 
 The first time a choice is needed for a shape (backend, device kind, jax version, dtype and the sizes that matter),
 which is when a step is traced, every candidate is compiled and timed on that device with concrete random arrays of
-the shape, interleaved, and the fastest is kept, in memory and in a JSON file that later processes read:
+the shape, interleaved, and the fastest is kept (the rule's choice unless another beats it by more than
+:data:`MARGIN`), in memory and in a JSON file that later processes read:
 ``$TOPK_AUTOTUNE_CACHE``, default ``~/.cache/topk_transformers/autotune.json``. Writes go through a temporary file
 and a rename, so a reader sees the old file or the new one whole; an unreadable or corrupt file is one warning and is
 ignored (it is rewritten at the next measurement).
@@ -51,6 +52,9 @@ FORMAT = 1
 MIN_ROUNDS = 3
 MAX_ROUNDS = 25
 BUDGET_S = 0.3
+
+# Another candidate replaces the rule's choice only if it is faster by more than this share.
+MARGIN = 0.05
 
 Timer = Callable[[Mapping[str, Callable[[], Any]]], Dict[str, float]]
 """``timer({name: call}) -> {name: seconds}``: how long one call of each candidate takes."""
@@ -140,6 +144,9 @@ def _write(path: str, key: str, entry: Dict[str, Any]) -> None:
     entries[key] = entry
     fd, tmp = tempfile.mkstemp(prefix=".autotune-", suffix=".json", dir=directory)
     try:
+      umask = os.umask(0)
+      os.umask(umask)
+      os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the cache from other users of a shared directory
       with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump({"format": FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
       os.replace(tmp, path)
@@ -197,7 +204,9 @@ def choose(kind: str, shape: Mapping[str, Any], candidates: Mapping[str, Callabl
     t0 = time.perf_counter()
     with jax.ensure_compile_time_eval():  # concrete arrays even while a step is being traced
       seconds = _timer({name: build() for name, build in candidates.items()})
-    choice = min(candidates, key=lambda name: (seconds[name], name != default))  # a tie keeps the rule
+    fastest = min(candidates, key=lambda name: (seconds[name], name != default))
+    # The rule stands unless beaten by more than the noise of a shared machine.
+    choice = fastest if seconds[fastest] < (1.0 - MARGIN) * seconds[default] else default
     entry = {"choice": choice, "seconds": {name: float(seconds[name]) for name in candidates}, "rule": default,
              "measured_in_s": round(time.perf_counter() - t0, 3),
              "date": datetime.datetime.now().isoformat(timespec="seconds")}
