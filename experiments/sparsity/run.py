@@ -459,9 +459,160 @@ def emergence_long(out: str, steps: Optional[int] = None, eval_steps: Optional[i
   return report
 
 
+# ---------------------------------------------------------------------------
+# Over seeds: experiments 1 and 3 with 3 seeds, the curves as a mean and a band
+# ---------------------------------------------------------------------------
+
+SEEDS = (0, 1, 2)
+SEEDED_EVAL_STEPS = 50
+"""Batches per split measured by the seeded experiments (the whole ViT splits are smaller: 12 and 3 batches)."""
+
+
+def seeded(spec: RunSpec, seed: int) -> RunSpec:
+  """``spec`` at another ``RANDOM_SEED`` (initialisation and data order); seed 0, the packaged default, is the
+  run itself, so the single-seed experiments' runs are reused. Label noise keeps its own fixed seed."""
+  if seed == 0:
+    return spec
+  return dataclasses.replace(spec, name=f"{spec.name}_seed{seed}", bindings=spec.bindings + (f"RANDOM_SEED = {seed}",))
+
+
+def _band(values_by_seed: Sequence[Sequence[float]], seed: int = 0) -> Tuple[List[float], List[float], List[float]]:
+  """Per step: the mean over seeds and its 95% bootstrap interval over the seeds (one seed: no band)."""
+  from topk_transformers import intervals  # pylint: disable=g-import-not-at-top
+
+  mean, low, high = [], [], []
+  for column in zip(*values_by_seed):
+    mean.append(round(float(np.mean(column)), 4))
+    if len(column) >= 2:
+      iv = intervals.seed_interval(column, n_resamples=2000, seed=seed)
+      low.append(round(iv.low, 4))
+      high.append(round(iv.high, 4))
+    else:
+      low.append(mean[-1])
+      high.append(mean[-1])
+  return mean, low, high
+
+
+def seed_curves(curves_by_seed: Sequence[report_lib.Curves]) -> dict:
+  """``{kind: {layer: {"steps", "mean", "low", "high", "seeds": n}}}`` on the steps every seed logged."""
+  out: Dict[str, Any] = {}
+  for kind in ("train", "eval"):
+    for layer in (curves_by_seed[0].get(kind) or {}):
+      series = [dict(zip(*c[kind][layer])) for c in curves_by_seed if layer in c.get(kind, {})]
+      if len(series) != len(curves_by_seed):
+        continue
+      steps = sorted(set.intersection(*(set(x) for x in series)))
+      mean, low, high = _band([[x[s] for s in steps] for x in series])
+      out.setdefault(kind, {})[layer] = {"steps": steps, "mean": mean, "low": low, "high": high,
+                                         "seeds": len(series)}
+  return out
+
+
+def seed_table(measurements_by_seed: Sequence[Sequence[report_lib.Measurement]]) -> List[dict]:
+  """Per (label, split) of the trained params: each layer's and the layers' mean % nonzero over seeds, with 95%
+  intervals over seeds and batches, and the firing shares' mean and range over seeds."""
+  from topk_transformers import intervals  # pylint: disable=g-import-not-at-top
+
+  rows = []
+  for position, first in enumerate(measurements_by_seed[0]):
+    if first.label == runs.INIT:
+      continue
+    ms = [seed_ms[position] for seed_ms in measurements_by_seed]
+    layers = list(first.percent_nonzero)
+    row = {"label": first.label, "split": first.split, "seeds": len(ms),
+           "eval_batches": [len(m.per_batch["weight"]) for m in ms], "percent_nonzero": {},
+           "fraction_firing_below_10pct": {}, "fraction_never_firing": {}}
+
+    def interval(values_weights):
+      values, weights = [v for v, _ in values_weights], [w for _, w in values_weights]
+      if len(values) >= 2:
+        return intervals.hierarchical_interval(values, weights).as_dict(3)
+      return intervals.batch_interval(values[0], weights[0]).as_dict(3) if len(values[0]) >= 2 else None
+
+    for layer in layers:
+      row["percent_nonzero"][layer] = interval([(m.per_batch["percent_nonzero"][layer],
+                                                 m.per_batch["token_count"][layer]) for m in ms])
+      for key in ("fraction_firing_below_10pct", "fraction_never_firing"):
+        values = [m.summary()[key][layer] for m in ms]
+        row[key][layer] = {"mean": round(float(np.mean(values)), 4), "min": round(min(values), 4),
+                           "max": round(max(values), 4)}
+    row["mean_of_layers"] = interval([(np.mean([m.per_batch["percent_nonzero"][l] for l in layers], 0),
+                                       np.mean([m.per_batch["token_count"][l] for l in layers], 0)) for m in ms])
+    row["loss"] = [round(float(m.metrics["loss"]), 4) for m in ms]
+    rows.append(row)
+  return rows
+
+
+def over_seeds(out: str, specs: Sequence[RunSpec], name: str, title: str, steps: Optional[int] = None,
+               eval_steps: Optional[int] = SEEDED_EVAL_STEPS, seeds: Sequence[int] = SEEDS) -> dict:
+  """Trains every spec at every seed (seed by seed), measures them, writes ``OUT/<name>/<name>.json`` and a figure
+  of the mean % nonzero over layers during training, each run's curve as the mean over seeds and a band."""
+  host = machine.machine_info()
+  by_spec: Dict[str, Dict[str, list]] = {spec.name: {"measurements": [], "curves": [], "rows": []} for spec in specs}
+  for seed in seeds:
+    for spec in specs:
+      s = seeded(spec, seed)
+      run_dir, seconds = train_run(s, out, steps)
+      measurements, n_params = measure_run(s, run_dir, eval_steps, steps)
+      entry = by_spec[spec.name]
+      entry["measurements"].append(measurements)
+      entry["curves"].append(report_lib.read_event_sparsity(run_dir))
+      entry["rows"].append({"name": s.name, "seed": seed, "parameters": n_params, "train_seconds": _round(seconds),
+                            "measurements": [m.summary() for m in measurements]})
+  payload = {"experiment": name, "seeds": list(seeds), "eval_steps": eval_steps, "machine": host, "runs": []}
+  for spec in specs:
+    entry = by_spec[spec.name]
+    payload["runs"].append({"name": spec.name, "label": spec.label, "gin_files": list(spec.gin_files),
+                            "seeds": entry["rows"], "table": seed_table(entry["measurements"]),
+                            "curves": seed_curves(entry["curves"])})
+  exp_dir = os.path.join(out, name)
+  _write_json(os.path.join(exp_dir, f"{name}.json"), payload)
+  plot_seed_curves(payload, os.path.join(exp_dir, f"{name}.png"), title)
+  for r in payload["runs"]:
+    for row in r["table"]:
+      iv = row["mean_of_layers"]
+      print(f"{r['label']}, {row['label']}, {row['split']}: mean % nonzero {iv['estimate']:.2f} "
+            f"[{iv['low']:.2f}, {iv['high']:.2f}] over {row['seeds']} seeds", flush=True)
+  return payload
+
+
+def emergence_seeds(out: str, steps: Optional[int] = None, eval_steps: Optional[int] = SEEDED_EVAL_STEPS) -> dict:
+  """Experiment 1 over seeds 0, 1, 2 (seed 0 is experiment 1's run)."""
+  return over_seeds(out, (T5_DENSE,), "emergence_seeds", "Dense ReLU T5, % nonzero over training", steps, eval_steps)
+
+
+def random_data_seeds(out: str, steps: Optional[int] = None, eval_steps: Optional[int] = None) -> dict:
+  """Experiment 3 over seeds 0, 1, 2 (seed 0 is experiment 3's runs); whole splits measured."""
+  return over_seeds(out, VIT_RUNS, "random_data_seeds", "Dense ReLU ViT, % nonzero over training", steps, eval_steps)
+
+
+def plot_seed_curves(payload: dict, path: str, title: str) -> str:
+  """Per run, the mean over layers of the logged training-batch % nonzero: the mean over seeds and its band."""
+  plt = plotting.pyplot()
+  fig, ax = plt.subplots(figsize=(6.8, 4.2))
+  colors = plt.cm.tab10(np.arange(10))
+  for i, r in enumerate(payload["runs"]):
+    layers = r["curves"].get("train", {})
+    if not layers:
+      continue
+    steps = list(layers.values())[0]["steps"]
+    stacked = {k: np.mean([np.asarray(c[k]) for c in layers.values()], 0) for k in ("mean", "low", "high")}
+    ax.plot(steps, stacked["mean"], color=colors[i % 10], label=f"{r['label']} (mean of {len(r['seeds'])} seeds)")
+    ax.fill_between(steps, stacked["low"], stacked["high"], color=colors[i % 10], alpha=0.25, linewidth=0)
+  plotting.log_axis(ax)
+  ax.set_xlabel("training step")
+  ax.set_ylabel("% nonzero, mean over layers (training batches)")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize="small")
+  ax.set_title(f"{title}; band: 95% bootstrap interval over seeds", fontsize="medium")
+  fig.tight_layout()
+  return plotting.save(fig, path)
+
+
 EXPERIMENTS = {"emergence": emergence, "emergence_long": emergence_long, "scale": scale, "scale_long": scale_long,
-               "random_data": random_data, "topk": topk}
-LONG_EXPERIMENTS = ("emergence_long", "scale_long")
+               "random_data": random_data, "topk": topk, "emergence_seeds": emergence_seeds,
+               "random_data_seeds": random_data_seeds}
+LONG_EXPERIMENTS = ("emergence_long", "scale_long", "emergence_seeds", "random_data_seeds")
 """Hours of training: named explicitly, never part of ``all``."""
 
 
