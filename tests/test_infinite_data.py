@@ -61,6 +61,10 @@ def test_summary_means_and_unpaired_difference(runner):
   assert finite["mean_percent_nonzero"]["estimate"] == pytest.approx(22.0)
   assert 21.0 <= finite["mean_percent_nonzero"]["low"] <= finite["mean_percent_nonzero"]["high"] <= 23.0
   assert finite["percent_nonzero"]["Transformer/encoderblock_1"]["estimate"] == pytest.approx(23.0)
+  # Half of layer 0's units never fire: its live units are at twice its % nonzero.
+  results[("finite", 0)]["measured"]["test"]["firing"]["Transformer/encoderblock_0"]["never"] = 0.5
+  live = runner.summarise(results, [0])["by_data"]["finite"]["eval"]["live_unit_percent_nonzero"]
+  assert live["estimate"] == pytest.approx((20.0 / 0.5 + 22.0) / 2)
   diff = summary["infinite_minus_finite_eval_mean_percent_nonzero"]
   assert diff["estimate"] == pytest.approx(10.0) and 8.0 <= diff["low"] <= diff["high"] <= 12.0
 

@@ -20,7 +20,8 @@ the same command resumes it. A run with its ``measurement.json`` is done and ski
 Measured per run, with the whole eval split (360 held-out images) and the "training" split (the finite set's
 1437 images; for the infinite stream its first 1437 images): per-layer % nonzero, the share of units firing on
 fewer than 10% of tokens and the share never firing, accuracy; over training, the eval % nonzero every
-``--eval_period`` steps. Writes ``OUT/infinite_data.json`` (per run and per data kind: mean and 95% bootstrap
+``--eval_period`` steps, and the % nonzero of the units that fire at all (mean of layers: dead units apart). Writes
+``OUT/infinite_data.json`` (per run and per data kind: mean and 95% bootstrap
 interval over seeds, ``intervals.seed_interval``; infinite - finite: ``intervals.unpaired_difference_interval``)
 and ``OUT/infinite_data.png``.
 """
@@ -140,6 +141,10 @@ def summarise(results: Dict[tuple, Dict[str, Any]], seeds: Sequence[int]) -> Dic
           "firing_below_10pct": {l: _iv([m["firing"][l]["below_10pct"] for m in ms]) for l in layers},
           "never_firing": {l: _iv([m["firing"][l]["never"] for m in ms]) for l in layers},
           "accuracy": _iv([m["metrics"]["accuracy"] for m in ms]),
+          # % nonzero among the units that fire at all: tells rarely-firing units from dead ones.
+          "live_unit_percent_nonzero": _iv([float(np.mean([m["percent_nonzero"][l] / (1 - m["firing"][l]["never"])
+                                                           for l in layers if m["firing"][l]["never"] < 1]))
+                                            for m in ms]),
       }
     kinds[data] = row
   out: Dict[str, Any] = {"by_data": kinds}
