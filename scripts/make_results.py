@@ -898,6 +898,7 @@ def infinite_data_page(root: Path) -> tuple[str, dict] | None:
                      " / ".join(iv(ev["percent_nonzero"][l]) for l in layers), iv(tr["mean_percent_nonzero"]),
                      " / ".join(iv(ev["firing_below_10pct"][l], 0, 100) for l in layers),
                      " / ".join(iv(ev["never_firing"][l], 0, 100) for l in layers),
+                     iv(ev["live_unit_percent_nonzero"]) if "live_unit_percent_nonzero" in ev else "–",
                      iv(tr["accuracy"], 1, 100)])
     diff = d.get("infinite_minus_finite_eval_mean_percent_nonzero")
     fin, inf = (d["by_data"].get(k, {}).get("eval", {}).get("mean_percent_nonzero") for k in ("finite", "infinite"))
@@ -919,8 +920,8 @@ def infinite_data_page(root: Path) -> tuple[str, dict] | None:
         "the 95% bootstrap interval over seeds (`intervals.seed_interval`; with 3 seeds read it as the spread "
         "measured). \"Train\" is the finite set, or the stream's first 1437 images.", "",
         *table(["data", "seeds", "% nonzero, held-out (mean of layers)", "layer 0 / 1", "% nonzero, train",
-                "units firing on < 10% of tokens (%, layer 0 / 1)", "never firing (%)", "train accuracy (%)"],
-               rows, "llrrrrrr"),
+                "units firing on < 10% of tokens (%, layer 0 / 1)", "never firing (%)",
+                "% nonzero of the units that fire at all, held-out", "train accuracy (%)"], rows, "llrrrrrrr"),
         "", diff_line, "",
         f"![over training](../../experiments/infinite_data/results/{d['figure']})", "",
         "## Command", "", *command_block([(INF, "python " + d["command"], None)]), "",
