@@ -619,6 +619,45 @@ def topk_page(root: Path) -> tuple[str, dict]:
     return page("Top-k on par: dense against Top-k T5", [rel], body), dict(worst=worst, eval_steps=eval_steps)
 
 
+SEEDED_CMD = "nice -n 19 python experiments/sparsity/run.py --experiment={} --out=/work/main/runs/sparsity_seeds"
+SEEDED = {"emergence_seeds": "Sparsity emerges, over 3 seeds: dense ReLU T5",
+          "random_data_seeds": "Not the data, over 3 seeds: ViT with random labels and random images"}
+
+
+def seeded_page(root: Path, name: str) -> str | None:
+    """emergence_seeds / random_data_seeds: per run and split, % nonzero per layer with intervals over seeds and
+    batches, and the firing shares over seeds; ``None`` before the experiment's JSON is committed."""
+    rel = SP + f"{name}.json"
+    if not (root / rel).exists():
+        return None
+    d = load(root, rel)
+    body = [f"Seeds {', '.join(map(str, d['seeds']))}; each run measured batch by batch on "
+            + ("the whole splits" if d["eval_steps"] is None else f"the first {d['eval_steps']} batches of each split")
+            + ". Cells: the mean over seeds with its **95% interval** over seeds and batches "
+            "(`topk_transformers/intervals.py`; with 3 seeds it cannot reach beyond the seeds' range: read it as the "
+            "spread measured). *< 10%*: the % of units firing on fewer than 10% of tokens, mean over seeds (min-max).",
+            ""]
+    for r in d["runs"]:
+        body += [f"## {r['label']}", ""]
+        for row in r["table"]:
+            layers = list(row["percent_nonzero"])
+            rows = [[LAYER_NAMES.get(l, l), _iv(row["percent_nonzero"][l]),
+                     "{:.1f} ({:.1f}-{:.1f})".format(*(100 * row["fraction_firing_below_10pct"][l][k]
+                                                       for k in ("mean", "min", "max"))),
+                     "{:.1f} ({:.1f}-{:.1f})".format(*(100 * row["fraction_never_firing"][l][k]
+                                                       for k in ("mean", "min", "max")))] for l in layers]
+            rows.append(["**mean of the layers**", f"**{_iv(row['mean_of_layers'])}**", "", ""])
+            body += [f"{row['label']}, {row['split']} ({row['seeds']} seeds, "
+                     f"{' / '.join(map(str, row['eval_batches']))} batches; loss "
+                     f"{' / '.join(f'{v:.3f}' for v in row['loss'])}):", "",
+                     *table(["layer", "% nonzero [95% interval]", "< 10% (% of units)", "never fire (% of units)"],
+                            rows), ""]
+    body += [f"![{name}](../../{SP}{name}.png)", "", "## Command", "",
+             *command_block([(rel, d.get("command"), SEEDED_CMD.format(name))]), "",
+             f"Machine: {machine_line(d.get('machine'))}"]
+    return page(SEEDED[name], [rel], body)
+
+
 WD = "experiments/width_depth/results/width_depth.json"
 WD_CMD = "nohup nice -n 19 python experiments/width_depth/run.py --out=/work/main/runs/width_depth &"
 
@@ -1080,6 +1119,10 @@ def generate(root: Path = ROOT) -> dict[str, str]:
     pages["sparsity_scale_long"], heads["scale_long"] = scale_long_page(root)
     pages["sparsity_random_data"], heads["random_data"] = random_data_page(root)
     pages["sparsity_topk"], heads["topk"] = topk_page(root)
+    for name in SEEDED:
+        seeded = seeded_page(root, name)
+        if seeded is not None:
+            pages[f"sparsity_{name}"] = seeded
     wd = width_depth_page(root)
     if wd is not None:
         pages["sparsity_width_depth"], heads["width_depth"] = wd

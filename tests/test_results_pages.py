@@ -95,3 +95,33 @@ def test_a_page_the_generator_does_not_write_fails_the_check(tree, capsys):
   (tree / "docs" / "results" / "typed_by_hand.md").write_text("| a | table |\n")
   assert make_results.main(["--check", "--root", str(tree)]) == 1
   assert "typed_by_hand.md is not generated" in capsys.readouterr().err
+
+
+def _interval(estimate, half):
+  return {"estimate": estimate, "low": estimate - half, "high": estimate + half, "level": 0.95, "n_seeds": 2,
+          "n_batches": 146, "n_resamples": 10000, "seed_means": [estimate - half / 2, estimate + half / 2],
+          "over": "seeds and batches", "batch_only_half_width": [0.2, 0.3]}
+
+
+def test_width_depth_page_appears_with_its_json_and_says_partial_and_what_the_paired_difference_resolves(tree):
+  if not (tree / make_results.WD).exists():  # before its first JSON is committed, no page
+    assert "docs/results/sparsity_width_depth.md" not in make_results.generate(tree)
+  points = [{"d_ff": w, "layers": 2, "sweeps": ["width"] + (["depth"] if w == 1024 else []), "seeds": [0, 1],
+             "parameters": 1_000_000 + w, "last_decoder_layer": _interval(30.0 - w / 512, 1.0),
+             "mean_of_layers": _interval(25.0, 0.5), "held_out_loss": _interval(4.5, 0.01)} for w in (256, 1024)]
+  contrast = {"sweep": "width", "from": {"d_ff": 256, "layers": 2}, "to": {"d_ff": 1024, "layers": 2}, "seeds": [0, 1],
+              "last_decoder_layer": _interval(-1.5, 0.4), "mean_of_layers": _interval(0.1, 0.3),
+              "held_out_loss": _interval(-0.02, 0.01)}
+  payload = {"experiment": "width_depth", "partial": True, "runs_done": 4, "runs_planned": 24, "train_steps": 3000,
+             "tokens_per_step": 1280, "learning_rate_rule": "one rule", "seeds": [0, 1, 2], "widths": [256, 1024],
+             "depths": [2], "base": {"d_ff": 1024, "layers": 2}, "eval_steps": None, "eval_batches": 73,
+             "interval": {"level": 0.95, "resamples": 10000, "method": "percentile bootstrap"},
+             "date": "2026-12-06 21:00 UTC", "machine": None, "points": points, "contrasts": [contrast], "runs": []}
+  (tree / make_results.WD).parent.mkdir(parents=True, exist_ok=True)
+  (tree / make_results.WD).write_text(json.dumps(payload))
+  text = make_results.generate(tree)["docs/results/sparsity_width_depth.md"]
+  assert "**Partial: 4 of 24 runs measured**" in text and "**73 held-out batches**" in text
+  assert "| 256 | 1.00M | 0, 1 | 29.5 [28.5, 30.5] | 25.0 [24.5, 25.5] | 0.25 | 4.500 [4.490, 4.510] |" in text
+  assert "last decoder layer lower, -1.50 [-1.90, -1.10] points" in text
+  assert "mean of the layers not resolved, 0.10 [-0.20, 0.40] points (the interval holds 0)" in text
+  assert "held-out loss lower, -0.02 [-0.03, -0.01] nats" in text
