@@ -12,10 +12,13 @@ dtype, as XLA's product does. The flattened leading axes (a batch, beams) are ``
 * **GPU (Triton).** One program per (row of ``x``, block of outputs). A program loads its indices as a vector and
   reads the selected rows with one gathered load per chunk of indices (``w_ref[rows, cols]``), so no copy of the
   rows is made. The index axis is padded to a multiple of the chunk (index 0, value 0), and blocks are powers of two.
+  Not yet run on a GPU: the tests interpret it and lower it to Triton IR on the CPU.
 * **TPU (Mosaic).** The indices are scalar-prefetch operands (in SMEM before the grid starts), as in
   ``jax.experimental.pallas.ops.tpu.paged_attention``: they drive one DMA per selected row from ``w`` in HBM
   (``memory_space=ANY``) into a VMEM block of rows, all started before any is awaited, and the MXU then multiplies
   that block. The grid is (row of ``x``, block of indices); ``gather_vecmat`` sums its blocks in a float32 scratch.
+  Not yet run on a TPU: whether Mosaic accepts a one-row DMA at a dynamic sublane offset (bfloat16 packs two rows
+  per sublane) is for the first TPU run to tell; the tests interpret it and lower it to Mosaic IR on the CPU.
 
 Nothing here decides that a kernel is used: ``row_kernels`` offers it as one candidate where it applies, and
 ``autotune`` keeps it only where it measured fastest on the device (never assumed). ``interpret=True`` runs either
@@ -30,12 +33,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-# Indices per gathered load on GPU (a [chunk, block_d] tile of rows in registers).
-TRITON_CHUNK = 16
-# Output columns per GPU program (vecmat) and row width per step of the GPU matvec loop.
-TRITON_BLOCK_D = 256
-# Candidates per GPU program (matvec).
-TRITON_BLOCK_C = 64
+# GPU tiles, chosen for parallelism at batch 1 (d 1024: 16 vecmat programs; c 256: 8 matvec programs) with tiles of
+# 2-4K values per gathered load; not tuned on a GPU yet (autotune compares the kernels with XLA's gather there).
+# Indices per gathered load (vecmat: a [chunk, block_d] tile of rows).
+TRITON_CHUNK = 32
+# Output columns per vecmat program.
+TRITON_BLOCK_D = 64
+# Candidates per matvec program, and the row width per step of its loop.
+TRITON_BLOCK_C = 32
+TRITON_MATVEC_BLOCK_D = 128
 # Indices per TPU grid step (rows held in VMEM at once): a multiple of 128, or all of them when fewer.
 TPU_BLOCK_ROWS = 256
 
@@ -151,7 +157,7 @@ def _matvec_triton(x, w, idx, interpret=False):
   bc = min(TRITON_BLOCK_C, pl.next_power_of_2(c0))
   idx = _pad_last(idx, bc)
   c = idx.shape[1]
-  bd = _pow2_divisor(d, TRITON_BLOCK_D // 4)  # a [bc, bd] tile per step
+  bd = _pow2_divisor(d, TRITON_MATVEC_BLOCK_D)  # a [bc, bd] tile per step
 
   def kernel(idx_ref, x_ref, w_ref, o_ref):
     selected_rows = idx_ref[...]
