@@ -11,10 +11,15 @@ One command trains and evaluates every run in sequence, then writes the table (R
     python experiments/robustness/run.py --setting=memorisation --out=/tmp/topk_vit_memorisation \
         --label_noise 0.4 --models dense top2 top5 top10 top20 --name=k_sweep
 
+    # with power: d_ff 256, dense against k = 54 (its own level) and k = 27, paired intervals over 10 seeds
+    python experiments/robustness/run.py --setting=power --out=runs/robustness_power \
+        --seeds 0 1 2 3 4 5 6 7 8 9 --label_noise 0.4 0.8 0
+    python experiments/robustness/run.py --setting=power --out=runs/robustness_power ... --table_only
+
 Each run is the packaged ``vit/runs/cpu_smoke.gin`` (the Top-k ViT, k = 5), or that file
 plus ``vit/relu.gin`` (the dense ReLU ViT); model ``top<k>`` is the Top-k ViT with
 ``TOP_K = k``. ``--setting=memorisation`` stacks this directory's ``memorisation.gin`` on
-top. Runs are trained by ``train.train`` and evaluated by ``evaluate.evaluate`` (the
+top; ``--setting=power`` stacks ``memorisation.gin`` and ``power.gin`` (d_ff 256). Runs are trained by ``train.train`` and evaluated by ``evaluate.evaluate`` (the
 run's ``EVALUATORS``: ``evaluators.CorruptionEvaluator``), in this process. Run
 ``{model}_noise{p}_seed{s}`` uses ``RANDOM_SEED = LABEL_NOISE_SEED = s``: at a given seed
 every model starts from the same initialiser seed and sees the same noisy labels.
@@ -31,7 +36,9 @@ and at that step) and ``best/eval_results.json`` (Table 1's measurements at that
 the table JSON then holds Table 1 at the end and at the best step, paired differences
 against dense and the memorisation summary, and ``<name>_curves.png`` plots test accuracy
 over steps per model (and ``<name>_k.png`` the accuracies against k when several Top-k
-models ran).
+models ran). In the power setting the paired differences carry their 95% bootstrap interval over seeds
+(``intervals.paired_difference_interval``) and ``<name>_differences.png`` draws them. ``--table_only`` trains nothing:
+it tabulates the finished runs, with ``runs_planned``, ``runs_done`` and ``complete``.
 """
 
 from __future__ import annotations
