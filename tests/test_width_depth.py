@@ -175,3 +175,26 @@ def test_argument_errors_are_one_line_and_exit_2(wd, argv, message, capsys):
   assert wd.main(argv) == 2
   err = capsys.readouterr().err.strip()
   assert message in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_one_tiny_real_run_trains_measures_every_batch_and_resumes(wd, tmp_path, capsys):
+  """The real path at toy size: gin stack with the size bound, training, the batch-by-batch measurement."""
+  tiny = ("network.T5Config.emb_dim = 16", "network.T5Config.num_heads = 2", "network.T5Config.head_dim = 8",
+          "BATCH_SIZE = 4", "TASK_FEATURE_LENGTHS = {'inputs': 16, 'targets': 8}", "EVAL_PERIOD = 2",
+          "CHECKPOINT_PERIOD = 2")
+  payload = wd.width_depth(str(tmp_path), steps=2, eval_steps=3, seeds=(0,), extra_bindings=tiny, widths=(8,),
+                           depths=(1,), base_width=8, base_layers=1)
+  (row,) = payload["runs"]
+  assert row["name"] == "t5_wd_dff8_layers1_seed0" and row["step"] == 2 and row["eval_batches"] == 3
+  assert list(row["percent_nonzero"]) == ["encoder/layers_0", "decoder/layers_0"]
+  assert row["last_decoder_layer"] == "decoder/layers_0"
+  pct, tokens = wd.batch_values(row, "last_decoder_layer")
+  assert float((pct * tokens).sum() / tokens.sum()) == pytest.approx(row["percent_nonzero"]["decoder/layers_0"],
+                                                                      abs=1e-3)
+  assert payload["points"][0]["held_out_loss"]["over"] == "batches"
+  assert (tmp_path / "width_depth" / "width_depth.png").read_bytes()[:8] == PNG
+  capsys.readouterr()
+  wd.width_depth(str(tmp_path), steps=2, eval_steps=3, seeds=(0,), extra_bindings=tiny, widths=(8,), depths=(1,),
+                 base_width=8, base_layers=1)
+  assert "already trained" in capsys.readouterr().out
