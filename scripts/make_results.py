@@ -453,15 +453,19 @@ def scale_page(root: Path) -> str:
     rows = []
     for r in d["runs"]:
         mp = r["mean_percent_nonzero"]
+        held_out = next(m for m in r["measurements"] if m["step"] > 0 and m["split"] == "validation")
         rows.append([r["label"], f"{r['parameters'] / 1e6:.2f}M", f"{r['train_seconds']:.0f} s",
                      f"{mp['init, validation']['all']:.1f}", f"{mp['step 300, train']['all']:.1f}",
                      f"{mp['step 300, validation']['encoder']:.1f} / {mp['step 300, validation']['decoder']:.1f} / "
-                     f"**{mp['step 300, validation']['all']:.1f}**", f"{r['final_eval_loss']:.3f}"])
+                     f"**{mp['step 300, validation']['all']:.1f}**",
+                     " / ".join(f"{below_10pct(held_out, l) * 100:.0f}" for l in held_out["percent_nonzero"]),
+                     f"{r['final_eval_loss']:.3f}"])
     body = ["Three sizes of dense ReLU T5 (small: d_model 64, 1+1 layers, d_ff 512; medium: 128, 2+2, 1024; large: 192,",
             f"3+3, 1536), 300 steps of 64 input / 16 target tokens, **one seed**, measured on {d['eval_steps']} batches "
             "per split.", "",
             *table(["size", "parameters", "train time", "init, validation", "step 300, train (mean)",
-                    "step 300, validation: encoder / decoder / mean", "eval loss"], rows, "lrrrrll"),
+                    "step 300, validation: encoder / decoder / mean",
+                    "fire on < 10% of held-out tokens (% of units, by layer)", "eval loss"], rows, "lrrrrllr"),
             "",
             "**What it shows.** Small is less sparse than medium; medium and large end level, within what one seed and 10 "
             "batches resolve, and the large model has the highest loss. "
