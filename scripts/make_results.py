@@ -946,8 +946,11 @@ def infinite_data_page(root: Path) -> tuple[str, dict] | None:
     diff = d.get("infinite_minus_finite_eval_mean_percent_nonzero")
     fin, inf = (d["by_data"].get(k, {}).get("eval", {}).get("mean_percent_nonzero") for k in ("finite", "infinite"))
     if diff:
+        n = min(len(d["by_data"][k]["seeds"]) for k in ("finite", "infinite"))
         says = ("not resolved: the interval holds 0" if diff["low"] <= 0 <= diff["high"] else
-                ("the fresh-image model is **denser**" if diff["low"] > 0 else "the fresh-image model is **sparser**"))
+                ("the interval excludes 0 (fresh images " + ("denser" if diff["low"] > 0 else "sparser") + ")" + (
+                    f", but with {n} seeds per kind a bootstrap interval only spans the seeds' own spread: weak "
+                    "evidence" if n < 5 else "")))
         diff_line = (f"Infinite − finite, held-out % nonzero (mean of layers): **{diff['estimate']:+.1f} points** "
                      f"[{diff['low']:+.1f}, {diff['high']:+.1f}] (95% bootstrap interval over seeds, unpaired): "
                      f"{says}.")
@@ -968,7 +971,9 @@ def infinite_data_page(root: Path) -> tuple[str, dict] | None:
         "", diff_line, "",
         f"![over training](../../experiments/infinite_data/results/{d['figure']})", "",
         "## Command", "", *command_block([(INF, "python " + d["command"], None)]), "",
-        f"Machine: {machine_line(d.get('machine'))}",
+        "Training wall time per run: " + ", ".join(f"{r['data']} {r['seed']}: {r['train_seconds_this_invocation']:.0f} s"
+                                                   for r in d["runs"]) + " (niced, beside other jobs).", "",
+        f"Machine (the invocation that wrote the JSON): {machine_line(d.get('machine'))}",
     ]
     return page("Infinite data: fresh random images at every step against a fixed set", [INF], body), dict(
         diff=diff, finite=fin, infinite=inf, seeds=len(d["seeds"]))
