@@ -251,7 +251,8 @@ def width_depth(out: str, steps: Optional[int] = None, eval_steps: Optional[int]
       planned = int(gin_utils.get_macro("TRAIN_STEPS"))
       if planned not in report_lib.checkpoint_steps(run_dir):
         continue  # not finished: nothing unfinished is measured
-      seconds = None
+      timing = os.path.join(run_dir, "train_seconds.json")
+      seconds = json.load(open(timing))["train_seconds"] if os.path.exists(timing) else None
     else:
       run_dir, seconds = sparsity.train_run(spec, out, steps)
     row = measure(spec, run_dir, eval_steps, steps)
