@@ -86,3 +86,24 @@ def test_model_flops_match_xla_s_count_of_a_dense_forward():
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   ours = device_check.t5_train_flops(256, 1024, 256, 2, 512, 2, 64, 16) / 3
   assert ours == pytest.approx(cost["flops"], rel=0.1)
+
+
+def test_the_device_run_s_flags_are_valid_for_both_benchmarks(tmp_path, monkeypatch):
+  # The first device run must not be where a bad flag is found: the full mode's arguments go through each command's
+  # own parser and settings checks, with the benchmark itself replaced.
+  from topk_transformers.benchmarks import decoding  # pylint: disable=g-import-not-at-top
+  from topk_transformers.benchmarks import training  # pylint: disable=g-import-not-at-top
+  from topk_transformers.commands import bench_decode  # pylint: disable=g-import-not-at-top
+  from topk_transformers.commands import bench_train  # pylint: disable=g-import-not-at-top
+
+  seen = {}
+  monkeypatch.setattr(training, "run", lambda settings, command="": seen.setdefault("train", settings) and {})
+  monkeypatch.setattr(decoding, "run", lambda settings, command="": seen.setdefault("decode", settings) and {})
+  assert bench_train.main(device_check.train_args(str(tmp_path), smoke=False)) == 0
+  assert bench_decode.main(device_check.decode_args(str(tmp_path), smoke=False)) == 0
+  train, decode = seen["train"], seen["decode"]
+  assert train.models == ("t5_1.0",) and train.sizes == ("base", "large") and train.dtype == "bfloat16"
+  assert set(train.methods) == {"exact", "approx", "threshold", "auto"} and train.ks == (128,)
+  assert decode.sizes == ("large",) and decode.version == "1.0" and decode.num_layers is None  # 24 decoder layers
+  assert decode.dtypes == ("float32", "bfloat16") and decode.predicted and decode.candidates == (256,)
+  assert sum(device_check.LIMITS.values()) <= device_check.BUDGET_S <= 8 * 60
