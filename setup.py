@@ -61,6 +61,7 @@ setup(
             "topk-robustness-table=topk_transformers.commands.robustness_table:main",
             "topk-convert=topk_transformers.commands.convert:main",
             "topk-topk-sweep=topk_transformers.commands.topk_sweep:main",
+            "topk-launch=topk_transformers.commands.launch:main",
         ],
     },
 )

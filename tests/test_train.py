@@ -243,11 +243,11 @@ def test_topk_train_after_a_second_ctrl_c_exits_130_with_one_line(tmp_path, monk
 
 def test_resume_from_readable_passes_a_truncated_data_position_file(tmp_path, straight):
   run = _copy_of(straight, tmp_path)
-  data_file = next((run / "checkpoints_data" / "16").glob("process_0.data-*"))
+  data_file = next((run / "checkpoints_data" / "16").glob("shard_0.data-*"))
   with open(data_file, "r+b") as f:
     f.truncate(data_file.stat().st_size // 2)
   with pytest.raises(checkpoints.UnreadableCheckpointError, match=r"^checkpoint step 16 at .* cannot be read \(its "
-                     r"data position: .*process_0\.data-\S+ has \d+ bytes, \d+ were written\)"):
+                     r"data position: .*shard_0\.data-\S+ has \d+ bytes, \d+ were written\)"):
     _run(run, 16)
   resumed = _run(run, 16, resume_from_readable=True)  # step 15's state and data position, then one step
   assert_trees_equal(_params(straight[1]), _params(resumed))

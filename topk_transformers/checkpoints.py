@@ -47,10 +47,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
+from topk_transformers import distributed
 from topk_transformers.checksums import CHECKSUMS, fingerprints  # noqa: F401  (checkpoints.fingerprints, as before)
 from topk_transformers.checksums import FORMAT as _CHECKSUM_FORMAT
 from topk_transformers.checksums import key_str as _key_str
 from topk_transformers.checksums import record as _record
+
+SHARDS_FILE = "shards.json"  # in checkpoints_data/<step>/: how many data shards its positions were saved for
 
 
 class CheckpointError(RuntimeError):
@@ -239,8 +242,8 @@ class CheckpointManager:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except  # orbax and TensorFlow raise many types
-      if isinstance(e, CheckpointError):
-        raise
+      if isinstance(e, CheckpointError) or distributed.is_peer_failure(e):
+        raise  # another process is gone: nothing here to tidy, and the run stops (commands/common.py)
       failed = self._pending if self._pending is not None and self._pending not in self._committed() else step
       self._pending = None
       raise self._write_failed(failed, e) from None
@@ -296,11 +299,25 @@ class CheckpointManager:
         + (f" and the newest checkpoint, step {kept[-1]}, is kept" if kept else "; no earlier checkpoint exists")
         + "; free space and run the same command again to resume")
 
-  def _iterator_prefix(self, step: int) -> str:
-    return os.path.join(self._data_dir, str(step), f"process_{jax.process_index()}")
+  def _iterator_prefix(self, step: int, shard: Optional[int] = None) -> str:
+    """Where a data position is kept: one per data shard (``shard_<j>``), or, for a plain iterator, one per
+    process (``process_<i>``, as checkpoints written before data shards have it)."""
+    name = f"process_{jax.process_index()}" if shard is None else f"shard_{shard}"
+    return os.path.join(self._data_dir, str(step), name)
 
-  def _save_iterator(self, step: int, iterator) -> None:
-    prefix = self._iterator_prefix(step)
+  def _save_iterator(self, step: int, data) -> None:
+    """Saves the data position of ``step``: each shard of a ``host_data.HostBatches`` (process 0 records their
+    count in ``shards.json``), or a plain tf.data iterator as this process's."""
+    if not hasattr(data, "shard_iterators"):
+      self._save_position(step, self._iterator_prefix(step), data)
+      return
+    for shard, iterator in sorted(data.shard_iterators().items()):
+      self._save_position(step, self._iterator_prefix(step, shard), iterator)
+    if jax.process_index() == 0:
+      with tf.io.gfile.GFile(os.path.join(self._data_dir, str(step), SHARDS_FILE), "w") as f:
+        json.dump({"data_shards": data.data_shards, "process_count": jax.process_count()}, f)
+
+  def _save_position(self, step: int, prefix: str, iterator) -> None:
     tf.io.gfile.makedirs(os.path.dirname(prefix))
     try:
       tf.train.Checkpoint(iterator=iterator).write(prefix)
@@ -315,9 +332,23 @@ class CheckpointManager:
     with tf.io.gfile.GFile(prefix + ".checksums.json", "w") as f:
       json.dump({"files": _file_checksums(written)}, f)
 
+  def data_shards(self, step: Optional[int] = None) -> Optional[int]:
+    """How many data shards the data position of ``step`` (default: the newest step) was saved for: its
+    ``shards.json``, or 1 for a checkpoint written before data shards; ``None`` without a checkpoint."""
+    step = self._mngr.latest_step() if step is None else step
+    if step is None:
+      return None
+    path = os.path.join(self._data_dir, str(step), SHARDS_FILE)
+    try:
+      with tf.io.gfile.GFile(path) as f:
+        return int(json.load(f)["data_shards"])
+    except (tf.errors.OpError, ValueError, KeyError, TypeError):
+      return 1
+
   def _prune_data(self, keep_also: int) -> None:
-    """Drops iterator states of steps orbax no longer keeps (without waiting for an async save)."""
-    if not tf.io.gfile.exists(self._data_dir):
+    """Drops iterator states of steps orbax no longer keeps (without waiting for an async save); process 0 does it
+    for all."""
+    if jax.process_index() != 0 or not tf.io.gfile.exists(self._data_dir):
       return
     kept = {str(s) for s in self._mngr.all_steps()} | {str(keep_also)}
     for name in tf.io.gfile.listdir(self._data_dir):
@@ -340,12 +371,20 @@ class CheckpointManager:
     steps = sorted(self._mngr.all_steps(), reverse=True)
     unreadable = []
     for step in steps:
+      error = None
       try:
         state = self._restore_step(step, abstract_state, shardings, data_iterator)
       except UnreadableCheckpointError as e:
+        error = e
+      # Every process tries the same steps in the same order, and a step counts as read only if all of them read
+      # it: they restore the same step, and only process 0 moves the unreadable ones aside.
+      failed = distributed.processes_where(error is not None)
+      if failed and error is None:
+        error = self._unreadable(step, f"process {failed[0]} of {jax.process_count()} cannot read it")
+      if error is not None:
         if not skip_unreadable:
-          raise
-        logging.warning("skipping unreadable checkpoint: %s", e)
+          raise error
+        logging.warning("skipping unreadable checkpoint: %s", error)
         unreadable.append(step)
         continue
       if unreadable:
@@ -427,8 +466,25 @@ class CheckpointManager:
       raise CheckpointError(f"checkpoint step {step} in {self.directory} is of a different model: {problem}; "
                             "use another MODEL_DIR")
 
-  def _restore_iterator(self, step: int, iterator) -> None:
-    prefix = self._iterator_prefix(step)
+  def _restore_iterator(self, step: int, data) -> None:
+    """Restores the data position of ``step`` into ``data`` (see :meth:`_save_iterator`). A position saved for
+    another number of data shards cannot be continued: the data starts over, with a warning."""
+    if not hasattr(data, "shard_iterators"):
+      self._restore_position(step, self._iterator_prefix(step), data)
+      return
+    saved = self.data_shards(step)
+    if saved != data.data_shards:
+      logging.warning("the data position of step %d was saved for %d data shards and this run reads %d: the data "
+                      "starts over from the beginning of its stream (examples already seen are seen again)",
+                      step, saved, data.data_shards)
+      return
+    legacy = not tf.io.gfile.exists(os.path.join(self._data_dir, str(step), SHARDS_FILE))
+    for shard, iterator in sorted(data.shard_iterators().items()):
+      # A checkpoint written before data shards kept its one position as process_0.
+      prefix = os.path.join(self._data_dir, str(step), "process_0") if legacy else self._iterator_prefix(step, shard)
+      self._restore_position(step, prefix, iterator)
+
+  def _restore_position(self, step: int, prefix: str, iterator) -> None:
     self._verify_iterator_files(step, prefix)
     if tf.io.gfile.exists(prefix + ".index"):
       tf.train.Checkpoint(iterator=iterator).read(prefix).assert_consumed()

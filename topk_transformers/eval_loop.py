@@ -10,11 +10,14 @@ others read the same result.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import logging
 from typing import Any, Callable, Dict, List, Optional
 
 import jax
 import numpy as np
 
+from topk_transformers import distributed
 from topk_transformers import sparsity as sparsity_lib
 
 
@@ -91,8 +94,18 @@ class EvalLoop:
     intermediates = None
     total = 0.0
     batches: List[Dict[str, Any]] = []
-    for i, batch in enumerate(ds.as_numpy_iterator()):
+    stream = ds.as_numpy_iterator()
+    for i in itertools.count():
       if self.eval_steps is not None and i >= self.eval_steps:
+        break
+      batch = next(stream, None)
+      # Every process runs the same number of batches (each is a collective): the pass ends at the first batch
+      # that some process does not have, where the hosts' shards of the split differ in length.
+      short = distributed.processes_where(batch is None) if jax.process_count() > 1 else [0] * (batch is None)
+      if short:
+        if len(short) < jax.process_count():
+          logging.warning("eval of %s ends after %d batches, where process(es) %s ran out of data", self.split, i,
+                          ", ".join(map(str, short)))
         break
       out = self.eval_step(params, self.partitioner.shard_batch(batch))
       metrics, weight, batch_sums, stats = jax.device_get(

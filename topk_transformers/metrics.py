@@ -30,7 +30,7 @@ def _summarise_sparsity(metrics: Mapping[str, float], prefix: str = "sparsity/")
 class MetricLogger:
   """Writes ``train/*`` and ``eval/*`` scalars and prints one progress line per log step.
 
-  Only process 0 writes event files; every process logs.
+  Only process 0 writes event files and prints; the others stay quiet.
   """
 
   def __init__(self, model_dir: str, total_steps: int, start_step: int = 0):
@@ -78,7 +78,8 @@ class MetricLogger:
     if sp:
       parts.append(f"nonzero {sp}")
     parts.append(f"ETA {_fmt_duration(eta)}" if eta is not None else "ETA (compiling)")
-    print(" | ".join(parts), flush=True)
+    if jax.process_index() == 0:
+      print(" | ".join(parts), flush=True)
     self._last_time, self._last_step = now, step
     return out
 
@@ -89,7 +90,8 @@ class MetricLogger:
     self.writer.flush()
     line = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
     sp = _summarise_sparsity({f"s/{k}": v for k, v in sparsity.items()}, prefix="s/")
-    print(f"eval @ step {step}: {line}" + (f" | nonzero {sp}" if sp else ""), flush=True)
+    if jax.process_index() == 0:
+      print(f"eval @ step {step}: {line}" + (f" | nonzero {sp}" if sp else ""), flush=True)
 
   def close(self) -> None:
     self.writer.flush()

@@ -1,4 +1,4 @@
-"""Device mesh, T5X logical-axis rules, and multi-host set-up (JAX SPMD).
+"""Device mesh and T5X logical-axis rules (JAX SPMD); ``distributed.py`` starts a multi-process run.
 
 Parameters carry logical axis names (``embed``, ``mlp``, ``heads``, ``kv``,
 ``joined_kv``, ``vocab``, ...). A :class:`Partitioner` builds a ``('data', 'model')``
@@ -11,8 +11,6 @@ standard rules: model-parallel dimensions (``mlp``, ``heads``, ``joined_kv``,
 
 from __future__ import annotations
 
-import logging
-import os
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -24,31 +22,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from topk_transformers.gin_utils import ConfigError
 
 Rules = Sequence[Tuple[str, Any]]
-
-_DISTRIBUTED_INITIALIZED = False
-
-
-def maybe_initialize_distributed(multi_host: Optional[bool] = None) -> None:
-  """Calls ``jax.distributed.initialize()`` once on a multi-host run.
-
-  ``multi_host=None`` detects it: a TPU pod slice (``TPU_WORKER_HOSTNAMES`` with
-  several hosts, or ``MEGASCALE_*``), or an explicit coordinator
-  (``JAX_COORDINATOR_ADDRESS``); JAX's own auto-detection fills in the rest.
-  """
-  global _DISTRIBUTED_INITIALIZED
-  if _DISTRIBUTED_INITIALIZED:
-    return
-  if multi_host is None:
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    multi_host = (
-        len([h for h in hosts.split(",") if h]) > 1
-        or "JAX_COORDINATOR_ADDRESS" in os.environ
-        or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
-    )
-  if multi_host:
-    jax.distributed.initialize()
-    logging.info("jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count())
-  _DISTRIBUTED_INITIALIZED = True
 
 
 def standard_logical_axis_rules(parameter_sharding: str = "1d") -> Tuple[Tuple[str, Any], ...]:
@@ -142,6 +115,22 @@ class Partitioner:
   def host_shard_info(self) -> Tuple[int, int]:
     """``(shard_id, num_shards)`` of this host's slice of the global batch."""
     return jax.process_index(), jax.process_count()
+
+  def host_rows(self, global_batch: int) -> Tuple[int, int]:
+    """``(start, stop)``: the rows of a global batch that this process's devices hold (and so must feed).
+
+    The mesh decides it: a process owns the ``data`` positions of its devices. A process whose rows are not one
+    contiguous block cannot feed them from one pipeline and is a ``ConfigError``.
+    """
+    indices = self.data_sharding(1).addressable_devices_indices_map((global_batch,))
+    rows = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop) for s in indices.values()})
+    start, stop = rows[0][0], rows[0][1]
+    for a, b in rows[1:]:
+      if a != stop:
+        raise ConfigError(f"process {jax.process_index()} holds rows {rows} of the global batch, not one block; "
+                          "use a mesh whose data axis keeps each process's devices together")
+      stop = b
+    return start, stop
 
 
 def opt_state_shardings(opt_state_shapes: Any, params_shapes: Any, params_shardings: Any,

@@ -32,9 +32,12 @@ import optax
 import tensorflow as tf
 
 from topk_transformers import checkpoints as ckpt_lib
+from topk_transformers import distributed
 from topk_transformers import eval_loop
 from topk_transformers import evaluators as evaluators_lib
 from topk_transformers import gin_utils
+from topk_transformers import host_data
+from topk_transformers import model_dir_lock
 from topk_transformers import partitioning
 from topk_transformers import runs
 from topk_transformers import sparsity
@@ -103,7 +106,10 @@ class _Preemption:
     self._previous: Dict[int, Any] = {}
 
   def __enter__(self):
+    self._processes = jax.process_count()
     for signum in self.SIGNALS:
+      if signum == signal.SIGTERM and self._processes > 1:
+        continue  # jax.distributed's preemption notifier catches it, and the processes agree on the step
       try:
         self._previous[signum] = signal.signal(signum, self._handle)
       except ValueError:  # not the main thread
@@ -119,6 +125,8 @@ class _Preemption:
     logging.warning("%s received: writing a checkpoint at the next step, then stopping%s.", name, again)
     self.signal_name = self.signal_name or name
     self.requested = True
+    if self._processes > 1:  # the other processes must stop at the same step: tell the runtime as a SIGTERM
+      os.kill(os.getpid(), signal.SIGTERM)
 
   def __exit__(self, *exc):
     for signum, previous in self._previous.items():
@@ -126,12 +134,11 @@ class _Preemption:
         signal.signal(signum, previous)
 
   def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      try:
-        return bool(multihost_utils.reached_preemption_sync_point(step)) or self.requested
-      except RuntimeError:  # preemption service not running
-        return self.requested
+    """Whether to checkpoint and stop after ``step``: in a multi-process run, at the step all processes agree on
+    (the distributed runtime's preemption sync point), whichever of them got the signal."""
+    if self._processes > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return bool(multihost_utils.reached_preemption_sync_point(step))
     return self.requested
 
 
@@ -164,7 +171,7 @@ def train(
     checkpoint_period: int = 1000,
     keep_checkpoints: Optional[int] = 3,
     seed: int = 0,
-    multi_host: Optional[bool] = None,
+    data_shards: Optional[int] = None,
     end_of_training: Optional[Callable[..., None]] = None,
     resume_from_readable: bool = False,
     initial_checkpoint_path: Optional[str] = None,
@@ -185,7 +192,10 @@ def train(
     partitioner: the mesh and axis rules (default: every device data-parallel).
     eval_period, eval_steps: evaluate on ``dataset.eval_split`` every ``eval_period`` steps
       for ``eval_steps`` batches (``None``: the whole split).
-    log_period: metrics (TensorBoard + console) every ``log_period`` steps.
+    log_period: metrics (TensorBoard + console, process 0) every ``log_period`` steps.
+    data_shards: how many data pipelines make up a global batch (``host_data.py``); each process reads the shards
+      of its rows. Default: what the checkpoint to resume was saved with, else the process count. A run keeps
+      its data position across process counts that divide it.
     checkpoint_period, keep_checkpoints: orbax checkpoints every ``checkpoint_period`` steps,
       keeping the newest ``keep_checkpoints``; one is always written at the end.
     end_of_training: called as ``end_of_training(model=, params=, dataset=, partitioner=)``
@@ -203,20 +213,32 @@ def train(
       run is accepted: model built, batch size checked, checkpoint restored or params initialised. A launch
       rejected before that changes nothing in ``model_dir``.
   """
+  settings = dict(locals())
   if train_steps < 0:
     raise ConfigError(f"train_steps must be >= 0, got train_steps={train_steps}")
   check_model_dir(model_dir)
-  partitioning.maybe_initialize_distributed(multi_host)
+  distributed.initialize()  # a detected cluster; the commands start an explicit launch before gin builds anything
+  # A second trainer on this MODEL_DIR stops here, before it reads or writes anything in it.
+  with model_dir_lock.ModelDirLock(model_dir, jax.process_index()):
+    return _train(**settings)
+
+
+def _train(*, model, dataset, model_dir, train_steps, batch_size, optimizer, learning_rate, partitioner, eval_period,
+           eval_steps, log_period, checkpoint_period, keep_checkpoints, seed, data_shards, end_of_training,
+           resume_from_readable, initial_checkpoint_path, initial_checkpoint_format, evaluators,
+           config_text) -> TrainResult:
   partitioner = partitioner or partitioning.Partitioner()
   runs.check_batch_size(batch_size, partitioner)
-  shard_id, num_shards = partitioner.host_shard_info()
-  host_batch = batch_size // num_shards
+  manager = ckpt_lib.CheckpointManager(model_dir, keep=keep_checkpoints)
 
-  # ---- data
-  train_ds = dataset.get_dataset(dataset.train_split, host_batch, shard_id, num_shards, seed=seed, shuffle=True,
-                                 repeat=True)
-  input_shapes = _global_input_shapes(train_ds.element_spec, batch_size)
-  train_iter = iter(train_ds)
+  # ---- data: this process's rows of each global batch, from whole data shards
+  rows = partitioner.host_rows(batch_size)
+  saved_shards = manager.data_shards()
+  if data_shards is None:
+    data_shards = saved_shards if saved_shards and host_data.fits(batch_size, saved_shards, rows) \
+        else jax.process_count()
+  train_iter = host_data.HostBatches(dataset, dataset.train_split, batch_size, data_shards, rows, seed=seed)
+  input_shapes = _global_input_shapes(train_iter.element_spec, batch_size)
 
   # ---- abstract state and its shardings
   init_rng, dropout_base = jax.random.split(jax.random.PRNGKey(seed))  # runs.init_rng is the first half
@@ -233,7 +255,6 @@ def train(
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       nonfinite_step=jnp.full((), -1, jnp.int32))
 
-  manager = ckpt_lib.CheckpointManager(model_dir, keep=keep_checkpoints)
   abstract_state = jax.eval_shape(init_state, init_rng)
   try:
     restored = manager.restore_latest(abstract_state, state_shardings, train_iter,
@@ -362,7 +383,8 @@ def train(
   manager.close()
   logger.close()
 
-  if end_of_training is not None and not preempted and jax.process_index() == 0:
+  # Every process runs it: its computations span the devices of all of them (process 0's output is the run's).
+  if end_of_training is not None and not preempted:
     end_of_training(model=model, params=state.params, dataset=dataset, partitioner=partitioner,
                     sparsity=eval_sparsity or {k[len("sparsity/"):]: v for k, v in train_metrics.items()
                                                if k.startswith("sparsity/")})
@@ -402,6 +424,7 @@ def train_from_gin() -> TrainResult:
   (``TOP_K = 0``, a checkpoint of another model) leaves ``MODEL_DIR`` as it was.
   """
   gin_utils.check_required_macros()
+  distributed.initialize()  # before gin builds train's arguments: a Partitioner lists every process's devices
   model_dir = gin_utils.get_macro("MODEL_DIR")
   try:
     before, listed = (_entries(model_dir) if tf.io.gfile.isdir(model_dir) else None), True
@@ -431,5 +454,10 @@ def _remove_new_empty_directories(model_dir: str, before: Optional[set]) -> None
     return
   new = [model_dir] if before is None else [os.path.join(model_dir, n) for n in _entries(model_dir) - before]
   for path in new:
-    if tf.io.gfile.isdir(path) and not any(files for _, _, files in tf.io.gfile.walk(path)):
+    if model_dir_lock.is_lock_file(os.path.basename(path)):
+      tf.io.gfile.remove(path)
+      continue
+    # The trainer's lock file (model_dir_lock) holds nothing of the run.
+    if tf.io.gfile.isdir(path) and not any(not model_dir_lock.is_lock_file(f) for _, _, files in
+                                           tf.io.gfile.walk(path) for f in files):
       tf.io.gfile.rmtree(path)

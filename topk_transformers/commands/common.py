@@ -47,16 +47,42 @@ def command(main: Optional[Callable[..., Optional[int]]] = None, *, tensorflow: 
       from topk_transformers import checkpoints  # pylint: disable=g-import-not-at-top  # after the quiet start
       failures += (checkpoints.CheckpointError,)
     try:
-      status = main(list(sys.argv[1:] if argv is None else argv))
+      status = main(start_processes(list(sys.argv[1:] if argv is None else argv)))
     except ConfigError as e:
       print(f"error: {one_line(e)}", file=sys.stderr)
       return EXIT_CONFIG
     except failures as e:
       print(f"error: {one_line(e)}", file=sys.stderr)
       return EXIT_FAILED
+    except Exception as e:  # pylint: disable=broad-except
+      from topk_transformers import distributed  # pylint: disable=g-import-not-at-top
+      if not distributed.is_peer_failure(e):
+        raise
+      print(f"error: {distributed.await_lost_process_report(e)}", file=sys.stderr)
+      return EXIT_FAILED
     return int(status or 0)
 
   return wrapper
+
+
+def start_processes(argv: Sequence[str]) -> List[str]:
+  """Starts the multi-process run that the flags (``--coordinator_address``, ``--process_count``,
+  ``--process_index``) or the environment describe, before the command touches a device; returns the other
+  arguments. In a multi-process run, the distributed runtime's report of a lost process becomes one line."""
+  from topk_transformers import distributed  # pylint: disable=g-import-not-at-top
+
+  processes, rest = distributed.split_flags(argv)
+  distributed.initialize(processes)
+  if distributed.started():
+    index, count = distributed.process()
+    if index > 0:  # process 0 speaks for the run; the others print warnings and errors only
+      import logging  # pylint: disable=g-import-not-at-top
+      logging.getLogger().setLevel(logging.WARNING)
+    startup.filter_for_good(distributed.RUNTIME_CHATTER, fatal=distributed.TERMINATING,
+                            hold=distributed.COORDINATION_ERROR,
+                            report="topk_transformers.distributed:lost_process_line", report_args=(index, count))
+    startup.filter_for_good(distributed.RUNTIME_CHATTER, fd=1)  # the CPU collectives print to stdout
+  return rest
 
 
 def _closed_event_loop(exc: Optional[BaseException]) -> bool:
