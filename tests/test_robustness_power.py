@@ -63,6 +63,15 @@ def _run(runner, out, *extra):
                       "--gin.TRAIN_STEPS=2", "--gin.EVAL_PERIOD=2", "--gin.CHECKPOINT_PERIOD=2", *extra])
 
 
+def _make_results():
+  spec = importlib.util.spec_from_file_location("make_results_for_power", os.path.join(ROOT, "scripts",
+                                                                                        "make_results.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
 def _clone_seed(out, model, seed, accuracy_shift):
   """A copy of ``model``'s seed-0 run as seed ``seed`` with its test accuracies shifted (a finished run's files)."""
   src, dst = out / f"{model}_noise0.4_seed0", out / f"{model}_noise0.4_seed{seed}"
@@ -101,6 +110,15 @@ def test_power_setting_tiny_end_to_end_and_partial_table(runner, tmp_path):
   assert cell["interval"]["low"] == pytest.approx(min(seed0, seed0 + 0.05), abs=1e-6)
   assert cell["interval"]["high"] == pytest.approx(seed0 + 0.05, abs=1e-6)
   assert "with 95% intervals" in (out / "partial.md").read_text()
+  # The generated results page of a partial table says so, with each k's interval.
+  make_results = _make_results()
+  root = tmp_path / "root"
+  (root / make_results.RB).mkdir(parents=True)
+  (root / make_results.POWER).write_text((out / "partial.json").read_text())
+  text, head = make_results.robustness_power_page(root)
+  assert "**Partial: 4 of 6 runs finished**" in text and head["done"] == 4 and head["topks"] == ["top27"]
+  iv = cell["interval"]
+  assert f"{100 * iv['estimate']:+.2f} [{100 * iv['low']:+.2f}, {100 * iv['high']:+.2f}] (n=2)" in text
   # An unfinished run (no eval_results.json) is left alone by --table_only, and left out of its table.
   (out / "dense_noise0.4_seed1" / "eval_results.json").unlink()
   assert _run(runner, out, "--seeds", "0", "1", "--name=partial", "--table_only") == 0
