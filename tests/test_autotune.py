@@ -253,3 +253,26 @@ def test_choose_checks_its_default_and_skips_a_lone_candidate(cache):
     autotune.choose("x", {"n": 1}, {"a": lambda: None}, "b")
   with autotune.use_timer(refuse):
     assert autotune.choose("x", {"n": 1}, {"a": lambda: None}, "a") == "a"
+
+
+def test_a_candidate_that_fails_on_the_device_is_left_out(cache, caplog):
+  # A kernel the device's compiler rejects must cost a warning, not the user's step.
+  def broken_build():
+    raise RuntimeError("does not lower here")
+
+  def broken_call():
+    raise RuntimeError("rejected by the compiler")
+
+  ones = jnp.ones((4,))
+  with caplog.at_level(logging.WARNING, logger=autotune.__name__):
+    with autotune.use_timer(FakeTimer({"a": 2e-3, "c": 1e-3})):
+      assert autotune.choose("x", {"n": 1}, {"a": lambda: (lambda: ones), "b": broken_build,
+                                             "c": lambda: (lambda: ones)}, "b") == "c"
+    # The real timer: a call that fails takes no time slot and is not chosen, even as the rule's choice.
+    assert autotune.choose("y", {"n": 1}, {"a": lambda: (lambda: ones + 1), "b": lambda: broken_call}, "b") == "a"
+    # Nothing that runs: the rule's choice stands.
+    assert autotune.choose("z", {"n": 1}, {"a": broken_build, "b": broken_build}, "b") == "b"
+  entries = json.loads(cache.read_text())["entries"]
+  assert entries[[k for k in entries if k.startswith("y|")][0]]["seconds"]["b"] is None
+  messages = " ".join(r.getMessage() for r in caplog.records)
+  assert "does not lower here" in messages and "rejected by the compiler" in messages

@@ -76,19 +76,28 @@ def cache_path() -> str:
 
 
 def default_timer(calls: Mapping[str, Callable[[], Any]]) -> Dict[str, float]:
-  """The median seconds of each call: one untimed call each (compilation), then interleaved rounds."""
-  for call in calls.values():
-    jax.block_until_ready(call())
-  times = {name: [] for name in calls}
+  """The median seconds of each call: one untimed call each (compilation), then interleaved rounds.
+
+  A call that fails (a kernel the device's compiler rejects) takes ``inf`` and is not run again.
+  """
+  working = {}
+  for name, call in calls.items():
+    try:
+      jax.block_until_ready(call())
+      working[name] = call
+    except Exception as e:  # pylint: disable=broad-except
+      log.warning("autotune: candidate %s failed and is left out (%s: %s)", name, type(e).__name__,
+                  str(e).splitlines()[0] if str(e) else "")
+  times = {name: [] for name in working}
   start = time.perf_counter()
-  for n in range(MAX_ROUNDS):
+  for n in range(MAX_ROUNDS if working else 0):
     if n >= MIN_ROUNDS and time.perf_counter() - start > BUDGET_S:
       break
-    for name, call in calls.items():
+    for name, call in working.items():
       t0 = time.perf_counter()
       jax.block_until_ready(call())
       times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(t) for name, t in times.items()}
+  return {name: statistics.median(times[name]) if name in times else float("inf") for name in calls}
 
 
 _timer: Timer = default_timer
@@ -203,17 +212,26 @@ def choose(kind: str, shape: Mapping[str, Any], candidates: Mapping[str, Callabl
       return entry["choice"]
     t0 = time.perf_counter()
     with jax.ensure_compile_time_eval():  # concrete arrays even while a step is being traced
-      seconds = _timer({name: build() for name, build in candidates.items()})
+      calls = {}
+      for name, build in candidates.items():
+        try:
+          calls[name] = build()
+        except Exception as e:  # pylint: disable=broad-except  # e.g. a kernel that does not lower here
+          log.warning("autotune: candidate %s of %s could not be built and is left out (%s: %s)", name, kind,
+                      type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+      seconds = {name: float("inf") for name in candidates}
+      seconds.update(_timer(calls) if len(calls) > 1 else {})
     fastest = min(candidates, key=lambda name: (seconds[name], name != default))
-    # The rule stands unless beaten by more than the noise of a shared machine.
+    # The rule stands unless beaten by more than the noise of a shared machine (or unless nothing ran).
     choice = fastest if seconds[fastest] < (1.0 - MARGIN) * seconds[default] else default
-    entry = {"choice": choice, "seconds": {name: float(seconds[name]) for name in candidates}, "rule": default,
+    entry = {"choice": choice, "rule": default,
+             "seconds": {name: (float(t) if t != float("inf") else None) for name, t in seconds.items()},
              "measured_in_s": round(time.perf_counter() - t0, 3),
              "date": datetime.datetime.now().isoformat(timespec="seconds")}
     entries[key] = entry
     _write(path, key, entry)
   log.info("autotune %s %s: %s (%s; the rule says %s)", kind, dict(shape), choice,
-           ", ".join(f"{n} {s * 1e3:.3g} ms" for n, s in seconds.items()), default)
+           ", ".join(f"{n} {t * 1e3:.3g} ms" for n, t in seconds.items()), default)
   return choice
 
 
