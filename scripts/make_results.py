@@ -835,6 +835,9 @@ POWER_CMD = ("nohup nice -n 19 python experiments/robustness/run.py --setting=po
              "--seeds 0 1 2 3 4 5 6 7 8 9 --label_noise 0.4 0.8 0 &")
 
 
+POWER_MIN_SEEDS = 5
+
+
 def _ivp(iv: dict) -> str:
     """A paired difference's estimate and 95% interval, in points."""
     return f"{iv['estimate'] * 100:+.2f} [{iv['low'] * 100:+.2f}, {iv['high'] * 100:+.2f}]"
@@ -877,11 +880,20 @@ def robustness_power_page(root: Path) -> tuple[str, dict] | None:
         nz.append([m["model"], f"{m['label_noise'] * 100:.0f}%", f"{statistics.mean(layers):.1f}",
                    _cellp(m.get("final_train_memorised")).rsplit(" (", 1)[0] if m.get("final_train_memorised") else "–",
                    str(len(m["seeds"]))])
-    resolved = [v for v in verdicts if v[2]["low"] > 0 or v[2]["high"] < 0]
-    shows = ("Every interval holds 0: no difference between a Top-k model and dense is resolved, in either "
-             "direction." if not resolved else "Resolved (interval excludes 0): " + "; ".join(
-                 f"{k} on {label}: {_ivp(iv)} points, {_verdict(iv, hib)}" for label, k, iv, hib in resolved)
-             + ". Every other interval holds 0.")
+    # A percentile bootstrap over fewer than POWER_MIN_SEEDS seeds is little more than their range: not read.
+    readable = [v for v in verdicts if v[2]["n_seeds"] >= POWER_MIN_SEEDS]
+    resolved = [v for v in readable if v[2]["low"] > 0 or v[2]["high"] < 0]
+    most = max((v[2]["n_seeds"] for v in verdicts), default=0)
+    if not readable:
+        shows = (f"Nothing yet: the cells have at most {most} seeds, and a bootstrap over so few only spans their own "
+                 f"range. The intervals are read from {POWER_MIN_SEEDS} seeds on.")
+    elif not resolved:
+        shows = (f"Every interval with at least {POWER_MIN_SEEDS} seeds holds 0: no difference between a Top-k model "
+                 "and dense is resolved, in either direction.")
+    else:
+        shows = (f"Of the intervals with at least {POWER_MIN_SEEDS} seeds, these exclude 0: " + "; ".join(
+            f"{k} on {label}: {_ivp(iv)} points (n={iv['n_seeds']}), {_verdict(iv, hib)}"
+            for label, k, iv, hib in resolved) + ". Every other one holds 0.")
     body = [
         f"The paper's Table 1 on scikit-learn's digits with a ViT whose MLP is wide enough for k to sit at the "
         f"dense model's own level: `Test/2` with d_ff 256 (43,114 parameters), dense ReLU against "
