@@ -1105,9 +1105,11 @@ def headline_block(h: dict) -> str:
         for key, label in (("label_noise_0.4", "40%"), ("label_noise_0.8", "80%")):
             for k in rp["topks"]:
                 c = rp["cells"][key].get(k)
-                if c and "interval" in c:
+                if c and "interval" in c and c["n"] >= POWER_MIN_SEEDS:
                     cells.append(f"{k} {label}: {_ivp(c['interval'])}")
-        rows.append(["ViT Top-k − dense, 40% / 80% noise, d_ff 256 (95% interval)", "; ".join(cells) or "–",
+        most = max((c["n"] for row in rp["cells"].values() for c in row.values() if c), default=0)
+        rows.append(["ViT Top-k − dense, 40% / 80% noise, d_ff 256 (95% interval)",
+                     "; ".join(cells) or f"not yet: at most {most} seeds per cell",
                      f"digits, {rp['done']} of {rp['planned']} runs" + (" (partial)" if rp["done"] < rp["planned"]
                                                                          else ""), "robustness_power.md"])
     if "infinite_data" in h and h["infinite_data"]["diff"]:
