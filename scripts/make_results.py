@@ -628,6 +628,30 @@ SEEDED = {"emergence_seeds": "Sparsity emerges, over 3 seeds: dense ReLU T5",
           "random_data_seeds": "Not the data, over 3 seeds: ViT with random labels and random images"}
 
 
+def _seeded_reading(d: dict) -> list[str]:
+    """What the seeded table shows, computed: each run's mean over layers on its held-out split (the last row), and
+    for several runs whether each interval lies clear of the first run's."""
+    held = [(r["label"], r["table"][-1]) for r in d["runs"] if r["table"]]
+    if not held:
+        return []
+    first_label, first = held[0]
+    parts = [f"{label}: {_iv(row['mean_of_layers'])}%" for label, row in held]
+    text = (f"**What it shows.** Mean of the layers on held-out data ({first['label']}, {first['split']}), over "
+            f"{first['seeds']} seeds: " + "; ".join(parts) + ".")
+    for label, row in held[1:]:
+        a, b = row["mean_of_layers"], first["mean_of_layers"]
+        if a["high"] < b["low"]:
+            text += f" {label}: below {first_label}, the intervals apart."
+        elif a["low"] > b["high"]:
+            text += f" {label}: above {first_label}, the intervals apart."
+        else:
+            text += f" {label} and {first_label}: the intervals overlap, not resolved."
+    below = {LAYER_NAMES.get(l, l): v["mean"] for l, v in first["fraction_firing_below_10pct"].items()}
+    text += (f" Units firing on fewer than 10% of tokens ({first_label}): "
+             + " / ".join(f"{v * 100:.0f}" for v in below.values()) + "% by layer, against the paper's 93.5% (T5-Base).")
+    return [text, ""]
+
+
 def seeded_page(root: Path, name: str) -> str | None:
     """emergence_seeds / random_data_seeds: per run and split, % nonzero per layer with intervals over seeds and
     batches, and the firing shares over seeds; ``None`` before the experiment's JSON is committed."""
@@ -656,7 +680,7 @@ def seeded_page(root: Path, name: str) -> str | None:
                      f"{' / '.join(f'{v:.3f}' for v in row['loss'])}):", "",
                      *table(["layer", "% nonzero [95% interval]", "< 10% (% of units)", "never fire (% of units)"],
                             rows), ""]
-    body += [f"![{name}](../../{SP}{name}.png)", "", "## Command", "",
+    body += _seeded_reading(d) + [f"![{name}](../../{SP}{name}.png)", "", "## Command", "",
              *command_block([(rel, d.get("command"), SEEDED_CMD.format(name))]), "",
              f"Machine: {machine_line(d.get('machine'))}"]
     return page(SEEDED[name], [rel], body)
