@@ -270,8 +270,9 @@ def test_a_candidate_that_fails_on_the_device_is_left_out(cache, caplog):
                                              "c": lambda: (lambda: ones)}, "b") == "c"
     # The real timer: a call that fails takes no time slot and is not chosen, even as the rule's choice.
     assert autotune.choose("y", {"n": 1}, {"a": lambda: (lambda: ones + 1), "b": lambda: broken_call}, "b") == "a"
-    # Nothing that runs: the rule's choice stands.
+    # Nothing that runs: the rule's choice stands; one that runs: that one, whatever the rule says.
     assert autotune.choose("z", {"n": 1}, {"a": broken_build, "b": broken_build}, "b") == "b"
+    assert autotune.choose("w", {"n": 1}, {"a": lambda: (lambda: ones * 2), "b": broken_build}, "b") == "a"
   entries = json.loads(cache.read_text())["entries"]
   assert entries[[k for k in entries if k.startswith("y|")][0]]["seconds"]["b"] is None
   messages = " ".join(r.getMessage() for r in caplog.records)

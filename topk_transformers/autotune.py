@@ -220,7 +220,7 @@ def choose(kind: str, shape: Mapping[str, Any], candidates: Mapping[str, Callabl
           log.warning("autotune: candidate %s of %s could not be built and is left out (%s: %s)", name, kind,
                       type(e).__name__, str(e).splitlines()[0] if str(e) else "")
       seconds = {name: float("inf") for name in candidates}
-      seconds.update(_timer(calls) if len(calls) > 1 else {})
+      seconds.update(_timer(calls) if calls else {})
     fastest = min(candidates, key=lambda name: (seconds[name], name != default))
     # The rule stands unless beaten by more than the noise of a shared machine (or unless nothing ran).
     choice = fastest if seconds[fastest] < (1.0 - MARGIN) * seconds[default] else default
