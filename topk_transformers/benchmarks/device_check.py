@@ -1,7 +1,8 @@
 """The device check: one prepared run on a GPU or TPU that records what this project needs to know about it.
 
   benchmarks/device_check.sh OUT_DIR            # the device run, at most ~8 minutes on one H100
-  benchmarks/device_check.sh OUT_DIR --smoke    # the same stages at tiny shapes, on any machine (CPU: ~1-2 min)
+  benchmarks/device_check.sh OUT_DIR --smoke    # the same stages at tiny shapes, on any machine (~90 s CPU time)
+  python -m topk_transformers.benchmarks.device_check OUT_DIR [--smoke]   # the same, from an install
 
 Stages, each a subprocess with its own time limit (so one that hangs or runs out of memory costs only itself), each
 writing its JSON under ``OUT_DIR`` as it finishes:
@@ -347,7 +348,7 @@ def _print(summary: Dict[str, Any]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   p = argparse.ArgumentParser(prog="device_check", description=__doc__.splitlines()[0])
   p.add_argument("out_dir", help="where the JSON files go")
-  p.add_argument("--smoke", action="store_true", help="tiny shapes (runs on a CPU in about two minutes)")
+  p.add_argument("--smoke", action="store_true", help="tiny shapes (about 90 s of CPU time)")
   p.add_argument("--budget_s", type=float, default=None,
                  help=f"seconds for all stages together (default {BUDGET_S}, smoke {SMOKE_BUDGET_S})")
   p.add_argument("--stage", choices=["kernels"], default=None, help=argparse.SUPPRESS)
