@@ -42,8 +42,9 @@ setup(
         # against Hugging Face's PyTorch T5; the library itself never imports them.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "gensim>=4.3", "scikit-learn>=1.3", "torch==2.13.0", "transformers==5.24.0",
                  "safetensors"],
-        # JAX for NVIDIA GPUs (CUDA 12 wheels, Pallas's Triton lowering included). The core, the benchmarks and
-        # decoding need only jax and flax, so a bare GPU machine runs benchmarks/device_check.sh with this alone.
+        # JAX for NVIDIA GPUs (CUDA 12 wheels, Pallas's Triton lowering included), beside the whole install. The core,
+        # the benchmarks and decoding import only jax and flax: a GPU machine without TensorFlow runs
+        # benchmarks/device_check.sh from a clone with jax[cuda12] and flax alone.
         "gpu": ["jax[cuda12]>=0.6"],
         # scripts/mutation_test.sh (docs/design/testing.md); not installed by CI.
         "mutation": ["mutmut>=3.3"],
