@@ -6,9 +6,11 @@ The runs themselves, several real processes on loopback, are in ``test_multiproc
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import seqio
@@ -245,3 +247,64 @@ def test_host_rows_follow_the_mesh():
   import jax  # pylint: disable=g-import-not-at-top
   part = partitioning.Partitioner(num_partitions=min(2, jax.device_count()))
   assert part.host_rows(16) == (0, 16)  # one process holds every row
+
+
+# ---- the launcher, with commands that need no JAX
+
+LAUNCH = [sys.executable, "-c", "import sys; from topk_transformers.commands.launch import main; sys.exit(main())"]
+
+
+def test_the_launcher_names_a_failed_process_and_shows_its_output(tmp_path):
+  child = ("import sys, os; i = sys.argv[-1].split('=')[1]; print('flags', *sys.argv[1:]); "
+           "print('devices', os.environ['XLA_FLAGS'], file=sys.stderr); sys.exit(3 if i == '1' else 0)")
+  done = subprocess.run(LAUNCH + ["--processes=3", "--devices_per_process=2", f"--log_dir={tmp_path}", "--",
+                                  sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+  assert done.returncode == 3
+  port = re.search(r"coordinator 127\.0\.0\.1:(\d+)", done.stderr).group(1)
+  assert f"flags --coordinator_address=127.0.0.1:{port} --process_count=3 --process_index=0" in done.stdout
+  assert "topk-launch: [process 1] exited with status 3" in done.stderr
+  assert f"[process 1] flags --coordinator_address=127.0.0.1:{port} --process_count=3 --process_index=1" in done.stderr
+  assert "[process 1] devices --xla_force_host_platform_device_count=2" in done.stderr
+  assert "[process 2]" not in done.stderr  # it succeeded: its output stays in its log
+  assert "--process_index=2" in (tmp_path / "process_2.log").read_text()
+
+
+def test_the_launcher_without_a_command_is_one_line_exit_2():
+  done = subprocess.run(LAUNCH + ["--processes=2"], capture_output=True, text=True, timeout=60)
+  assert done.returncode == 2
+  assert done.stderr.startswith("error: topk-launch: give the command after '--'") and done.stderr.count("\n") == 1
+
+
+def test_a_killed_launcher_leaves_no_process_behind(tmp_path):
+  marker = tmp_path / "alive"
+  child = f"import time, pathlib; pathlib.Path({str(marker)!r}).touch(); time.sleep(300)"
+  launcher = subprocess.Popen(LAUNCH + ["--processes=2", "--", sys.executable, "-c", child],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 60
+  while not marker.exists() and time.time() < deadline:
+    time.sleep(0.1)
+  children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).find(str(marker).encode()) >= 0
+              and int(p) != launcher.pid]
+  assert len(children) == 2
+  launcher.kill()
+  launcher.wait()
+  deadline = time.time() + 30
+  while any(_alive(p) for p in children) and time.time() < deadline:
+    time.sleep(0.1)
+  assert not any(_alive(p) for p in children)
+
+
+def _cmdline(pid) -> bytes:
+  try:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+      return f.read()
+  except OSError:
+    return b""
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().split(")")[-1].split()[0] != "Z"
+  except OSError:
+    return False

@@ -141,9 +141,31 @@ def losses(model_dir):
   return out
 
 
+def kill_processes_under(root):
+  """SIGKILLs every process whose command line names a path under ``root`` (what a failed scenario left)."""
+  for pid in os.listdir("/proc"):
+    if pid.isdigit() and int(pid) != os.getpid():
+      try:
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+      except OSError:
+        continue
+      if str(root).encode() in cmd:
+        try:
+          os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+          pass
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("pods")
+  try:
+    yield _scenario(root)
+  finally:
+    kill_processes_under(root)
+
+
+def _scenario(root):
   gin_file = root / "toy.gin"
   gin_file.write_text(GIN)
   r = {"root": root}
