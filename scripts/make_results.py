@@ -719,14 +719,22 @@ def width_depth_page(root: Path) -> tuple[str, dict] | None:
     head = {}
     for sweep, key, title in (("width", "d_ff", "Width (d_ff)"), ("depth", "layers", "Depth (layers per stack)")):
         points = sorted((p for p in d["points"] if sweep in p["sweeps"]), key=lambda p: p[key])
+        def rare(p):  # the paper's statistic for the last decoder layer, mean over the size's seeds
+            rs = [r for r in d["runs"] if (r["d_ff"], r["layers"]) == (p["d_ff"], p["layers"])]
+            return statistics.mean(r["fraction_firing_below_10pct"][r["last_decoder_layer"]] for r in rs) * 100
+
         rows = [[f"{p['d_ff']}" if sweep == "width" else f"{p['layers']}+{p['layers']}", f"{p['parameters'] / 1e6:.2f}M",
                  ", ".join(map(str, p["seeds"])), _iv(p["last_decoder_layer"]), _iv(p["mean_of_layers"]),
-                 f"{statistics.mean(p['mean_of_layers']['batch_only_half_width']):.2f}", _iv(p["held_out_loss"], 3)]
+                 f"{statistics.mean(p['mean_of_layers']['batch_only_half_width']):.2f}", f"{rare(p):.0f}",
+                 _iv(p["held_out_loss"], 3)]
                 for p in points]
-        body += [f"## {title}", "",
-                 *table([key if sweep == "width" else "layers", "parameters", "seeds",
+        body += [f"## {title}", ""]
+        body += [*table([key if sweep == "width" else "layers", "parameters", "seeds",
                          "% nonzero, last decoder layer", "% nonzero, mean of layers", "batches alone (±, points)",
-                         "held-out loss"], rows, "lrlrrrr"), ""]
+                         "last decoder layer: % of units firing on < 10% of tokens", "held-out loss"], rows,
+                        "lrlrrrrr"), ""] if rows else ["No run of this sweep measured yet.", ""]
+        if any(len(p["seeds"]) == 1 for p in points):
+            body += ["A size with one seed so far has an interval over its eval batches only, not over seeds.", ""]
         c = next((c for c in d.get("contrasts", []) if c["sweep"] == sweep), None)
         if c:
             frm, to = c["from"][key], c["to"][key]
@@ -743,7 +751,7 @@ def width_depth_page(root: Path) -> tuple[str, dict] | None:
                      f"{says(c['last_decoder_layer'], 'points')}; mean of the layers "
                      f"{says(c['mean_of_layers'], 'points')}; held-out loss {says(c['held_out_loss'], 'nats')}.", ""]
             head[sweep] = c
-    body += ["**The paper** (Li et al., 2022, Figure 2 and Section 3) finds larger T5 and ViT models sparser, from "
+    body += ["**The paper** (Li et al., 2022) finds larger T5 and ViT models sparser, from "
              "models whose width and depth grow together. The table above separates the two at this project's scale; "
              "the paper's T5-Base is at 2.7-3.0% nonzero after pretraining.", "",
              "![width and depth](../../experiments/width_depth/results/width_depth.png)", "", "## Command", "",

@@ -116,12 +116,15 @@ def test_width_depth_page_appears_with_its_json_and_says_partial_and_what_the_pa
              "tokens_per_step": 1280, "learning_rate_rule": "one rule", "seeds": [0, 1, 2], "widths": [256, 1024],
              "depths": [2], "base": {"d_ff": 1024, "layers": 2}, "eval_steps": None, "eval_batches": 73,
              "interval": {"level": 0.95, "resamples": 10000, "method": "percentile bootstrap"},
-             "date": "2026-12-06 21:00 UTC", "machine": None, "points": points, "contrasts": [contrast], "runs": []}
+             "date": "2026-12-06 21:00 UTC", "machine": None, "points": points, "contrasts": [contrast],
+             "runs": [{"d_ff": w, "layers": 2, "seed": seed, "last_decoder_layer": "decoder/layers_1",
+                       "fraction_firing_below_10pct": {"decoder/layers_1": 0.2 + 0.1 * seed}}
+                      for w in (256, 1024) for seed in (0, 1)]}
   (tree / make_results.WD).parent.mkdir(parents=True, exist_ok=True)
   (tree / make_results.WD).write_text(json.dumps(payload))
   text = make_results.generate(tree)["docs/results/sparsity_width_depth.md"]
   assert "**Partial: 4 of 24 runs measured**" in text and "**73 held-out batches**" in text
-  assert "| 256 | 1.00M | 0, 1 | 29.5 [28.5, 30.5] | 25.0 [24.5, 25.5] | 0.25 | 4.500 [4.490, 4.510] |" in text
+  assert "| 256 | 1.00M | 0, 1 | 29.5 [28.5, 30.5] | 25.0 [24.5, 25.5] | 0.25 | 25 | 4.500 [4.490, 4.510] |" in text
   assert "last decoder layer lower, -1.50 [-1.90, -1.10] points" in text
   assert "mean of the layers not resolved, 0.10 [-0.20, 0.40] points (the interval holds 0)" in text
   assert "held-out loss lower, -0.02 [-0.03, -0.01] nats" in text
