@@ -23,15 +23,8 @@ RUN = "import sys; from topk_transformers.commands.{0} import main; sys.exit(mai
 
 
 def steps_per_second(model_dir: str) -> list:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  values = {}
-  for root, _, files in os.walk(model_dir):
-    for name in files:
-      if name.startswith("events.out"):
-        for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
-          for value in event.summary.value:
-            if value.tag == "train/steps_per_second":
-              values[event.step] = float(tf.make_ndarray(value.tensor))
+  from topk_transformers import metrics  # pylint: disable=g-import-not-at-top
+  values = metrics.read_scalars(model_dir, "train/steps_per_second")
   return [values[s] for s in sorted(values)][1:]  # the first interval compiles
 
 

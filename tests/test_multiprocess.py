@@ -129,16 +129,8 @@ def params(model_dir, step):
 
 def losses(model_dir):
   """``{step: train/loss}`` from process 0's TensorBoard events, at full precision."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  out = {}
-  for root, _, files in os.walk(model_dir):
-    for name in files:
-      if name.startswith("events.out"):
-        for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
-          for value in event.summary.value:
-            if value.tag == "train/loss":
-              out[event.step] = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
-  return out
+  from topk_transformers import metrics  # pylint: disable=g-import-not-at-top
+  return metrics.read_scalars(str(model_dir), "train/loss")
 
 
 def kill_processes_under(root):
@@ -265,27 +257,35 @@ def test_one_process_with_the_same_mesh_trains_to_the_same_losses(runs):
                              [ref_losses[s] for s in range(1, STEPS + 1)], rtol=2e-5, atol=1e-6)
 
 
+def copy_until(run, dst, step):
+  """A copy of ``run`` whose newest checkpoint is ``step`` (TensorBoard events and the lock left out)."""
+  shutil.copytree(run, dst, ignore=shutil.ignore_patterns(".lock*", "events.out*"))
+  for later in committed_steps(run):
+    if later > step:
+      shutil.rmtree(dst / "checkpoints" / str(later))
+  return dst
+
+
+def assert_params_close(run_a, run_b, step=STEPS):
+  """Equal up to the order of the cross-process sums."""
+  for (name, a), (_, b) in zip(*(sorted(_flat(params(d, step)).items()) for d in (run_a, run_b))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_a_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
   ref = runs["reference"][0]
-  run = tmp_path / "two_to_one"
-  shutil.copytree(ref, run, ignore=shutil.ignore_patterns(".lock*", "events.out*"))
-  for step in range(6, STEPS + 1, 2):
-    shutil.rmtree(run / "checkpoints" / str(step))
+  run = copy_until(ref, tmp_path / "two_to_one", 4)
   done = subprocess.run(train_command(runs["root"] / "toy.gin", run), capture_output=True, text=True, timeout=240,
                         env=env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
   assert done.returncode == 0, done.stderr[-3000:]
   assert "Restored step 4" in done.stderr
   assert "starts over" not in done.stderr  # data_shards=2 recorded: one process reads both shards, in order
-  for a, b in zip(*(sorted(_flat(params(d, STEPS)).items()) for d in (ref, run))):
-    np.testing.assert_allclose(a[1], b[1], rtol=1e-5, atol=1e-6, err_msg=a[0])
+  assert_params_close(ref, run)
 
 
 def test_a_one_process_checkpoint_resumes_in_two_processes_that_slurm_describes(runs, tmp_path):
   one = runs["one_process"][0]
-  run = tmp_path / "one_to_two"
-  shutil.copytree(one, run, ignore=shutil.ignore_patterns(".lock*", "events.out*"))
-  for step in range(6, STEPS + 1, 2):
-    shutil.rmtree(run / "checkpoints" / str(step))
+  run = copy_until(one, tmp_path / "one_to_two", 4)
   port = free_port()
   procs = [subprocess.Popen(train_command(runs["root"] / "toy.gin", run), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -297,8 +297,7 @@ def test_a_one_process_checkpoint_resumes_in_two_processes_that_slurm_describes(
   assert [s for s, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
   assert "multi-process run: 2 processes, 4 devices (a SLURM job" in results[0][2]
   assert "Restored step 4" in results[0][2]
-  for a, b in zip(*(sorted(_flat(params(d, STEPS)).items()) for d in (one, run))):
-    np.testing.assert_allclose(a[1], b[1], rtol=1e-5, atol=1e-6, err_msg=a[0])
+  assert_params_close(one, run)
 
 
 def _flat(tree, prefix=""):

@@ -96,3 +96,20 @@ class MetricLogger:
   def close(self) -> None:
     self.writer.flush()
     self.writer.close()
+
+
+def read_scalars(model_dir: str, tag: str) -> Dict[int, float]:
+  """``{step: value}`` of one scalar (e.g. ``'train/loss'``) from the event files the run wrote, at full precision."""
+  import os  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # the event files' reader
+
+  values = {}
+  for root, _, files in os.walk(model_dir):
+    for name in sorted(files):
+      if name.startswith("events.out"):
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
+          for value in event.summary.value:
+            if value.tag == tag:
+              values[event.step] = (float(tf.make_ndarray(value.tensor)) if value.HasField("tensor")
+                                    else value.simple_value)
+  return values
