@@ -47,6 +47,11 @@ def test_seed_curves_are_the_mean_and_interval_on_the_steps_every_seed_logged(sp
   iv = intervals.seed_interval([40.0, 44.0, 42.0], n_resamples=2000, seed=0)
   assert (band["low"][1], band["high"][1]) == pytest.approx((iv.low, iv.high), abs=1e-4)
   assert all(lo <= m <= hi for lo, m, hi in zip(band["low"], band["mean"], band["high"]))
+  two_layers = [{"train": {"a": ([10], [10.0]), "b": ([10], [30.0])}}, {"train": {"a": ([10], [20.0]), "b": ([10], [60.0])}}]
+  mean = sparsity.seed_curves(two_layers)["mean_of_layers"]["train"]
+  assert mean["steps"] == [10] and mean["mean"] == [30.0]  # seeds' layer means 20 and 40
+  iv = intervals.seed_interval([20.0, 40.0], n_resamples=2000, seed=0)
+  assert (mean["low"][0], mean["high"][0]) == pytest.approx((iv.low, iv.high), abs=1e-4)
   one = sparsity.seed_curves(curves[:1])["train"]["l0"]
   assert one["low"] == one["mean"] == one["high"] == [50.0, 40.0, 30.0]  # one seed: no band
 
@@ -101,5 +106,6 @@ def test_random_data_seeds_end_to_end_on_random_images(sparsity, tmp_path, monke
   assert run["table"][1]["mean_of_layers"]["estimate"] == pytest.approx(np.mean(seed_pct), abs=1e-3)
   band = run["curves"]["train"]["Transformer/encoderblock_0"]
   assert band["seeds"] == 2 and len(band["steps"]) == len(band["mean"]) == len(band["low"])
+  assert run["curves"]["mean_of_layers"]["train"]["steps"] == band["steps"]
   with open(tmp_path / "random_data_seeds" / "random_data_seeds.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"

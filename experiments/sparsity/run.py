@@ -505,6 +505,15 @@ def seed_curves(curves_by_seed: Sequence[report_lib.Curves]) -> dict:
       mean, low, high = _band([[x[s] for s in steps] for x in series])
       out.setdefault(kind, {})[layer] = {"steps": steps, "mean": mean, "low": low, "high": high,
                                          "seeds": len(series)}
+    # The mean over the layers, per seed first, then its mean and band over the seeds.
+    layers = out.get(kind, {})
+    if layers:
+      steps = sorted(set.intersection(*(set(c["steps"]) for c in layers.values())))
+      per_seed = [[float(np.mean([dict(zip(*c[kind][layer]))[s] for layer in layers])) for s in steps]
+                  for c in curves_by_seed]
+      mean, low, high = _band(per_seed)
+      out.setdefault("mean_of_layers", {})[kind] = {"steps": steps, "mean": mean, "low": low, "high": high,
+                                                    "seeds": len(per_seed)}
   return out
 
 
@@ -587,18 +596,17 @@ def random_data_seeds(out: str, steps: Optional[int] = None, eval_steps: Optiona
 
 
 def plot_seed_curves(payload: dict, path: str, title: str) -> str:
-  """Per run, the mean over layers of the logged training-batch % nonzero: the mean over seeds and its band."""
+  """Per run, the mean over layers of the logged training-batch % nonzero: the mean over seeds and its 95% band."""
   plt = plotting.pyplot()
   fig, ax = plt.subplots(figsize=(6.8, 4.2))
   colors = plt.cm.tab10(np.arange(10))
   for i, r in enumerate(payload["runs"]):
-    layers = r["curves"].get("train", {})
-    if not layers:
+    curve = r["curves"].get("mean_of_layers", {}).get("train")
+    if not curve:
       continue
-    steps = list(layers.values())[0]["steps"]
-    stacked = {k: np.mean([np.asarray(c[k]) for c in layers.values()], 0) for k in ("mean", "low", "high")}
-    ax.plot(steps, stacked["mean"], color=colors[i % 10], label=f"{r['label']} (mean of {len(r['seeds'])} seeds)")
-    ax.fill_between(steps, stacked["low"], stacked["high"], color=colors[i % 10], alpha=0.25, linewidth=0)
+    ax.plot(curve["steps"], curve["mean"], color=colors[i % 10],
+            label=f"{r['label']} (mean of {len(r['seeds'])} seeds)")
+    ax.fill_between(curve["steps"], curve["low"], curve["high"], color=colors[i % 10], alpha=0.25, linewidth=0)
   plotting.log_axis(ax)
   ax.set_xlabel("training step")
   ax.set_ylabel("% nonzero, mean over layers (training batches)")
