@@ -1125,6 +1125,10 @@ def headline_block(h: dict) -> str:
                    for i, s in enumerate(sd)),
          f"seed spread up to {sl['max_spread'][1]:.1f} points; rate chosen by {sl['small_margin']:.3f} nats",
          "sparsity_scale_long.md"],
+        *([["% nonzero, ViT true / random labels / random images, test",
+            " / ".join(f"{_iv(r['table'][-1]['mean_of_layers'])}%" for r in h["random_data_seeds"]["runs"]),
+            f"digits, mean of layers, {len(h['random_data_seeds']['seeds'])} seeds, 95% intervals",
+            "sparsity_random_data_seeds.md"]] if "random_data_seeds" in h else []),
         ["Top-k (k=16/64/256) vs dense, held-out loss", f"within {tk['worst']:.3f} nats",
          f"T5 2+2 layers, 1 seed, {tk['eval_steps']} eval batches", "sparsity_topk.md"],
         ["ViT Top-5 − dense, 40% / 80% label noise", f"{signed(rb['e4']['mean'] * 100)} ± {rb['e4']['std'] * 100:.2f} / "
@@ -1178,6 +1182,7 @@ def generate(root: Path = ROOT) -> dict[str, str]:
         seeded = seeded_page(root, name)
         if seeded is not None:
             pages[f"sparsity_{name}"] = seeded
+            heads[name] = load(root, SP + f"{name}.json")
     wd = width_depth_page(root)
     if wd is not None:
         pages["sparsity_width_depth"], heads["width_depth"] = wd
