@@ -47,7 +47,8 @@ def test_seed_curves_are_the_mean_and_interval_on_the_steps_every_seed_logged(sp
   iv = intervals.seed_interval([40.0, 44.0, 42.0], n_resamples=2000, seed=0)
   assert (band["low"][1], band["high"][1]) == pytest.approx((iv.low, iv.high), abs=1e-4)
   assert all(lo <= m <= hi for lo, m, hi in zip(band["low"], band["mean"], band["high"]))
-  two_layers = [{"train": {"a": ([10], [10.0]), "b": ([10], [30.0])}}, {"train": {"a": ([10], [20.0]), "b": ([10], [60.0])}}]
+  two_layers = [{"train": {"a": ([10], [10.0]), "b": ([10], [30.0])}},
+                {"train": {"a": ([10], [20.0]), "b": ([10], [60.0])}}]
   mean = sparsity.seed_curves(two_layers)["mean_of_layers"]["train"]
   assert mean["steps"] == [10] and mean["mean"] == [30.0]  # seeds' layer means 20 and 40
   iv = intervals.seed_interval([20.0, 40.0], n_resamples=2000, seed=0)

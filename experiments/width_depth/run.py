@@ -15,8 +15,9 @@ and the measurement is kept beside its checkpoints (``measurement.json``). After
 ``OUT/width_depth/width_depth.json``, is rewritten with every run measured so far (``"partial": true`` until all
 are), with, per size: the % nonzero of the last decoder layer and the mean over the layers, and the held-out loss,
 each with a 95% bootstrap interval over the seeds and the eval batches (``topk_transformers/intervals.py``); at the
-end the figure ``width_depth.png`` is drawn from that JSON (``--plot_only`` redraws it). Resumable: the same command skips what is done and continues a
-stopped run from its checkpoint (SIGTERM: exit 143 after the checkpoint is written).
+end the figure ``width_depth.png`` is drawn from that JSON (``--plot_only`` redraws it). Resumable: the same
+command skips what is done and continues a stopped run from its checkpoint (SIGTERM: exit 143 after the checkpoint
+is written).
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def sizes(widths: Sequence[int] = WIDTHS, depths: Sequence[int] = DEPTHS, base_w
           base_layers: int = BASE_LAYERS) -> List[Size]:
   """The width sweep's sizes, then the depth sweep's that it does not already hold."""
   out = [Size(w, base_layers, (base_width, base_layers)) for w in widths]
-  out += [Size(base_width, d, (base_width, base_layers)) for d in depths if d != base_layers or base_width not in widths]
+  out += [Size(base_width, d, (base_width, base_layers)) for d in depths
+          if d != base_layers or base_width not in widths]
   return list(dict.fromkeys(out))
 
 
@@ -256,7 +258,8 @@ def width_depth(out: str, steps: Optional[int] = None, eval_steps: Optional[int]
     else:
       run_dir, seconds = sparsity.train_run(spec, out, steps)
     row = measure(spec, run_dir, eval_steps, steps)
-    row.update(d_ff=size.d_ff, layers=size.layers, seed=seed, train_seconds=sparsity._round(seconds))  # pylint: disable=protected-access
+    row.update(d_ff=size.d_ff, layers=size.layers, seed=seed,
+               train_seconds=None if seconds is None else round(float(seconds), 1))
     rows.append(row)
     payload = {
         "experiment": "width_depth", "command": command, "partial": len(rows) < len(todo), "runs_done": len(rows),
@@ -389,7 +392,8 @@ def main(argv: Sequence[str]) -> int:
       payload = json.load(f)
     print(f"wrote {plot(payload, os.path.join(os.path.dirname(os.path.abspath(args.plot_only)), 'width_depth.png'))}")
     return 0
-  command = " ".join(["python experiments/width_depth/run.py", *[a for a in argv if not a.startswith("--measure_only")]])
+  command = " ".join(["python experiments/width_depth/run.py",
+                      *[a for a in argv if not a.startswith("--measure_only")]])
   width_depth(os.path.abspath(args.out), args.steps, args.eval_steps, args.measure_only, args.seeds, command=command)
   return 0
 
