@@ -1,7 +1,6 @@
 """The experiments outside the library: their runners (loaded by file path), gin layers and random-image data."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,8 @@ import gin
 import numpy as np
 import pytest
 
+import experiment_runners
+
 from topk_transformers import gin_utils
 from topk_transformers.data import random_images
 
@@ -20,16 +21,7 @@ EXPERIMENTS = os.path.join(ROOT, "experiments")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _load(name):
-  """``experiments/<name>/run.py`` as a module (the runners are scripts, not a package)."""
-  path = os.path.join(EXPERIMENTS, name, "run.py")
-  module_name = f"experiment_{name}_run"
-  if module_name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-  return sys.modules[module_name]
+_load = experiment_runners.load
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
 """Tests for experiments/infinite_data/run.py: the ViT on fresh random images against a fixed set of them."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import gin
 import pytest
+
+import experiment_runners
 
 from topk_transformers import gin_utils
 from topk_transformers.data import random_images
@@ -17,13 +17,7 @@ RUNNER = os.path.join(ROOT, "experiments", "infinite_data", "run.py")
 
 @pytest.fixture(scope="module")
 def runner():
-  name = "experiment_infinite_data_run"
-  if name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(name, RUNNER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]
+  return experiment_runners.load("infinite_data")
 
 
 def test_both_kinds_are_experiment_3s_model_and_differ_only_in_the_dataset(runner):

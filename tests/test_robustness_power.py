@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+import experiment_runners
+
 from topk_transformers import gin_utils, intervals
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,13 +19,7 @@ RUNNER = os.path.join(ROOT, "experiments", "robustness", "run.py")
 
 @pytest.fixture(scope="module")
 def runner():
-  name = "experiment_robustness_run"  # the module name tests/test_experiments.py uses: one copy per process
-  if name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(name, RUNNER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]
+  return experiment_runners.load("robustness")
 
 
 def test_power_setting_is_the_memorisation_regime_with_d_ff_256(runner):

@@ -1,12 +1,12 @@
 """experiments/sparsity/run.py over seeds (emergence_seeds, random_data_seeds): runs, bands, tables, end to end."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
+
+import experiment_runners
 
 from topk_transformers import gin_utils, intervals
 from topk_transformers import sparsity_report as report_lib
@@ -16,13 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def sparsity():
-  name = "experiment_sparsity_run"  # the name tests/test_experiments.py loads it under
-  if name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", "sparsity", "run.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]
+  return experiment_runners.load("sparsity")
 
 
 def test_seed_0_is_the_single_seed_run_and_other_seeds_bind_random_seed(sparsity):

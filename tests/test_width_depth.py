@@ -1,13 +1,13 @@
 """experiments/width_depth/run.py: the sweep's plan, its gin stacks, resumable measuring, intervals and JSON."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import gin
 import numpy as np
 import pytest
+
+import experiment_runners
 
 from topk_transformers import gin_utils, intervals
 from topk_transformers import sparsity_report as report_lib
@@ -18,13 +18,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def wd():
-  name = "experiment_width_depth_run"
-  if name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", "width_depth", "run.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]
+  return experiment_runners.load("width_depth")
 
 
 def test_plan_is_the_two_sweeps_seed_by_seed_sharing_the_base_model(wd):
