@@ -42,8 +42,6 @@ import zlib
 from typing import Any, Callable, List, Optional
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 

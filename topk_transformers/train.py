@@ -19,7 +19,6 @@ import dataclasses
 import logging
 import os
 import signal
-import time
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import flax
