@@ -456,6 +456,7 @@ class CheckpointManager:
     try:
       meta = self._mngr.item_metadata(step)["state"]
     except Exception as e:  # pylint: disable=broad-except
+      _quiet_abandoned_tasks()
       raise self._unreadable(step, f"metadata: {_first_line(e)}") from None
     problem = _incompatibility(abstract_state, getattr(meta, "tree", meta))
     if problem == _NO_METADATA:  # e.g. its files were deleted: orbax finds no metadata, not another model
@@ -610,6 +611,7 @@ def restore_params(path: str, abstract_params: Any, shardings: Any) -> tuple:
         meta = mngr.item_metadata(step)["state"]
         meta = getattr(meta, "tree", meta)
       except Exception as e:  # pylint: disable=broad-except
+        _quiet_abandoned_tasks()
         raise CheckpointError(f"cannot restore parameters from step {step} in {ckpt_dir} (metadata: "
                               f"{_first_line(e)})") from None
       # partial_restore fills a parameter the checkpoint lacks with its abstract placeholder: check first.
