@@ -53,7 +53,8 @@ def test_smoke_mode_runs_every_stage_and_writes_the_json(tmp_path):
   assert all(r["model_flops_per_step"] > 0 and r["mfu"] is None for r in train.values())
 
   decode = {(r["dtype"], r["name"].split("/")[0]) for r in summary["decode"]}
-  assert decode == {(dt, v) for dt in ("float32", "bfloat16") for v in ("dense", "sparse", "predicted")}
+  assert decode == {(dt, v) for dt in ("float32", "bfloat16") for v in ("dense", "dense@in_out", "sparse", "predicted")}
+  assert all(r["share_of_vecmat_rate"]["vecmat/W@y"] > 0 for r in summary["decode"] if r["name"] == "dense")
   assert all(r["weight_bytes_per_s"] > 0 for r in summary["decode"])
 
   # The cache the run produced: the selection of the 'auto' training variant, measured here.

@@ -213,10 +213,18 @@ def test_decode_benchmark_writes_json_and_plot(tmp_path):
 
   out, png = tmp_path / "bench.json", tmp_path / "bench.png"
   assert bench_decode.main(["--sizes=tiny", "--k=16", "--steps=2", "--reps=2", "--num_layers=1", f"--json={out}",
-                            f"--plot={png}", "--predicted", "--predictor_rank=4", "--candidates=32"]) == 0
+                            f"--plot={png}", "--predicted", "--predictor_rank=4", "--candidates=32",
+                            "--vecmat_gib=0.004"]) == 0
   result = json.loads(out.read_text())
   assert result["machine"]["platform"] == jax.devices()[0].platform and result["machine"]["cores"] >= 1
-  dense, sparse, predicted = result["results"]
+  dense, in_out, sparse, predicted = result["results"]
+  # T5X's [in, out] kernels decode the same tokens as the [out, in] layout every other variant reads.
+  assert in_out["variant"] == "dense_in_out" and in_out["tokens_match_dense"]
+  assert in_out["weight_bytes_per_token"] == dense["weight_bytes_per_token"]
+  # The machine's rate, interleaved: both vector-matrix orientations and the step's own kernels.
+  assert sorted(dense["vecmat_gb_per_s"]) == ["vecmat/W@y", "vecmat/step_kernels", "vecmat/x@W"]
+  for name, rate in dense["vecmat_gb_per_s"].items():
+    assert rate > 0 and dense["share_of_vecmat_rate"][name] == pytest.approx(dense["weight_gb_per_s"] / rate)
   assert (predicted["variant"], predicted["predictor_rank"], predicted["candidates"]) == ("predicted", 4, 32)
   # Predicted: the rank-4 predictor (a [64, 4], b [4, 256]), 32 rows of wi, 16 rows of wo.
   per_layer_predicted = 6 * 64 * 64 + 4 * (64 + 256) + 32 * 64 + 16 * 64 + 3 * 64
@@ -242,3 +250,4 @@ def test_decode_benchmark_writes_json_and_plot(tmp_path):
   assert bench_decode.main(["--sizes=huge"]) == 2
   assert bench_decode.main(["--sizes=tiny", "--k=0"]) == 2
   assert bench_decode.main(["--sizes=tiny", "--k=16", "--predicted", "--candidates=8"]) == 2  # c < k
+  assert bench_decode.main(["--sizes=tiny", "--vecmat_gib=-1"]) == 2

@@ -1,6 +1,7 @@
 """T5's decoding wiring (``t5/decoding.py``): greedy against teacher forcing, EOS, sampling, beams, the cached
 cross-attention keys and values, and ``topk-decode`` on a checkpoint."""
 
+import dataclasses
 import functools
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 from flax import linen as nn
 
 from topk_transformers import decoding
+from topk_transformers.errors import ConfigError
 from topk_transformers.t5 import decoding as t5_decoding
 from topk_transformers.t5 import network
 
@@ -181,3 +183,62 @@ def test_cross_attention_cache_step_logits_and_shared_keys(t5):
                  tokens[:, :1], enable_dropout=False, decode=True, max_decode_length=length,
                  cross_kv=jax.tree.map(lambda x: jnp.concatenate([x, x[:1]]), cross_kv), mutable=["cache"],
                  method=module.decode)
+
+
+@pytest.mark.parametrize("gated, top_k", [(False, None), (False, 16), (True, None), (True, 16)],
+                         ids=["v1.0", "v1.0-topk", "v1.1", "v1.1-topk"])
+def test_transposed_kernels_decode_as_t5x_layout_does(gated, top_k):
+  """``transpose_for_decoding``: each step kernel held once, [out, in]; the same logits at every step."""
+  cfg = tiny_t5_config(vocab_size=32, emb_dim=32, head_dim=16, mlp_dim=64, num_decoder_layers=2, top_k=top_k,
+                       logits_via_embedding=not gated, **(dict(mlp_activations=("gelu", "linear")) if gated else {}))
+  module = network.Transformer(cfg)
+  enc = jnp.array([[5, 6, 7, 8, 9, 0], [10, 11, 12, 0, 0, 0]], jnp.int32)
+  params = random_params(module, enc, jnp.ones((2, 6), jnp.int32), seed=1)
+  keep_wo = top_k is not None
+  step_params, transposed = t5_decoding.transpose_for_decoding(params, keep_wo=keep_wo)
+
+  layer = params["decoder"]["layers_1"]
+  moved = [("self_attention", n) for n in ("query", "key", "value", "out")] + [
+      ("encoder_decoder_attention", n) for n in ("query", "out")] + [
+      ("mlp", n) for n in (("wi_0", "wi_1") if gated else ("wi",)) + (() if keep_wo else ("wo",))]
+  for block, name in moved:
+    np.testing.assert_array_equal(transposed["decoder"]["layers_1"][block][name]["kernel"],
+                                  layer[block][name]["kernel"].T)
+    assert "kernel" not in step_params["decoder"]["layers_1"][block][name], (block, name)
+  # Kept as they lie: the cross-attention keys and values (projected once per input), wo's rows for Top-k.
+  for block, name in [("encoder_decoder_attention", "key"), ("encoder_decoder_attention", "value")] + (
+      [("mlp", "wo")] if keep_wo else []):
+    assert step_params["decoder"]["layers_1"][block][name]["kernel"] is layer[block][name]["kernel"]
+    assert name not in transposed["decoder"]["layers_1"][block]
+  assert ("logits_dense" in transposed["decoder"]) == gated and "encoder" not in transposed
+
+  length = 5
+  cross_kv, cache = t5_decoding.encode_for_decoding(module, params, enc, length)
+  old = t5_decoding.make_tokens_to_logits(module, params, None, enc, length, cross_kv=cross_kv)
+  new = t5_decoding.make_tokens_to_logits(module, step_params, None, enc, length, cross_kv=cross_kv,
+                                          transposed=transposed)
+  tokens = jnp.asarray(np.random.RandomState(0).randint(2, 32, (2, length)), jnp.int32)
+  both = jax.jit(lambda i, t, c0, c1: (old(decoding.DecodingState(i, t, None, c0)),
+                                       new(decoding.DecodingState(i, t, None, c1))))
+  caches = [cache, cache]
+  for i in range(length):
+    (l_old, c_old), (l_new, c_new) = both(jnp.int32(i), tokens[:, i:i + 1], *caches)
+    np.testing.assert_allclose(l_new, l_old, rtol=1e-5, atol=1e-5)
+    assert np.std(np.asarray(l_old)) > 0.1, "flat logits would make this test weak"
+    caches = [c_old, c_new]
+  # predict_batch lays the kernels out itself on CPU (2 rows): its decodes are the untransposed steps' decodes.
+  greedy, _ = jax.jit(lambda c: decoding.greedy_decode(old, c, 2, length, eos_id=None))(cache)
+  np.testing.assert_array_equal(
+      t5_decoding.predict_batch(module, params, {"encoder_input_tokens": enc}, max_decode_length=length, eos_id=None),
+      greedy)
+
+
+def test_top_k_steps_refuse_a_transposed_wo(t5):
+  """The sparse step reads rows of wo: a layout without them is one clear error, not a wrong product."""
+  module, params, enc = t5
+  step_params, transposed = t5_decoding.transpose_for_decoding(params, keep_wo=False)
+  cross_kv, cache = t5_decoding.encode_for_decoding(module, params, enc, 4)
+  step = t5_decoding.make_tokens_to_logits(network.Transformer(dataclasses.replace(module.config, sparse_decode=True)),
+                                           step_params, None, enc, 4, cross_kv=cross_kv, transposed=transposed)
+  with pytest.raises(ConfigError, match="read rows of 'wo'"):
+    step(decoding.DecodingState(jnp.int32(0), enc[:, :1], None, cache))

@@ -138,10 +138,22 @@ def add_bias(y: Array, layer: Mapping[str, Array], dtype, units: Optional[Array]
   return y + (bias if units is None else jnp.take(bias, units))
 
 
+def transposed_product(x: Array, kernel_t: Array, axis: Tuple[int, ...]) -> Array:
+  """``x`` contracted over its ``axis`` with ``kernel_t [out..., in...]``: ``[rest of x..., out...]``, the product
+  with the ``[in..., out...]`` kernel, read in the layout in which XLA:CPU streams a few tokens' product fastest
+  (each output's weights contiguous)."""
+  n_out = kernel_t.ndim - len(axis)
+  y = jax.lax.dot_general(kernel_t, x, ((tuple(range(n_out, kernel_t.ndim)), tuple(axis)), ((), ())))
+  return jnp.moveaxis(y, tuple(range(n_out)), tuple(range(y.ndim - n_out, y.ndim)))
+
+
 def linear(x: Array, layer: Mapping[str, Array], dtype) -> Array:
-  """``x @ kernel + bias`` over the last axis of ``x``, in ``dtype`` (as ``layers.DenseGeneral`` computes it)."""
-  kernel = jnp.asarray(layer["kernel"], dtype)
+  """``x @ kernel + bias`` over the last axis of ``x``, in ``dtype`` (as ``layers.DenseGeneral`` computes it);
+  from ``kernel_t [out, in]`` where the layer has that instead (``t5.decoding.transpose_for_decoding``)."""
   x = jnp.asarray(x, dtype)
+  if "kernel_t" in layer:
+    return add_bias(transposed_product(x, jnp.asarray(layer["kernel_t"], dtype), (x.ndim - 1,)), layer, dtype)
+  kernel = jnp.asarray(layer["kernel"], dtype)
   return add_bias(jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))), layer, dtype)
 
 
@@ -154,6 +166,9 @@ def hidden(params: Params, x: Array, activations, dtype) -> Array:
 
 def _wo(params: Params, width: int, units: Optional[int] = None) -> Mapping[str, Array]:
   """``params['wo']``, checked: ``[units, width]`` (any number of units when ``units`` is None)."""
+  if "wo" in params and "kernel_t" in params["wo"]:
+    raise ConfigError("the sparse and predicted MLP steps read rows of 'wo': leave it out of the transposed "
+                      "kernels (t5.decoding.transpose_for_decoding keeps it for a model with an active Top-k)")
   if "wo" not in params or "kernel" not in params["wo"]:
     raise ConfigError("an MLP step needs the MLP's 'wo' parameters")
   shape = tuple(params["wo"]["kernel"].shape)

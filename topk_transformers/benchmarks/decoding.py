@@ -119,6 +119,12 @@ class Settings:
   candidates: Tuple[int, ...] = (DEFAULT_CANDIDATES,)
   xla_gather: bool = False
   """Also time the sparse and predicted paths with XLA's gather in place of the row kernels (``row_kernels.py``)."""
+  in_out: bool = True
+  """Also time dense decoding with the kernels as T5X lays them out (``dense@in_out``), beside the transposed
+  layout that every other variant reads (``t5.decoding.transpose_for_decoding``)."""
+  vecmat_gib: float = 1.0
+  """Size of the float32 matrix whose vector products measure the machine's streaming rate, interleaved with the
+  variants (0: not measured)."""
   seed: int = 0
 
   def __post_init__(self):
@@ -142,6 +148,8 @@ class Settings:
       raise ConfigError(f"--candidates must list positive integers, got {self.candidates}")
     if self.predicted and min(self.candidates) < max(self.ks):
       raise ConfigError(f"--candidates must be at least k ({max(self.ks)}), got {self.candidates}")
+    if self.vecmat_gib < 0:
+      raise ConfigError(f"--vecmat_gib must be at least 0, got {self.vecmat_gib}")
     for name in ("num_layers", "encoder_layers"):
       if getattr(self, name) is not None and getattr(self, name) <= 0:
         raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -218,13 +226,60 @@ def make_decoder(module: nn.Module, steps: int):
   """
 
   @jax.jit
-  def run(params, cache, cross_kv, enc_tokens, preds):
+  def run(params, cache, cross_kv, enc_tokens, preds, transposed=None):
     step = t5_decoding.make_tokens_to_logits(module, params, None, enc_tokens, steps, cross_kv=cross_kv,
-                                             predictors=preds)
+                                             predictors=preds, transposed=transposed)
     tokens, _ = decoding.greedy_decode(step, cache, enc_tokens.shape[0], steps, eos_id=None)
     return tokens
 
   return run
+
+
+def vecmat_runs(gib: float, steps: int) -> Dict[str, Tuple[Any, int]]:
+  """The machine's streaming rate: ``name -> (call, bytes per step)`` for ``x @ W`` and ``W @ y`` over one float32
+  matrix of ``gib`` GiB, ``steps`` products per call (each feeds the next, so none is skipped)."""
+  n = int(round((gib * 2**30 / 4) ** 0.5))
+  w = jax.device_put(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32) / np.float32(np.sqrt(n)))
+  v = jnp.full((n,), 1.0 / n, jnp.float32)
+  x_w = jax.jit(lambda w, v: jax.lax.fori_loop(0, steps, lambda i, u: jnp.tanh(u @ w), v))
+  w_y = jax.jit(lambda w, v: jax.lax.fori_loop(0, steps, lambda i, u: jnp.tanh(w @ u), v))
+  return {"vecmat/x@W": (functools.partial(x_w, w, v), n * n * 4),
+          "vecmat/W@y": (functools.partial(w_y, w, v), n * n * 4)}
+
+
+def step_kernels_run(transposed: Any, steps: int) -> Tuple[Any, int]:
+  """``(call, bytes per step)``: the vector products of a dense decoder step alone, over its own ``[out, in]``
+  kernels in the step's order (each layer's attention, then its MLP, then the logits), nothing else in between.
+
+  The rate of what the step cannot do without; dense decoding's share of it is what the rest of the step costs.
+  """
+  def order(path_leaf):
+    path = [getattr(p, "key", "") for p in path_leaf[0]]
+    layer = next((int(p.split("_")[1]) for p in path if p.startswith("layers_")), 10**6)
+    return layer, path
+
+  kernels = [leaf for _, leaf in sorted(jax.tree_util.tree_flatten_with_path(transposed)[0], key=order)]
+
+  def chain(ks, v):
+    for w in ks:
+      u = jnp.tanh(jnp.dot(w, v[: w.shape[1]]))
+      v = jnp.concatenate([u, v[u.shape[0]:]]) if u.shape[0] < v.shape[0] else u[: v.shape[0]]
+    return v
+
+  width = max(w.shape[1] for w in kernels)
+  run = jax.jit(lambda ks, v: jax.lax.fori_loop(0, steps, lambda i, u: chain(ks, u), v))
+  v0 = jnp.full((width,), 1.0 / width, kernels[0].dtype)
+  return functools.partial(run, kernels, v0), sum(w.size * w.dtype.itemsize for w in kernels)
+
+
+def _with_wo(params: Any, prepared: Any, transposed: Any) -> Tuple[Any, Any]:
+  """``transpose_for_decoding(params, keep_wo=True)`` from its ``keep_wo=False`` result, sharing its arrays."""
+  decoder, kept = dict(prepared["decoder"]), dict(transposed["decoder"])
+  for name, layer in transposed["decoder"].items():
+    if "mlp" in layer and "wo" in layer["mlp"]:
+      decoder[name] = {**decoder[name], "mlp": {**decoder[name]["mlp"], "wo": params["decoder"][name]["mlp"]["wo"]}}
+      kept[name] = {**layer, "mlp": {k: v for k, v in layer["mlp"].items() if k != "wo"}}
+  return {**prepared, "decoder": decoder}, {"decoder": kept}
 
 
 def bench_size(version: str, size: str, dtype_name: str, ks: List[int], methods: List[str],
@@ -248,6 +303,8 @@ def bench_size(version: str, size: str, dtype_name: str, ks: List[int], methods:
   enc_tokens = jax.random.randint(jax.random.PRNGKey(settings.seed + 1), (1, settings.input_length), 2, base.vocab_size)
 
   variants = {"dense": base}
+  if settings.in_out:
+    variants["dense@in_out"] = base
   for method in methods:
     for k in ks:
       if k >= base.mlp_dim:
@@ -266,11 +323,16 @@ def bench_size(version: str, size: str, dtype_name: str, ks: List[int], methods:
       kind, rest = name.split("/", 1)
       variants[f"{kind}@xla/{rest}"] = dataclasses.replace(variants[name], decode_row_kernels=False)
 
+  # The step's kernels laid out [out, in] once, shared by the variants (Top-k ones keep wo's rows).
+  dense_layout = jax.block_until_ready(t5_decoding.transpose_for_decoding(params, keep_wo=False))
+  topk_layout = _with_wo(params, *dense_layout)
   prepared = {}  # r -> (params with wi as rows in the predictors, predictors): the other leaves are params' own
   if settings.predicted:
     for r in settings.predictor_ranks:
-      prepared[r] = jax.block_until_ready(predictors.prepare(
-          params, predictors.random_predictors(params, r, seed=settings.seed, dtype=jnp.dtype(dtype_name))))
+      # The predicted step reads wi from the predictors' rows, and the rest as the other Top-k variants do.
+      _, preds = predictors.prepare(
+          params, predictors.random_predictors(params, r, seed=settings.seed, dtype=jnp.dtype(dtype_name)))
+      prepared[r] = jax.block_until_ready((topk_layout[0], preds, topk_layout[1]))
 
   runs, tokens = {}, {}
   encode = jax.jit(lambda p, e, m: t5_decoding.encode_for_decoding(m, p, e, settings.steps), static_argnums=2)
@@ -278,8 +340,14 @@ def bench_size(version: str, size: str, dtype_name: str, ks: List[int], methods:
     module = network.Transformer(cfg)
     cross_kv, cache = encode(params, enc_tokens, module)
     decoder = make_decoder(module, settings.steps)
-    step_params, preds = prepared[int(name.split("/")[3][1:])] if name.startswith("predicted") else (params, None)
-    call = functools.partial(decoder, step_params, cache, cross_kv, enc_tokens, preds)
+    if name.startswith("predicted"):
+      step_params, preds, transposed = prepared[int(name.split("/")[3][1:])]
+    elif name == "dense@in_out":
+      step_params, preds, transposed = params, None, None
+    else:
+      step_params, transposed = dense_layout if name == "dense" else topk_layout
+      preds = None
+    call = functools.partial(decoder, step_params, cache, cross_kv, enc_tokens, preds, transposed)
     t0 = time.perf_counter()
     tokens[name] = np.asarray(jax.block_until_ready(call()))  # compiles, warms up
     print(f"   compiled {name} in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -287,12 +355,21 @@ def bench_size(version: str, size: str, dtype_name: str, ks: List[int], methods:
       continue  # run once to check the sparse tokens, not timed
     runs[name] = call
 
+  vecmat = vecmat_runs(settings.vecmat_gib, settings.steps) if settings.vecmat_gib > 0 else {}
+  if settings.vecmat_gib > 0:
+    vecmat["vecmat/step_kernels"] = step_kernels_run(dense_layout[1], settings.steps)
+  for name, (call, _) in vecmat.items():
+    jax.block_until_ready(call())
+    runs[name] = call
   times = {name: [] for name in runs}
   for _ in range(settings.reps):
     for name, call in runs.items():
       t0 = time.perf_counter()
       jax.block_until_ready(call())
       times[name].append((time.perf_counter() - t0) / settings.steps)
+  rates = {name: nbytes / statistics.median(times.pop(name)) / 1e9 for name, (_, nbytes) in vecmat.items()}
+  for name in vecmat:
+    del runs[name]
 
   shared = dict(size=size, version=version, dtype=dtype_name, num_decoder_layers=layers_,
                 published_decoder_layers=published.num_decoder_layers, num_encoder_layers=enc_layers,
@@ -306,7 +383,16 @@ def bench_size(version: str, size: str, dtype_name: str, ks: List[int], methods:
 
   dense_bytes = weight_bytes_per_token(base, None, itemsize)
   dense = dict(shared, variant="dense", method=None, k=None, **timing("dense", dense_bytes))
+  if rates:
+    # The machine's rate, measured between the variants: the share of it that dense decoding streams.
+    dense.update(vecmat_gb_per_s=rates, vecmat_gib=settings.vecmat_gib,
+                 share_of_vecmat_rate={name: dense["weight_gb_per_s"] / rate for name, rate in rates.items()})
   rows = [dense]
+  if rates:
+    print("   machine rate (float32 vector-matrix, interleaved): "
+          + ", ".join(f"{name.split('/')[1]} {rate:.1f} GB/s (dense at {dense['weight_gb_per_s'] / rate:.0%})"
+                      for name, rate in rates.items())
+          + " (step_kernels: the dense step's own [out, in] kernels, by vector products alone)")
   print(f"   {'variant':30s} {'ms/token':>9s} {'(best)':>8s} {'tok/s':>6s} {'GB/s':>5s} {'speedup':>7s} "
         f"{'(paired)':>8s} {'(best)':>7s} {'bound':>6s} {'sp/bound':>8s} {'saving/possible':>15s}  "
         f"tokens==dense_topk")
@@ -314,6 +400,18 @@ def bench_size(version: str, size: str, dtype_name: str, ks: List[int], methods:
         f"{dense['tokens_per_s']:6.2f} {dense['weight_gb_per_s']:5.2f}")
   for name in runs:
     if name == "dense":
+      continue
+    if name == "dense@in_out":
+      row = dict(shared, name=name, variant="dense_in_out", method=None, k=None,
+                 **timing(name, dense_bytes))
+      row.update(speedup=dense["s_per_token"] / row["s_per_token"],
+                 paired_speedup=statistics.median(d / x for d, x in zip(times["dense"], times[name])),
+                 tokens_match_dense=bool(np.array_equal(tokens[name], tokens["dense"])))
+      rows.append(row)
+      print(f"   {name:30s} {row['s_per_token'] * 1e3:9.2f} {row['min_s_per_token'] * 1e3:8.2f} "
+            f"{row['tokens_per_s']:6.2f} {row['weight_gb_per_s']:5.2f} {row['speedup']:7.3f} "
+            f"{row['paired_speedup']:8.3f}   (T5X's [in, out] kernels; tokens == dense: {row['tokens_match_dense']})",
+            flush=True)
       continue
     kind, method, k, *rc = name.split("/")
     kind, _, gather = kind.partition("@")

@@ -213,7 +213,7 @@ def decode_args(out_dir: str, smoke: bool) -> List[str]:
   if smoke:
     return ["--sizes=tiny", "--version=1.0", "--k=8", "--method=exact", "--dtype=float32,bfloat16", "--num_layers=1",
             "--steps=2", "--reps=1", "--input_length=8", "--predicted", "--predictor_rank=4", "--candidates=32",
-            f"--json={json_path}"]
+            "--vecmat_gib=0.004", f"--json={json_path}"]
   # The published 24 decoder layers; a 2-layer encoder (it runs once per input, outside the timed loop).
   return ["--sizes=large", "--version=1.0", "--k=128", "--method=exact", "--dtype=float32,bfloat16",
           "--encoder_layers=2", "--steps=32", "--reps=5", "--input_length=32", "--predicted", "--predictor_rank=32",
@@ -262,7 +262,8 @@ def summarise(out_dir: str, machine_info: Dict[str, Any], statuses: Dict[str, An
                             weight_bytes_per_s=r["weight_gb_per_s"] * 1e9,
                             share_of_memory_bandwidth=(r["weight_gb_per_s"] * 1e9 / peak["memory_bytes_per_s"]
                                                        if peak["memory_bytes_per_s"] else None),
-                            row_kernels=r.get("row_kernels"))
+                            row_kernels=r.get("row_kernels"), vecmat_gb_per_s=r.get("vecmat_gb_per_s"),
+                            share_of_vecmat_rate=r.get("share_of_vecmat_rate"))
                        for r in decode.get("results", [])]
   summary["autotune_cache"] = autotune.cached_entries(os.path.join(out_dir, "autotune_cache.json"))
   return summary

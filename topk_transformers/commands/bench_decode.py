@@ -37,6 +37,10 @@ def main(argv) -> int:
                  help="also time the sparse and predicted paths with XLA's gather in place of the CPU row kernels")
   p.add_argument("--candidates", default=str(decoding.DEFAULT_CANDIDATES),
                  help="comma list of candidate counts c per MLP step (c >= k)")
+  p.add_argument("--no_in_out", dest="in_out", action="store_false",
+                 help="skip dense decoding with T5X's [in, out] kernels (timed by default, beside the [out, in] layout)")
+  p.add_argument("--vecmat_gib", type=float, default=1.0,
+                 help="GiB of the float32 matrix whose vector products measure the machine's rate, interleaved (0: off)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="write results here")
   p.add_argument("--plot", default=None, help="write a PNG of latency and speedup against k here")
@@ -47,7 +51,7 @@ def main(argv) -> int:
       dtypes=items(args.dtype), num_layers=args.num_layers, encoder_layers=args.encoder_layers, steps=args.steps,
       reps=args.reps, input_length=args.input_length, dense_topk=args.dense_topk, predicted=args.predicted,
       predictor_ranks=items(args.predictor_rank, int), candidates=items(args.candidates, int), xla_gather=args.xla_gather,
-      seed=args.seed)
+      in_out=args.in_out, vecmat_gib=args.vecmat_gib, seed=args.seed)
   result = decoding.run(settings, command=" ".join(["topk-bench-decode", *argv]))
   common.write_json(args.json, result)
   if args.json:

@@ -11,13 +11,14 @@ predictors propose.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from topk_transformers import layers
 from topk_transformers import predictors as predictors_lib
 from topk_transformers import topk as topk_lib
 from topk_transformers.decoding import (METHODS, DecodingState, TokensToLogits, beam_search, expand_batch,
@@ -42,9 +43,66 @@ def init_cache(module, params, encoded: jax.Array, encoder_input_tokens: jax.Arr
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(create))
 
 
+_STEP_KERNELS = (("self_attention", ("query", "key", "value", "out")), ("encoder_decoder_attention", ("query", "out")),
+                 ("mlp", ("wi", "wi_0", "wi_1", "wo")))
+TRANSPOSE_MAX_ROWS = 8
+"""``predict_batch`` transposes the step's kernels on CPU for at most this many decoder rows (batch x decodes)."""
+
+
+def transpose_for_decoding(params: Mapping[str, Any], keep_wo: bool) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """``(params, transposed)``: every kernel a decoder step reads in full, moved from ``params`` into the
+  ``transposed`` collection (``layers.TRANSPOSED``) as ``[out, in]``; the layers then read it from there.
+
+  A step multiplies one or a few tokens by each kernel. XLA:CPU streams ``[out, in]`` weights (each output's
+  weights contiguous) at the machine's vector-matrix rate, but T5X's ``[in, out]`` at about two thirds of it
+  (``docs/design/decoding_paths.md``). The step's kernels are the decoder's self-attention ``query``, ``key``,
+  ``value`` and ``out``, the cross-attention ``query`` and ``out`` (its ``key`` and ``value`` project the encoder
+  output once per input, and stay), the MLPs' ``wi`` (kernels that ``predictors.prepare`` already moved are
+  skipped) and ``wo``, and ``logits_dense`` (v1.1; v1.0's tied embedding is read as it lies). ``keep_wo``: leave
+  ``wo`` as it is, because the sparse and predicted steps read its rows (a model with an active Top-k).
+
+  Values are unchanged; the products sum in another order, so logits agree to float rounding. The returned
+  ``params`` decode only with ``transposed``; encode and create the cache with the full ones. Call it once per set
+  of parameters, outside the decoding loop.
+  """
+  params = nn.meta.unbox(params)
+  decoder = dict(params["decoder"])
+  transposed: Dict[str, Any] = {}
+
+  def move(tree: Dict[str, Any], path: Tuple[str, ...]) -> None:
+    node = tree
+    for name in path[:-1]:
+      if name not in node:
+        return
+      node = node[name]
+    layer = node.get(path[-1])
+    if not isinstance(layer, Mapping) or "kernel" not in layer:
+      return
+    kernel = jnp.asarray(layer["kernel"])
+    if kernel.ndim != 2:
+      raise ConfigError(f"cannot transpose the {kernel.ndim}-D kernel of decoder/{'/'.join(path)} for decoding")
+    node[path[-1]] = {k: v for k, v in layer.items() if k != "kernel"}
+    target = transposed
+    for name in path[:-1]:
+      target = target.setdefault(name, {})
+    target[path[-1]] = {"kernel": jnp.transpose(kernel)}
+
+  for layer_name in [n for n in decoder if n.startswith("layers_")]:
+    layer = decoder[layer_name] = dict(decoder[layer_name])
+    for block, names in _STEP_KERNELS:
+      if block not in layer:
+        continue
+      layer[block] = dict(layer[block])
+      for name in names:
+        if not (keep_wo and name == "wo"):
+          move(decoder, (layer_name, block, name))
+  move(decoder, ("logits_dense",))
+  return {**params, "decoder": decoder}, {"decoder": transposed}
+
+
 def make_tokens_to_logits(module, params, encoded: Optional[jax.Array], encoder_input_tokens: jax.Array,
                           max_decode_length: int, *, cross_kv: Any = None,
-                          predictors: Any = None) -> TokensToLogits:
+                          predictors: Any = None, transposed: Any = None) -> TokensToLogits:
   """The decoder step of ``module`` as a ``tokens_to_logits`` callback (no dropout).
 
   Args:
@@ -58,10 +116,14 @@ def make_tokens_to_logits(module, params, encoded: Optional[jax.Array], encoder_
       decoder rows (row ``b * n + j``) share their input's keys and values.
     predictors: the ``predictors`` collection for predicted-neuron MLPs (``T5Config.decode_candidates``), with
       ``params`` as ``predictors.prepare`` returns both; ``None``: the exact path.
+    transposed: the step's kernels as ``transpose_for_decoding`` lays them out, with ``params`` as it returns
+      them; ``None``: as ``params`` holds them.
   """
   variables = {"params": params}
   if predictors is not None:
     variables["predictors"] = predictors
+  if transposed is not None:
+    variables[layers.TRANSPOSED] = transposed
 
   def tokens_to_logits(state: DecodingState):
     logits, new = module.apply(
@@ -94,8 +156,13 @@ def _predict(params, predictors, encoder_input_tokens, rng, alpha, temperature, 
   cross_kv, cache = encode_for_decoding(module, params, encoder_input_tokens, max_decode_length)
   if predictors is not None:
     params, predictors = predictors_lib.prepare(params, predictors)
+  transposed = None
+  if jax.default_backend() == "cpu" and batch * num_decodes <= TRANSPOSE_MAX_ROWS:
+    params, transposed = transpose_for_decoding(
+        params, keep_wo=topk_lib.is_active(module.config.top_k, module.config.mlp_dim))
+    transposed = jax.lax.optimization_barrier(transposed)  # laid out once, before the loop
   step = make_tokens_to_logits(module, params, None, encoder_input_tokens, max_decode_length, cross_kv=cross_kv,
-                               predictors=predictors)
+                               predictors=predictors, transposed=transposed)
   if method == "beam":
     return beam_search(step, cache, batch, num_decodes, max_decode_length, alpha=alpha, eos_id=eos_id)
   cache = expand_batch(cache, num_decodes)
