@@ -63,14 +63,15 @@ def test_a_changed_json_value_changes_its_page_and_fails_the_check(tree, capsys)
 
 
 def test_a_changed_benchmark_ratio_changes_the_headline(tree):
-  rel = "benchmarks/decode_k128_v1.0_large_predicted_row_kernels.json"
+  rel = "benchmarks/decode_k128_v1.0_large_out_in.json"
   data = json.loads((tree / rel).read_text())
   before = make_results.generate(tree)["docs/results/README_headlines.md"]
   sparse = next(r for r in data["results"] if r["variant"] == "sparse")
+  low = min(sparse["paired_speedup"], sparse["best_speedup"])
   sparse["speedup"] = 1.77
   (tree / rel).write_text(json.dumps(data))
   after = make_results.generate(tree)["docs/results/README_headlines.md"]
-  assert before != after and "1.38-1.77x" in after
+  assert before != after and f"{low:.2f}-1.77x" in after
 
 
 def test_readme_block_is_written_between_the_markers_only(tree):
