@@ -134,6 +134,20 @@ def test_the_runtime_s_fatal_report_becomes_one_line_naming_the_lost_process(rep
       "resume from the last complete checkpoint"]
 
 
+@pytest.mark.parametrize("lines", [
+    ["[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1"],
+    # Two threads printing at once: one line holds the start of the other's.
+    ["[Gloo] Rank [Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1",
+     "1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1"],
+])
+def test_the_collectives_connection_lines_are_dropped_whole_or_interleaved(lines):
+  chatter = [re.compile(p) for p in distributed.RUNTIME_CHATTER]
+  assert all(any(c.fullmatch(line) for c in chatter) for line in lines)
+  for other in ("[Gloo] Rank 1 failed to connect", "step 1/8 | loss 3.0508",
+                "1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1 and more"):
+    assert not any(c.fullmatch(other) for c in chatter)
+
+
 def test_a_coordination_error_that_is_not_fatal_still_reaches_the_terminal():
   program = textwrap.dedent("""\
       import os, time

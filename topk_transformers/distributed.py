@@ -193,9 +193,11 @@ COORDINATION_ERROR = r"E\d{4} \S+ +\d+ coordination_service(?:_agent)?\.cc:\d+\]
 TERMINATING = (r"F\d{4} \S+ +\d+ client\.h:\d+\] Terminating process because the JAX distributed service "
                r"detected fatal errors\..*")
 # Lines of the runtime that say nothing a user acts on: the CPU collectives' connection count, and the
-# preemption notifier's note of a SIGTERM (the trainer says what it does about it).
+# preemption notifier's note of a SIGTERM (the trainer says what it does about it). Two threads print the
+# connection count at once, so a line may hold the start of the other's ("[Gloo] Rank [Gloo] Rank 0 is ...",
+# then "1 is connected ...").
 RUNTIME_CHATTER = (
-    r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+",
+    r"(?:\[Gloo\] Rank )*(?:\d+ )?is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+",
     r"W\d{4} \S+ +\d+ preemption_notifier\.cc:\d+\] SIGTERM caught at .*",
 )
 
