@@ -40,6 +40,20 @@ def forced_log_probs(module, params, enc, tokens):
   return jax.nn.log_softmax(logits)
 
 
+def same_logits_at_every_step(old, new, tokens, cache, min_std=0.0):
+  """Feeds ``tokens`` one position at a time to two ``tokens_to_logits`` steps, each with its own cache, and
+  checks their logits agree at every step (and are not flat); returns the two final caches."""
+  both = jax.jit(lambda i, t, c0, c1: (old(decoding.DecodingState(i, t, None, c0)),
+                                       new(decoding.DecodingState(i, t, None, c1))))
+  caches = [cache, cache]
+  for i in range(tokens.shape[1]):
+    (l_old, c_old), (l_new, c_new) = both(jnp.int32(i), tokens[:, i:i + 1], *caches)
+    np.testing.assert_allclose(l_new, l_old, rtol=1e-5, atol=1e-5)
+    assert np.std(np.asarray(l_old)) > min_std, "flat logits would make this test weak"
+    caches = [c_old, c_new]
+  return caches
+
+
 @pytest.fixture(scope="module")
 def t5():
   module = network.Transformer(tiny_t5_config(vocab_size=32, emb_dim=32, head_dim=16, mlp_dim=64, num_decoder_layers=2,
@@ -170,13 +184,7 @@ def test_cross_attention_cache_step_logits_and_shared_keys(t5):
                                           decoding.expand_batch(enc, n), length)
   new = t5_decoding.make_tokens_to_logits(module, params, None, enc, length, cross_kv=cross_kv)
   tokens = jnp.asarray(np.random.RandomState(0).randint(2, 32, (3 * n, length)), jnp.int32)
-  both = jax.jit(lambda i, t, c0, c1: (old(decoding.DecodingState(i, t, None, c0)),
-                                       new(decoding.DecodingState(i, t, None, c1))))
-  caches = [cache, cache]
-  for i in range(length):
-    (l_old, c_old), (l_new, c_new) = both(jnp.int32(i), tokens[:, i:i + 1], *caches)
-    np.testing.assert_allclose(l_new, l_old, rtol=1e-5, atol=1e-5)
-    caches = [c_old, c_new]
+  caches = same_logits_at_every_step(old, new, tokens, cache)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), *caches)
   with pytest.raises(ValueError, match="do not divide"):  # 6 rows cannot be beams of 4 inputs
     module.apply({"params": params, "cache": cache}, None, jnp.concatenate([enc, enc[:1]]), tokens[:, :1],
@@ -218,14 +226,7 @@ def test_transposed_kernels_decode_as_t5x_layout_does(gated, top_k):
   new = t5_decoding.make_tokens_to_logits(module, step_params, None, enc, length, cross_kv=cross_kv,
                                           transposed=transposed)
   tokens = jnp.asarray(np.random.RandomState(0).randint(2, 32, (2, length)), jnp.int32)
-  both = jax.jit(lambda i, t, c0, c1: (old(decoding.DecodingState(i, t, None, c0)),
-                                       new(decoding.DecodingState(i, t, None, c1))))
-  caches = [cache, cache]
-  for i in range(length):
-    (l_old, c_old), (l_new, c_new) = both(jnp.int32(i), tokens[:, i:i + 1], *caches)
-    np.testing.assert_allclose(l_new, l_old, rtol=1e-5, atol=1e-5)
-    assert np.std(np.asarray(l_old)) > 0.1, "flat logits would make this test weak"
-    caches = [c_old, c_new]
+  same_logits_at_every_step(old, new, tokens, cache, min_std=0.1)
   # predict_batch lays the kernels out itself on CPU (2 rows): its decodes are the untransposed steps' decodes.
   greedy, _ = jax.jit(lambda c: decoding.greedy_decode(old, c, 2, length, eos_id=None))(cache)
   np.testing.assert_array_equal(
