@@ -129,3 +129,17 @@ def test_width_depth_page_appears_with_its_json_and_says_partial_and_what_the_pa
   assert "last decoder layer lower, -1.50 [-1.90, -1.10] points" in text
   assert "mean of the layers not resolved, 0.10 [-0.20, 0.40] points (the interval holds 0)" in text
   assert "held-out loss lower, -0.02 [-0.03, -0.01] nats" in text
+
+
+def test_power_page_says_where_the_paper_s_difference_lies_outside_the_interval(tree):
+  rel = tree / make_results.POWER
+  data = json.loads(rel.read_text())
+  cell = data["paired_differences_end"]["label_noise_0.4"]["top54"]
+  cell["interval"].update(n_seeds=10, low=-0.006, high=0.020)   # +2.69, the paper's gain, is above it
+  rel.write_text(json.dumps(data))
+  text, _ = make_results.robustness_power_page(tree)
+  assert "top54 on 40% label noise (paper +2.69, here" in text
+  cell["interval"].update(high=0.030)                            # now it holds +2.69
+  rel.write_text(json.dumps(data))
+  text, _ = make_results.robustness_power_page(tree)
+  assert "top54 on 40% label noise (paper" not in text
