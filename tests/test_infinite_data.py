@@ -70,10 +70,10 @@ def test_tiny_runs_measure_resume_and_skip(runner, tmp_path, capsys):
   payload = json.loads((out / "infinite_data.json").read_text())
   assert [(r["data"], r["seed"], r["step"]) for r in payload["runs"]] == [("infinite", 0, 2), ("infinite", 1, 2)]
   run = payload["runs"][0]
-  # The first 1437 images of the stream and the 360 held-out ones, in batches of 128 (16 tokens per image; the
-  # ViT's statistics also count the zero images that pad the last batch).
-  assert run["measured"]["train"]["tokens"]["Transformer/encoderblock_0"] == 12 * 128 * 16
-  assert run["measured"]["test"]["tokens"]["Transformer/encoderblock_0"] == 3 * 128 * 16
+  # The first 1437 images of the stream and the 360 held-out ones, 16 tokens per image; the zero images that pad
+  # the last batch of 128 are not counted.
+  assert run["measured"]["train"]["tokens"]["Transformer/encoderblock_0"] == 1437 * 16
+  assert run["measured"]["test"]["tokens"]["Transformer/encoderblock_0"] == 360 * 16
   assert run["curves"]["eval/sparsity/Transformer/encoderblock_0"]["steps"] == [1, 2]
   iv = payload["by_data"]["infinite"]["eval"]["mean_percent_nonzero"]
   assert iv["n_seeds"] == 2 and iv["low"] <= iv["estimate"] <= iv["high"]

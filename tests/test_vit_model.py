@@ -232,6 +232,28 @@ def test_loss_fn_returns_sparsity_intermediates_and_gradients(params):
   assert np.all(grad_per_unit[~fired] == 0) and np.all(grad_per_unit[fired] > 0) and not fired.all()
 
 
+def test_padding_images_of_weight_0_stay_out_of_the_sparsity_statistics(params):
+  """An eval split's last batch is padded with zero images of weight 0 (``data/vision.py``): the MLP statistics
+  (and so % nonzero and the firing statistic) must be those of the real images alone."""
+  model = _model(mlp_activation="relu")
+  eval_fn = jax.jit(model.eval_fn)
+  real = _batch()
+  real = {"image": real["image"][:4], "label": real["label"][:4], "weight": jnp.ones((4,), jnp.float32)}
+  padded = {"image": jnp.concatenate([real["image"], jnp.zeros((2, 8, 8, 3))]),
+            "label": jnp.concatenate([real["label"], jnp.zeros((2,), jnp.int32)]),
+            "weight": jnp.asarray([1, 1, 1, 1, 0, 0], jnp.float32)}
+  alone = eval_fn(params, real)["intermediates"]["Transformer"]
+  with_padding = eval_fn(params, padded)["intermediates"]["Transformer"]
+  unmasked = eval_fn(params, {k: v for k, v in padded.items() if k != "weight"})["intermediates"]["Transformer"]
+  for block in ("encoderblock_0", "encoderblock_1"):
+    for name in ("token_count", "nonzero_count", "neuron_fire_count"):
+      np.testing.assert_array_equal(np.asarray(with_padding[block]["mlp"][name][0]),
+                                    np.asarray(alone[block]["mlp"][name][0]), err_msg=f"{block}/{name}")
+    # Without the weights the two zero images count: 5 more tokens each.
+    assert float(unmasked[block]["mlp"]["token_count"][0]) == float(alone[block]["mlp"]["token_count"][0]) + 2 * 5
+  assert float(alone["encoderblock_0"]["mlp"]["token_count"][0]) == 4 * 5
+
+
 def test_dropout_rng_switches_dropout_on(params):
   model = _model(dropout_rate=0.3)
   loss_fn = jax.jit(model.loss_fn)

@@ -110,7 +110,8 @@ def _weights(batch: Batch) -> Array:
 
 
 class ClassificationModel(models.BaseModel):
-  """Wraps ``vit.network.ViT`` (or any ``module(images, train=...) -> logits``) with a softmax loss.
+  """Wraps ``vit.network.ViT`` (or any ``module(images, train=..., example_mask=...) -> logits``) with a softmax
+  loss.
 
   Args:
     module: the Flax network.
@@ -132,11 +133,13 @@ class ClassificationModel(models.BaseModel):
     # Flax's init leaves out 'intermediates', so no sown statistics end up in the variables.
     return self.module.init({"params": params_rng, "dropout": dropout_rng}, images, train=False)
 
-  def _apply(self, params: Any, images: Array, dropout_rng: Optional[Array]) -> Tuple[Array, Any]:
+  def _apply(self, params: Any, batch: Batch, dropout_rng: Optional[Array]) -> Tuple[Array, Any]:
+    """Logits and the sown statistics, which count the images of nonzero ``"weight"`` only."""
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    mask = {"example_mask": jnp.asarray(batch["weight"], jnp.float32)} if "weight" in batch else {}
     logits, state = self.module.apply(
-        {"params": params}, images, train=dropout_rng is not None, rngs=rngs, mutable=["intermediates"]
-    )
+        {"params": params}, batch["image"], train=dropout_rng is not None, rngs=rngs, mutable=["intermediates"],
+        **mask)
     return logits, state.get("intermediates", {})
 
   def _metrics(self, logits: Array, batch: Batch) -> Tuple[Array, dict, Array]:
@@ -159,7 +162,7 @@ class ClassificationModel(models.BaseModel):
 
     Returns ``(loss, {"metrics": {loss, accuracy, num_examples}, "weight", "intermediates"})``.
     """
-    logits, intermediates = self._apply(params, batch["image"], dropout_rng)
+    logits, intermediates = self._apply(params, batch, dropout_rng)
     loss, metrics, total = self._metrics(logits, batch)
     metrics["num_examples"] = total
     return loss, {"metrics": metrics, "weight": total, "intermediates": intermediates}
@@ -170,7 +173,7 @@ class ClassificationModel(models.BaseModel):
     The bins (:func:`calibration_bins`) add up over batches; the calibration evaluator
     takes the split's ECE from their sum, since a mean of per-batch ECEs is not the ECE.
     """
-    logits, intermediates = self._apply(params, batch["image"], None)
+    logits, intermediates = self._apply(params, batch, None)
     _, metrics, total = self._metrics(logits, batch)
     bins = calibration_bins(jax.nn.softmax(logits), batch["label"], _weights(batch), num_bins)
     return {"metrics": metrics, "weight": total, "sums": {"calibration": bins}, "intermediates": intermediates}
@@ -178,7 +181,7 @@ class ClassificationModel(models.BaseModel):
   def predict_batch(self, params: Any, batch: Batch, **kwargs) -> Array:
     """Class probabilities ``[B, num_classes]`` for ``batch["image"]`` (no dropout)."""
     del kwargs
-    logits, _ = self._apply(params, batch["image"], None)
+    logits, _ = self._apply(params, batch, None)
     return jax.nn.softmax(logits.astype(jnp.float32))
 
   def default_input_shapes(self, batch_size: int = 1):

@@ -99,7 +99,7 @@ class EncoderBlock(_BlockSettings):
   """Pre-LN Transformer block: ``x + attn(LN(x))``, then ``x + mlp(LN(x))``."""
 
   @nn.compact
-  def __call__(self, x: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, deterministic: bool, example_mask: Optional[Array] = None) -> Array:
     y = _layer_norm(self.dtype, "LayerNorm_0")(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads,
@@ -116,7 +116,8 @@ class EncoderBlock(_BlockSettings):
     x = x + y
 
     y = _layer_norm(self.dtype, "LayerNorm_1")(x)
-    # No mask: every token (patches and the class token) counts in the sown statistics.
+    # Every token of a real image (patches and the class token) counts in the sown statistics.
+    token_mask = None if example_mask is None else example_mask[:, None]
     y = layers.MlpBlock(
         intermediate_dim=self.mlp_dim,
         activations=(self.mlp_activation,),
@@ -129,7 +130,7 @@ class EncoderBlock(_BlockSettings):
         top_k_method=self.top_k_method,
         top_k_recall_target=self.top_k_recall_target,
         name="mlp",
-    )(y, deterministic=deterministic)
+    )(y, deterministic=deterministic, mask=token_mask)
     # ViT drops out the MLP output too; MlpBlock only drops its hidden layer.
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
     return x + y
@@ -141,15 +142,18 @@ class Encoder(_BlockSettings):
   depth: int = 1
 
   @nn.compact
-  def __call__(self, x: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, deterministic: bool, example_mask: Optional[Array] = None) -> Array:
     block = {f.name: getattr(self, f.name) for f in dataclasses.fields(_BlockSettings) if f.name not in ("parent", "name")}
     for i in range(self.depth):
-      x = EncoderBlock(**block, name=f"encoderblock_{i}")(x, deterministic)
+      x = EncoderBlock(**block, name=f"encoderblock_{i}")(x, deterministic, example_mask)
     return _layer_norm(self.dtype, "encoder_norm")(x)
 
 
 class ViT(nn.Module):
   """Vision Transformer classifier; ``__call__(images, train=...)`` returns logits ``[batch, num_classes]``.
+
+  ``example_mask`` (``[batch]``, 0 for a padding image) keeps padding out of the MLPs' sown statistics; the
+  logits do not depend on it.
 
   Attributes:
     variant: ``"<size>/<patch>"``, size one of ``VARIANTS`` (``"Ti/16"``, ``"B/16"``, ``"H/14"``...).
@@ -213,7 +217,7 @@ class ViT(nn.Module):
     return shape
 
   @nn.compact
-  def __call__(self, images: Array, *, train: bool) -> Array:
+  def __call__(self, images: Array, *, train: bool, example_mask: Optional[Array] = None) -> Array:
     cfg = self.shape
     dtype = jnp.dtype(self.dtype)
     deterministic = not train
@@ -251,7 +255,7 @@ class ViT(nn.Module):
         mlp_activation=self.mlp_activation, top_k=self.top_k, top_k_method=self.top_k_method,
         top_k_recall_target=self.top_k_recall_target, dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate, dtype=dtype, name="Transformer",
-    )(x, deterministic)
+    )(x, deterministic, example_mask)
 
     x = x[:, 0] if self.pool_type == "token" else jnp.mean(x, axis=1)
 
