@@ -81,3 +81,22 @@ def test_tiny_runs_measure_resume_and_skip(runner, tmp_path, capsys):
   capsys.readouterr()
   assert runner.main(argv) == 0  # everything measured: nothing trains again
   assert capsys.readouterr().out.count("measured, skipped") == 2
+  # --remeasure measures again from the checkpoints and keeps the recorded training time.
+  done = out / "runs" / "infinite_seed0" / "measurement.json"
+  stale = json.loads(done.read_text())
+  stale["measured"]["test"]["mean_percent_nonzero"] = -1.0
+  stale["train_seconds_this_invocation"] = 123.0
+  done.write_text(json.dumps(stale))
+  assert runner.main(argv + ["--remeasure"]) == 0
+  assert capsys.readouterr().out.count("measured again") == 2
+  again = json.loads(done.read_text())
+  assert again["measured"]["test"] == run["measured"]["test"] and again["train_seconds_this_invocation"] == 123.0
+  assert "--remeasure" not in json.loads((out / "infinite_data.json").read_text())["command"]
+
+
+def test_remeasure_refuses_runs_that_never_finished(runner, tmp_path, capsys):
+  out = tmp_path / "out"
+  assert runner.main([f"--out={out}", "--data", "infinite", "--seeds", "0", "--remeasure"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "infinite_seed0 not measured yet" in err[0]
+  assert not (out / "runs").exists()

@@ -15,7 +15,8 @@ Both kinds of run are experiment 3's dense ViT (``experiments/sparsity/vit_dense
 Run ``{data}_seed{s}`` sets ``RANDOM_SEED = s`` and the dataset's ``seed = s``. At seed 0 the finite run is
 experiment 3's committed ``vit_random_images`` run. Each run checkpoints every ``--eval_period`` steps and
 resumes from its checkpoint when restarted; a run stopped by SIGTERM ends the command with exit status 143 and
-the same command resumes it. A run with its ``measurement.json`` is done and skipped.
+the same command resumes it. A run with its ``measurement.json`` is done and skipped; ``--remeasure`` measures
+such runs again from their checkpoints and trains nothing.
 
 Measured per run, with the whole eval split (360 held-out images) and the "training" split (the finite set's
 1437 images; for the infinite stream its first 1437 images): per-layer % nonzero, the share of units firing on
@@ -96,7 +97,15 @@ def train_and_measure(data: str, seed: int, run_dir: str, steps: Optional[int], 
   start = time.time()
   result = gin.get_configurable(train.train)()
   exit_if_preempted(result, run_name(data, seed), train_steps)
-  seconds = time.time() - start
+  return measure(data, seed, run_dir, steps, eval_period, time.time() - start)
+
+
+def measure(data: str, seed: int, run_dir: str, steps: Optional[int], eval_period: int,
+            seconds: float) -> Dict[str, Any]:
+  """Measures one trained run (its newest checkpoint) and writes its ``measurement.json``; returns its dict.
+  ``seconds``: the training time to record."""
+  configure(data, seed, run_dir, steps, eval_period)
+  train_steps = int(gin_utils.get_macro("TRAIN_STEPS"))
   run = runs.load_run(run_dir)
   measured = {}
   for split in (run.dataset.train_split, run.dataset.eval_split):
@@ -193,6 +202,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--steps", type=int, default=None, help="TRAIN_STEPS of every run (default: the gin's 4000)")
   parser.add_argument("--eval_period", type=int, default=500, help="steps between evaluations and checkpoints")
   parser.add_argument("--name", default="infinite_data", help="OUT/<name>.json and .png")
+  parser.add_argument("--remeasure", action="store_true",
+                      help="measure the runs that have a measurement.json again (e.g. after a change in how "
+                           "sparsity is counted), keeping their recorded training time; nothing trains")
   args = parser.parse_args(argv)
   if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
     raise gin_utils.ConfigError(f"--seeds must be distinct non-negative integers, got {args.seeds}")
@@ -208,6 +220,12 @@ def main(argv: Sequence[str]) -> int:
   host = machine.machine_info()
   start = time.time()
   results: Dict[tuple, Dict[str, Any]] = {}
+  if args.remeasure:
+    unfinished = [run_name(d, s) for s in args.seeds for d in args.data
+                  if not os.path.exists(os.path.join(os.path.abspath(args.out), "runs", run_name(d, s), RESULT_FILE))]
+    if unfinished:
+      raise gin_utils.ConfigError(f"--remeasure: {', '.join(unfinished)} not measured yet; run the command without "
+                                  "--remeasure to train it")
   # Seeds outermost: a partial experiment already compares the two kinds.
   for seed in args.seeds:
     for data in args.data:
@@ -216,7 +234,12 @@ def main(argv: Sequence[str]) -> int:
       if os.path.exists(done):
         with open(done, encoding="utf-8") as f:
           results[(data, seed)] = json.load(f)
-        print(f"== {run_name(data, seed)}: measured, skipped", flush=True)
+        if args.remeasure:
+          seconds = results[(data, seed)]["train_seconds_this_invocation"]
+          results[(data, seed)] = measure(data, seed, run_dir, args.steps, args.eval_period, seconds)
+          print(f"== {run_name(data, seed)}: measured again", flush=True)
+        else:
+          print(f"== {run_name(data, seed)}: measured, skipped", flush=True)
         continue
       print(f"== {run_name(data, seed)}", flush=True)
       results[(data, seed)] = train_and_measure(data, seed, run_dir, args.steps, args.eval_period)
@@ -230,7 +253,7 @@ def main(argv: Sequence[str]) -> int:
       **summarise(results, args.seeds),
       "figure": os.path.basename(plot(results, args.seeds, os.path.join(args.out, f"{args.name}.png"))),
       "machine": host, "wall_seconds_this_invocation": round(time.time() - start, 1),
-      "command": " ".join(["experiments/infinite_data/run.py"] + list(argv)),
+      "command": " ".join(["experiments/infinite_data/run.py"] + [a for a in argv if a != "--remeasure"]),
   }
   with open(os.path.join(args.out, f"{args.name}.json"), "w", encoding="utf-8") as f:
     json.dump(payload, f, indent=1)
