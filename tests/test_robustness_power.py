@@ -113,6 +113,17 @@ def test_power_setting_tiny_end_to_end_and_partial_table(runner, tmp_path):
   (root / make_results.POWER).write_text((out / "partial.json").read_text())
   text, head = make_results.robustness_power_page(root)
   assert "**Partial: 4 of 6 runs finished**" in text and head["done"] == 4 and head["topks"] == ["top27"]
+  # Runs measured now leave the padding images out, so the page has no note about them; a run from before does.
+  assert partial["sparsity_padding_excluded"] and "pad the test split" not in text
+  for name in ("dense_noise0.4_seed0", "top27_noise0.4_seed0"):
+    path = out / name / "memorisation.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items()
+                                if k != "sparsity_padding_excluded"}))
+  assert _run(runner, out, "--seeds", "0", "--name=older", "--table_only") == 0
+  older = json.loads((out / "older.json").read_text())
+  assert older["sparsity_padding_excluded"] is False
+  (root / make_results.POWER).write_text(json.dumps(older))
+  assert "pad the test split's last batch" in make_results.robustness_power_page(root)[0]
   iv = cell["interval"]
   assert f"{100 * iv['estimate']:+.2f} [{100 * iv['low']:+.2f}, {100 * iv['high']:+.2f}] (n=2)" in text
   # An unfinished run (no eval_results.json) is left alone by --table_only, and left out of its table.

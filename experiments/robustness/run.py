@@ -233,6 +233,8 @@ def write_memorisation(run_dir: str) -> Tuple[Dict[str, Any], runs.Run]:
       "best_step": best_step,
       "best_test_accuracy": float(dict(zip(test_acc["steps"], test_acc["values"]))[best_step]),
       "final_test_accuracy": test_acc["values"][-1],
+      # Its % nonzero leaves out the zero images that pad a split's last batch (older runs counted them).
+      "sparsity_padding_excluded": True,
       "curves": {
           "test_accuracy": test_acc,
           "test_loss": _curve(scalars, "eval/loss"),
@@ -626,6 +628,7 @@ def main(argv: Sequence[str]) -> int:
       figures.update(figures_power)
     train_steps = sorted({m["train_steps"] for m in memo.values()})
     extra = {"table_best_step": table_best, "paired_differences_end": diffs_end,
+             "sparsity_padding_excluded": all(m.get("sparsity_padding_excluded", False) for m in memo.values()),
              "paired_differences_best_step": diffs_best, "memorisation": summary, "figures": figures,
              "train_steps": train_steps[0] if len(train_steps) == 1 else train_steps}
   table.update({
