@@ -785,13 +785,15 @@ def width_depth_page(root: Path) -> tuple[str, dict] | None:
         "of the interval over one run's eval batches (mean over its seeds): the measurement's own spread. With 3 seeds "
         "a bootstrap interval cannot reach beyond the seeds' range, so read it as the spread measured "
         "(`topk_transformers/intervals.py`).", "", state, ""]
-    head = {}
+    head = {"done": d["runs_done"], "planned": d["runs_planned"], "ends": {}}
     for sweep, key, title in (("width", "d_ff", "Width (d_ff)"), ("depth", "layers", "Depth (layers per stack)")):
         points = sorted((p for p in d["points"] if sweep in p["sweeps"]), key=lambda p: p[key])
         def rare(p):  # the paper's statistic for the last decoder layer, mean over the size's seeds
             rs = [r for r in d["runs"] if (r["d_ff"], r["layers"]) == (p["d_ff"], p["layers"])]
             return statistics.mean(r["fraction_firing_below_10pct"][r["last_decoder_layer"]] for r in rs) * 100
 
+        if len(points) >= 2:
+            head["ends"][sweep] = (points[0], points[-1])
         rows = [[f"{p['d_ff']}" if sweep == "width" else f"{p['layers']}+{p['layers']}", f"{p['parameters'] / 1e6:.2f}M",
                  ", ".join(map(str, p["seeds"])), _iv(p["last_decoder_layer"]), _iv(p["mean_of_layers"]),
                  f"{statistics.mean(p['mean_of_layers']['batch_only_half_width']):.2f}", f"{rare(p):.0f}",
@@ -1231,6 +1233,17 @@ def headline_block(h: dict) -> str:
                      "; ".join(cells) or f"not yet: at most {most} seeds per cell",
                      f"digits, {rp['done']} of {rp['planned']} runs" + (" (partial)" if rp["done"] < rp["planned"]
                                                                          else ""), "robustness_power.md"])
+    if "width_depth" in h and h["width_depth"]["ends"]:
+        wd = h["width_depth"]
+
+        def end(p, sweep):
+            size = f"d_ff {p['d_ff']}" if sweep == "width" else f"{p['layers']}+{p['layers']} layers"
+            return f"{size} {_iv(p['last_decoder_layer'])}% ({len(p['seeds'])} seed{'s' * (len(p['seeds']) > 1)})"
+
+        rows.append(["% nonzero of the last decoder layer: width, then depth, smallest → largest",
+                     "; ".join(f"{end(a, sweep)} → {end(b, sweep)}" for sweep, (a, b) in wd["ends"].items()),
+                     f"dense T5, 3000 steps, 95% intervals, {wd['done']} of {wd['planned']} runs"
+                     + (" (partial)" if wd["done"] < wd["planned"] else ""), "sparsity_width_depth.md"])
     if "infinite_data" in h and h["infinite_data"]["diff"]:
         inf = h["infinite_data"]
         rows.append(["ViT % nonzero, fresh vs fixed random images", f"{inf['infinite']['estimate']:.1f} vs "

@@ -129,6 +129,11 @@ def test_width_depth_page_appears_with_its_json_and_says_partial_and_what_the_pa
   assert "last decoder layer lower, -1.50 [-1.90, -1.10] points" in text
   assert "mean of the layers not resolved, 0.10 [-0.20, 0.40] points (the interval holds 0)" in text
   assert "held-out loss lower, -0.02 [-0.03, -0.01] nats" in text
+  # The README's headline row: each sweep's ends, with their seeds, and how many runs the table has.
+  heads = make_results.generate(tree)["docs/results/README_headlines.md"]
+  row = next(line for line in heads.splitlines() if line.startswith("| % nonzero of the last decoder layer: width"))
+  assert "d_ff 256 29.5 [28.5, 30.5]% (2 seeds) → d_ff 1024 28.0 [27.0, 29.0]% (2 seeds)" in row
+  assert "4 of 24 runs (partial)" in row and "depth" not in row.split("|")[2]
 
 
 def test_power_page_says_where_the_paper_s_difference_lies_outside_the_interval(tree):
