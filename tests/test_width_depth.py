@@ -192,3 +192,25 @@ def test_one_tiny_real_run_trains_measures_every_batch_and_resumes(wd, tmp_path,
   wd.width_depth(str(tmp_path), steps=2, eval_steps=3, seeds=(0,), extra_bindings=tiny, widths=(8,), depths=(1,),
                  base_width=8, base_layers=1)
   assert "already trained" in capsys.readouterr().out
+
+
+def test_two_sweep_processes_writing_the_table_at_once_do_not_collide(wd, tmp_path):
+  # The README runs the sweep as two processes, one per core; both rewrite width_depth.json after each run.
+  import threading
+  errors = []
+
+  def writer(n):
+    try:
+      for i in range(200):
+        wd.write({"writer": n, "i": i}, str(tmp_path))
+    except Exception as e:  # noqa: BLE001 (collected and asserted on below)
+      errors.append(repr(e))
+
+  threads = [threading.Thread(target=writer, args=(n,)) for n in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert errors == []
+  assert json.load(open(tmp_path / "width_depth.json"))["i"] == 199
+  assert sorted(os.listdir(tmp_path)) == ["width_depth.json"]  # no temporary file left behind

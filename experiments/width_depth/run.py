@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -295,9 +296,10 @@ def _tokens_per_step() -> int:
 def write(payload: dict, exp_dir: str) -> None:
   os.makedirs(exp_dir, exist_ok=True)
   path = os.path.join(exp_dir, "width_depth.json")
-  with open(path + ".tmp", "w") as f:
+  # A temporary file of its own: two sweep processes (one per core) may write at once.
+  with tempfile.NamedTemporaryFile("w", dir=exp_dir, prefix="width_depth.json.", delete=False) as f:
     json.dump(payload, f, indent=1)
-  os.replace(path + ".tmp", path)  # a reader never sees half a file
+  os.replace(f.name, path)  # a reader never sees half a file
 
 
 def format_points(points: Sequence[dict]) -> str:
