@@ -115,15 +115,35 @@ def test_power_setting_tiny_end_to_end_and_partial_table(runner, tmp_path):
   assert "**Partial: 4 of 6 runs finished**" in text and head["done"] == 4 and head["topks"] == ["top27"]
   # Runs measured now leave the padding images out, so the page has no note about them; a run from before does.
   assert partial["sparsity_padding_excluded"] and "pad the test split" not in text
+  measured = {}
   for name in ("dense_noise0.4_seed0", "top27_noise0.4_seed0"):
     path = out / name / "memorisation.json"
-    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items()
-                                if k != "sparsity_padding_excluded"}))
+    measured[name] = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in measured[name].items() if k != "sparsity_padding_excluded"}))
   assert _run(runner, out, "--seeds", "0", "--name=older", "--table_only") == 0
   older = json.loads((out / "older.json").read_text())
   assert older["sparsity_padding_excluded"] is False
   (root / make_results.POWER).write_text(json.dumps(older))
   assert "pad the test split's last batch" in make_results.robustness_power_page(root)[0]
+  # --remeasure measures those runs' % nonzero again from their checkpoints (made wrong here), and only that.
+  for name in measured:
+    path = out / name / "memorisation.json"
+    older_file = json.loads(path.read_text())
+    for key in ("final", "best"):
+      older_file[key]["percent_nonzero_train"] = {k: 99.0 for k in older_file[key]["percent_nonzero_train"]}
+      older_file[key]["percent_nonzero_test"] = {k: 99.0 for k in older_file[key]["percent_nonzero_test"]}
+    path.write_text(json.dumps(older_file))
+  assert _run(runner, out, "--seeds", "0", "--name=remeasured", "--remeasure") == 0
+  remeasured = json.loads((out / "remeasured.json").read_text())
+  assert remeasured["sparsity_padding_excluded"] is True and "--remeasure" not in remeasured["command"]
+  for name, before in measured.items():
+    after = json.loads((out / name / "memorisation.json").read_text())
+    for key in ("final", "best"):
+      for field in ("percent_nonzero_train", "percent_nonzero_test"):
+        assert after[key][field] == pytest.approx(before[key][field], abs=1e-4)
+      assert after[key]["accuracy_true_labels"] == before[key]["accuracy_true_labels"]
+    assert after["curves"] == before["curves"] and after["best_step"] == before["best_step"]
+  assert remeasured["rows"] == table["rows"]  # accuracies, corruptions, ECE: as they were
   iv = cell["interval"]
   assert f"{100 * iv['estimate']:+.2f} [{100 * iv['low']:+.2f}, {100 * iv['high']:+.2f}] (n=2)" in text
   # An unfinished run (no eval_results.json) is left alone by --table_only, and left out of its table.
@@ -132,3 +152,7 @@ def test_power_setting_tiny_end_to_end_and_partial_table(runner, tmp_path):
   again = json.loads((out / "partial.json").read_text())
   assert again["runs_done"] == 3 and "interval" not in again["paired_differences_end"]["label_noise_0.4"]["top27"]
   assert (out / "dense_noise0.4_seed1" / "memorisation.json").exists()
+  # --remeasure trains nothing: an unfinished run is a one-line error, and a wrong setting too.
+  assert _run(runner, out, "--seeds", "0", "1", "--name=partial", "--remeasure") == 2
+  assert not (out / "dense_noise0.4_seed1" / "eval_results.json").exists()
+  assert runner.main([f"--out={out}", "--remeasure"]) == 2

@@ -38,7 +38,10 @@ against dense and the memorisation summary, and ``<name>_curves.png`` plots test
 over steps per model (and ``<name>_k.png`` the accuracies against k when several Top-k
 models ran). In the power setting the paired differences carry their 95% bootstrap interval over seeds
 (``intervals.paired_difference_interval``) and ``<name>_differences.png`` draws them. ``--table_only`` trains nothing:
-it tabulates the finished runs, with ``runs_planned``, ``runs_done`` and ``complete``.
+it tabulates the finished runs, with ``runs_planned``, ``runs_done`` and ``complete``. ``--remeasure`` trains
+nothing either: it measures again, from their checkpoints, the % nonzero of finished runs whose ``memorisation.json``
+counted the zero images that pad a split's last batch (written before ``sparsity_padding_excluded``), then writes the
+table; stopped, the same command goes on where it was.
 """
 
 from __future__ import annotations
@@ -253,6 +256,28 @@ def write_memorisation(run_dir: str) -> Tuple[Dict[str, Any], runs.Run]:
   for key in result["evaluators"]:
     print(f"best step {best_step}: " + result[key]["summary"], flush=True)
   return payload, final
+
+
+def remeasure_sparsity(run_dir: str) -> Dict[str, Any]:
+  """Measures again the % nonzero in a finished run's ``memorisation.json`` (gin configured for it).
+
+  Both checkpoints it describes (the final step and the best-test step), on the training and the test split;
+  its accuracies and curves are left as they are. Returns the rewritten dict.
+  """
+  path = os.path.join(run_dir, MEMORISATION_FILE)
+  with open(path, encoding="utf-8") as f:
+    payload = json.load(f)
+  final = runs.load_run(run_dir)
+  best = final.with_params(os.path.join(run_dir, "checkpoints", str(payload["best_step"])))
+  for key, r in (("final", final), ("best", best)):
+    for field, split in (("percent_nonzero_train", r.dataset.train_split),
+                         ("percent_nonzero_test", r.dataset.eval_split)):
+      payload[key][field] = {k: float(v) for k, v in report_lib.measure(r, split).percent_nonzero.items()}
+  payload["sparsity_padding_excluded"] = True
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(payload, f, indent=1)
+  os.replace(path + ".tmp", path)  # stopped halfway, the run keeps its old file and a rerun measures it again
+  return payload
 
 
 def _stats(values: Sequence[Optional[float]]) -> Optional[Dict[str, Any]]:
@@ -544,6 +569,9 @@ def parse_args(argv: Sequence[str]):
   parser.add_argument("--overwrite", action="store_true", help="retrain runs that already have results")
   parser.add_argument("--table_only", action="store_true",
                       help="train nothing: the table of the finished runs (partial if some are not)")
+  parser.add_argument("--remeasure", action="store_true",
+                      help="train nothing: measure again the %% nonzero of finished runs measured with the padding "
+                           "images counted (memorisation and power settings), then write the table")
   args = parser.parse_args(rest)
   if args.models is None:
     args.models = {"memorisation": ["dense", "top5"], "power": list(POWER_MODELS)}.get(args.setting, ["dense", "topk"])
@@ -554,6 +582,11 @@ def parse_args(argv: Sequence[str]):
     values = getattr(args, flag)
     if len(set(values)) != len(values):
       raise gin_utils.ConfigError(f"--{flag} repeats a value: {' '.join(map(str, values))}")
+  if args.remeasure and args.setting not in MEMORISATION_SETTINGS:
+    raise gin_utils.ConfigError(f"--remeasure measures memorisation.json again: it needs --setting=memorisation or "
+                                f"power, not {args.setting}")
+  if args.remeasure and (args.overwrite or args.table_only):
+    raise gin_utils.ConfigError("--remeasure trains nothing: it takes neither --overwrite nor --table_only")
   args.out = os.path.abspath(args.out)  # orbax wants absolute checkpoint paths
   if not re.match(r"^[A-Za-z0-9_.-]+$", args.name):
     raise gin_utils.ConfigError(f"--name must be a plain file name, got {args.name!r}")
@@ -575,9 +608,25 @@ def main(argv: Sequence[str]) -> int:
   start = time.time()
   # Seeds outermost: a partial experiment already pairs the models at every noise level.
   keys = [(m, p, s) for s in args.seeds for p in args.label_noise for m in args.models]
+  if args.remeasure:
+    unfinished = [run_name(*k) for k in keys
+                  if not os.path.exists(os.path.join(args.out, run_name(*k), robustness.RESULTS_FILE))]
+    if unfinished:
+      raise gin_utils.ConfigError(f"--remeasure: {', '.join(unfinished)} not finished yet; run the command without "
+                                  "--remeasure to train it")
   for model, noise, seed in keys:
     name = run_name(model, noise, seed)
     run_dir = os.path.join(args.out, name)
+    if args.remeasure:
+      with open(os.path.join(run_dir, MEMORISATION_FILE), encoding="utf-8") as f:
+        if json.load(f).get("sparsity_padding_excluded", False):
+          print(f"== {name}: measured without the padding images already, skipped", flush=True)
+          continue
+      files, model_bindings = model_gin(model, args.setting)
+      gin_utils.configure(files, model_bindings + run_bindings(model, noise, seed, run_dir) + list(bindings))
+      remeasure_sparsity(run_dir)
+      print(f"== {name}: % nonzero measured again", flush=True)
+      continue
     if os.path.exists(os.path.join(run_dir, robustness.RESULTS_FILE)) and not args.overwrite:
       print(f"== {name}: results exist, skipped", flush=True)
       continue
@@ -634,7 +683,7 @@ def main(argv: Sequence[str]) -> int:
   table.update({
       "setting": args.setting, "models": args.models,
       "run_dirs": run_dirs, "machine": host, "wall_seconds_this_invocation": wall, "run_seconds": timings,
-      "command": " ".join(["experiments/robustness/run.py"] + list(argv)),
+      "command": " ".join(["experiments/robustness/run.py"] + [a for a in argv if a != "--remeasure"]),
       "seeds": args.seeds, "label_noise": args.label_noise, "extra_bindings": bindings, **extra,
       "runs_planned": planned, "runs_done": len(keys), "complete": len(keys) == planned,
       "seeds_done": sorted({s for _, _, s in keys}), "run_timings": _run_timings(run_dirs),
