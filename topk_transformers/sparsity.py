@@ -17,8 +17,11 @@ from typing import Any, Dict, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _KEYS = ("nonzero_count", "token_count", "neuron_fire_count")
+RARE_FIRING = 0.1
+"""The paper's statistic (Li et al., 2022, Section 3): the share of units that fire on fewer than 10% of tokens."""
 
 
 def _layer_name(path: Tuple[str, ...]) -> str:
@@ -79,3 +82,54 @@ def format_table(percent: Mapping[str, float]) -> str:
   lines = [f"{'layer':<{width}}  % nonzero"]
   lines += [f"{name:<{width}}  {float(p):8.3f}" for name, p in percent.items()]
   return "\n".join(lines)
+
+
+# Firing frequencies: per unit, the fraction of counted tokens on which it was nonzero
+# (``neuron_fire_count / token_count``).
+
+def firing_histogram(frequency: np.ndarray, bins: int = 20) -> Tuple[np.ndarray, np.ndarray]:
+  """``(counts, edges)``: how many hidden units fire on a fraction of tokens in each of ``bins`` bins of [0, 1]."""
+  if bins <= 0:
+    raise ValueError(f"bins must be positive, got {bins}")
+  frequency = np.asarray(frequency, np.float64)
+  edges = np.linspace(0.0, 1.0, bins + 1)
+  counts, _ = np.histogram(np.clip(frequency, 0.0, 1.0), bins=edges)
+  return counts, edges
+
+
+def _unit_frequencies(frequency: np.ndarray) -> np.ndarray:
+  frequency = np.asarray(frequency)
+  if frequency.ndim != 1 or frequency.size == 0:
+    raise ValueError(f"firing frequencies must be a non-empty [d_ff] vector, got shape {frequency.shape}")
+  return frequency if np.issubdtype(frequency.dtype, np.floating) else frequency.astype(np.float64)
+
+
+def fraction_firing_below(frequency: np.ndarray, threshold: float = RARE_FIRING) -> float:
+  """The share of units that fire on fewer than ``threshold`` of the tokens (never-firing units included).
+
+  Strictly below: a unit that fires on exactly 10% of the tokens is not counted. The comparison is made in the
+  frequencies' own dtype, so a float32 frequency of exactly 1/10 is not taken for less than the float64 0.1.
+  """
+  frequency = _unit_frequencies(frequency)
+  return float(np.mean(frequency < frequency.dtype.type(threshold)))
+
+
+def fraction_never_firing(frequency: np.ndarray) -> float:
+  """The share of units that were zero on every counted token."""
+  return float(np.mean(_unit_frequencies(frequency) == 0.0))
+
+
+def firing_summary(frequency: np.ndarray, bins: int = 20) -> dict:
+  """Per-layer firing statistics: histogram, the paper's rarely-firing share, never- and mostly-firing units."""
+  frequency = _unit_frequencies(frequency)
+  counts, edges = firing_histogram(frequency, bins)
+  return {
+      "num_neurons": int(frequency.size),
+      "histogram": counts.tolist(),
+      "bin_edges": edges.tolist(),
+      "mean": float(np.mean(frequency, dtype=np.float64)),
+      "median": float(np.median(frequency)),
+      "fraction_firing_below_10pct": fraction_firing_below(frequency),
+      "fraction_never_firing": fraction_never_firing(frequency),
+      "fire_over_half": float(np.mean(frequency > 0.5)),
+  }
