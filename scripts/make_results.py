@@ -1122,6 +1122,49 @@ FORM_CMD = ("python experiments/mlp_formulations/run.py --shapes=large,3B,11B --
             "--reps=30 --json=experiments/mlp_formulations/mlp_formulations.json")
 
 
+T5_SMALL = "experiments/t5_small_gpu/results/t5_small_gpu.json"
+
+
+def t5_small_gpu_page(root: Path) -> tuple[str, dict] | None:
+    """T5-Small's shape trained on an accelerator (experiments/t5_small_gpu); ``None`` before its JSON."""
+    if not (root / T5_SMALL).exists():
+        return None
+    d = load(root, T5_SMALL)
+    dev, cfg, first, end = d["device"], d["config"], d["curve"][0], d["final"]
+    device = f"{dev['device_kind']} ({dev['platform']}, jax {dev['jax']})"
+    rows = [[name, f"{first['layers'][name]['percent_nonzero']:.2f}", f"{row['percent_nonzero']:.2f}",
+             f"{100 * first['layers'][name]['fraction_firing_below_10pct']:.1f}",
+             f"{100 * row['fraction_firing_below_10pct']:.1f}", f"{100 * row['fraction_never_firing']:.1f}"]
+            for name, row in end["layers"].items()]
+    curve = [[str(c["step"]), f"{c['train_seconds']:.0f}", f"{c['heldout_loss']:.3f}",
+              f"{c['mean_percent_nonzero']:.2f}"] for c in d["curve"] + [{**end, "train_seconds": d["train_seconds"]}]]
+    below = statistics.mean(r["fraction_firing_below_10pct"] for r in end["layers"].values())
+    body = [
+        ("**A smoke run** (`--smoke`: a tiny model, not the experiment). " if d.get("smoke") else "")
+        + f"A dense ReLU T5 of {cfg['layers_per_stack']}+{cfg['layers_per_stack']} layers, d_model {cfg['d_model']}, "
+        f"d_ff {cfg['d_ff']}, {cfg['num_heads']} heads of {cfg['head_dim']}, {cfg['activations']} activations, "
+        f"trained on **{device}** for {d['steps']:,} steps ({d['train_seconds']:.0f} s of steps, batch {cfg['batch']}, "
+        f"{d['tokens_seen'] / 1e6:.1f}M tokens, {d['passes_over_the_train_examples']:.1f} passes over "
+        f"{d['examples']['train_examples']:,} span-corruption examples of the embedded corpus; "
+        + (f"{d['tokens_per_second']:,.0f} tokens/s at the median step). " if d.get("tokens_per_second") else "). ")
+        + f"Measured on the whole held-out split ({d['examples']['eval_examples']} examples).", "",
+        "Per layer at step 0 and at the end: % nonzero, and the share of units firing on fewer than 10% of held-out "
+        "tokens (the paper's statistic; never-firing units included) and of units that never fire, in %:", "",
+        *table(["layer", "% nonzero, step 0", "% nonzero, end", "< 10% of tokens, step 0", "< 10% of tokens, end",
+                "never, end"], rows, "lrrrrr"), "",
+        f"Mean over the layers at the end: {end['mean_percent_nonzero']:.2f}% nonzero, {100 * below:.1f}% of units "
+        "firing on fewer than 10% of tokens. **The paper's T5-Base**: 2.7-3.0% nonzero after pretraining, 93.5% of "
+        "units firing on fewer than 10% of inputs.", "",
+        "Over training (held-out loss and the mean % nonzero of the layers):", "",
+        *table(["step", "seconds of steps", "held-out loss", "% nonzero, mean of layers"], curve), "",
+        "## Command", "", *command_block([(T5_SMALL, "python " + d["command"], None)]), "",
+        f"Device: {device}, {d['date']}.",
+    ]
+    title = "T5-Small's shape on an accelerator: per-layer sparsity and the firing statistic"
+    return page(title, [T5_SMALL], body), {"device": dev["device_kind"], "mean": end["mean_percent_nonzero"],
+                                           "below": below, "smoke": bool(d.get("smoke"))}
+
+
 def formulations_page(root: Path) -> str:
     d = load(root, FORM)
     cols = []
@@ -1256,6 +1299,11 @@ def headline_block(h: dict) -> str:
         rows.append(["ViT % nonzero, fresh vs fixed random images", f"{inf['infinite']['estimate']:.1f} vs "
                      f"{inf['finite']['estimate']:.1f}% (difference [{inf['diff']['low']:+.1f}, "
                      f"{inf['diff']['high']:+.1f}])", f"dense ViT, held-out, {inf['seeds']} seeds", "infinite_data.md"])
+    if "t5_small_gpu" in h:
+        t5s = h["t5_small_gpu"]
+        rows.append(["T5-Small shape, dense ReLU: % nonzero (mean of layers); units firing on < 10% of tokens",
+                     f"{t5s['mean']:.1f}%; {100 * t5s['below']:.0f}%", f"{t5s['device']}"
+                     + (" (smoke run)" if t5s["smoke"] else "") + ", embedded corpus", "t5_small_gpu.md"])
     lines = table(["result", "figure", "measured on", "page"],
                   [[a, b, c, f"[{Path(p).stem}](docs/results/{p})"] for a, b, c, p in rows], "llll")
     return "\n".join(lines) + "\n"
@@ -1291,7 +1339,8 @@ def generate(root: Path = ROOT) -> dict[str, str]:
         pages["sparsity_width_depth"], heads["width_depth"] = wd
     pages["robustness_memorisation"], heads["robustness"] = robustness_page(root)
     pages["robustness_k_sweep"] = k_sweep_page(root)
-    for name, make in (("robustness_power", robustness_power_page), ("infinite_data", infinite_data_page)):
+    for name, make in (("robustness_power", robustness_power_page), ("infinite_data", infinite_data_page),
+                       ("t5_small_gpu", t5_small_gpu_page)):
         made = make(root)
         if made is not None:
             pages[name], heads[name] = made

@@ -1,6 +1,7 @@
 """experiments/t5_small_gpu: span-corruption examples written here, a gin- and TensorFlow-free trainer that
 measures per-layer sparsity and the paper's firing statistic on the whole held-out split."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -52,11 +53,16 @@ def test_prepare_writes_two_differently_corrupted_passes_and_the_held_out_split(
   assert not np.array_equal(data["train_inputs"][:24], data["train_inputs"][24:])
 
 
-def test_trainer_runs_without_tensorflow_and_measures_every_held_out_token(examples, tmp_path):
-  out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def smoke_run(examples, tmp_path_factory):
+  out = tmp_path_factory.mktemp("t5_small_gpu_out")
   done = _run(f"--examples={examples}", f"--out={out}", "--smoke", "--max_steps=3", "--batch=5", without_tf=True)
   assert done.returncode == 0, done.stderr[-3000:]
-  payload = json.loads((out / "t5_small_gpu.json").read_text())
+  return done, json.loads((out / "t5_small_gpu.json").read_text())
+
+
+def test_trainer_runs_without_tensorflow_and_measures_every_held_out_token(examples, smoke_run):
+  done, payload = smoke_run
   assert payload["steps"] == 3 and payload["config"]["batch"] == 5 and payload["config"]["d_ff"] == 64
   assert [c["step"] for c in payload["curve"]] == [0] and payload["final"]["step"] == 3
   with np.load(examples) as f:
@@ -84,3 +90,28 @@ def test_bad_examples_and_arguments_are_one_line_errors(examples, tmp_path):
   big = _run(f"--examples={examples}", f"--out={tmp_path}", "--batch=200")
   assert big.returncode == 2 and "more than the 48 train examples" in big.stderr
   assert not (tmp_path / "t5_small_gpu.json").exists()
+
+
+def test_results_page_is_made_from_the_json_and_says_a_smoke_run_is_one(smoke_run, tmp_path):
+  spec = importlib.util.spec_from_file_location("make_results_for_t5_small", os.path.join(ROOT, "scripts",
+                                                                                         "make_results.py"))
+  make_results = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(make_results)
+  assert make_results.t5_small_gpu_page(tmp_path) is None  # no JSON yet, no page
+  _, payload = smoke_run
+  path = tmp_path / make_results.T5_SMALL
+  path.parent.mkdir(parents=True)
+  path.write_text(json.dumps(payload))
+  text, head = make_results.t5_small_gpu_page(tmp_path)
+  assert "**A smoke run**" in text and head["smoke"] and "1+1 layers, d_model 32" in text
+  end, first = payload["final"]["layers"], payload["curve"][0]["layers"]
+  for name, row in end.items():
+    assert (f"| {name} | {first[name]['percent_nonzero']:.2f} | {row['percent_nonzero']:.2f} | "
+            f"{100 * first[name]['fraction_firing_below_10pct']:.1f} | "
+            f"{100 * row['fraction_firing_below_10pct']:.1f} | {100 * row['fraction_never_firing']:.1f} |") in text
+  assert f"| 3 | " in text and payload["command"] in text
+  # With the JSON in place the page joins the results and the README's headline block names the device.
+  make_results.T5_SMALL = str(path)
+  out = make_results.generate(make_results.ROOT)
+  assert out["docs/results/t5_small_gpu.md"].split("\n", 1)[1] == text.split("\n", 1)[1]  # all but the source line
+  assert "| cpu (smoke run), embedded corpus | [t5_small_gpu](docs/results/t5_small_gpu.md) |" in out["README.md"]
