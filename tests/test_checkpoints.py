@@ -107,6 +107,38 @@ def test_restore_params_reads_only_the_params_of_a_run_or_of_one_step(tmp_path, 
   assert_trees_equal(params, first["params"])
 
 
+def test_a_read_abandoned_before_the_failure_surfaces_is_demoted_too(tmp_path, tiny_t5, monkeypatch):
+  """orbax's other reads can be collected, and asyncio can log "Task exception was never retrieved" with a traceback,
+  while the first failure is still on its way up: the filter must be in place before the read starts."""
+  import logging  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  run = str(tmp_path / "run")
+  manager = checkpoints.CheckpointManager(run, async_save=False)
+  state = tiny_state(tiny_t5.module, seed=1)
+  manager.save(3, state)
+  manager.close()
+  asyncio_logger = logging.getLogger("asyncio")
+  monkeypatch.setattr(asyncio_logger, "filters",
+                      [f for f in asyncio_logger.filters if not isinstance(f, checkpoints._DemoteAbandonedTasks)])
+  passed = []
+  handler = logging.Handler()
+  handler.emit = passed.append  # sees only the records that the logger's filters let through
+  asyncio_logger.addHandler(handler)
+
+  def failing_read(self, step):
+    asyncio_logger.error("Task exception was never retrieved\nfuture: <Task finished name='Task-58'>")
+    raise ValueError("NOT_FOUND: Error reading the array's metadata")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "item_metadata", failing_read)
+  try:
+    with pytest.raises(checkpoints.CheckpointError, match=r"\(metadata: ValueError: NOT_FOUND"):
+      checkpoints.restore_params(run, *on_one_device(state["params"]))
+  finally:
+    asyncio_logger.removeHandler(handler)
+  assert [r.getMessage() for r in passed] == []
+
+
 def test_a_checkpoint_of_another_shape_is_a_one_line_error_naming_the_parameter(tmp_path, state, tiny_t5_config):
   run = str(tmp_path / "run")
   manager = checkpoints.CheckpointManager(run, async_save=False)

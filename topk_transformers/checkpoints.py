@@ -160,7 +160,9 @@ class _DemoteBackgroundFailures(logging.Filter):
 
 class _DemoteAbandonedTasks(logging.Filter):
   """asyncio's "Task exception was never retrieved" for the reads or writes orbax gave up on after the first one
-  failed (each with a traceback and a TensorStore spec): the failure is already reported in one line."""
+  failed (each with a traceback and a TensorStore spec): the failure is already reported in one line.
+
+  In place before any read or write: such a task can be collected, and logged, before the failure reaches us."""
 
   def filter(self, record):
     if "exception was never retrieved" in record.getMessage():
@@ -186,6 +188,7 @@ class CheckpointManager:
     self._data_dir = os.path.join(model_dir, "checkpoints_data")
     # Where restore_latest(skip_unreadable=True) moves unreadable steps: <step> and data/<step>.
     self.unreadable_dir = os.path.join(model_dir, "checkpoints_unreadable")
+    _quiet_abandoned_tasks()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     # orbax complains here about each step whose metadata it cannot read; restore_latest
     # checks the steps it uses and names an unreadable one in one line.
@@ -267,7 +270,6 @@ class CheckpointManager:
     return found
 
   def _write_failed(self, step: Optional[int], e: BaseException) -> "CheckpointWriteError":
-    _quiet_abandoned_tasks()
     self._verified.discard(step)
     removed = True
     try:  # orbax's threads may still be writing the failed step: let them end before tidying
@@ -413,7 +415,6 @@ class CheckpointManager:
       try:
         restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # orbax raises many types; the user needs one line
-        _quiet_abandoned_tasks()
         raise self._unreadable(step, _first_line(e)) from None
     verify(restored["state"], restored[CHECKSUMS] if has_checksums else None, step, self.step_path(step))
     if data_iterator is not None:
@@ -456,7 +457,6 @@ class CheckpointManager:
     try:
       meta = self._mngr.item_metadata(step)["state"]
     except Exception as e:  # pylint: disable=broad-except
-      _quiet_abandoned_tasks()
       raise self._unreadable(step, f"metadata: {_first_line(e)}") from None
     problem = _incompatibility(abstract_state, getattr(meta, "tree", meta))
     if problem == _NO_METADATA:  # e.g. its files were deleted: orbax finds no metadata, not another model
@@ -597,6 +597,7 @@ def restore_params(path: str, abstract_params: Any, shardings: Any) -> tuple:
   ``path`` is a run directory (latest step) or ``.../checkpoints/<step>``. Returns ``(params, step)``.
   """
   ckpt_dir, step = locate(path)
+  _quiet_abandoned_tasks()
   target = {"params": jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)}
   # orbax warns three times that a read-only manager is read-only.
@@ -611,7 +612,6 @@ def restore_params(path: str, abstract_params: Any, shardings: Any) -> tuple:
         meta = mngr.item_metadata(step)["state"]
         meta = getattr(meta, "tree", meta)
       except Exception as e:  # pylint: disable=broad-except
-        _quiet_abandoned_tasks()
         raise CheckpointError(f"cannot restore parameters from step {step} in {ckpt_dir} (metadata: "
                               f"{_first_line(e)})") from None
       # partial_restore fills a parameter the checkpoint lacks with its abstract placeholder: check first.
@@ -631,7 +631,6 @@ def restore_params(path: str, abstract_params: Any, shardings: Any) -> tuple:
       try:
         restored = mngr.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # one line for the user, whatever orbax raised
-        _quiet_abandoned_tasks()
         raise CheckpointError(f"cannot restore parameters from step {step} in {ckpt_dir} ({_first_line(e)})") from None
   finally:
     mngr.close()
