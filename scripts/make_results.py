@@ -906,13 +906,13 @@ def robustness_page(root: Path) -> tuple[str, dict]:
     return page("ViT robustness: the memorisation regime (Table 1 on digits)", [rel], body), dict(e4=e4, e8=e8, n=n)
 
 
-def padding_note(d: dict) -> str:
-    """A parenthesis for a robustness table whose % nonzero counted the images that pad the test split."""
+def padding_caveat(d: dict) -> str:
+    """For a robustness table whose % nonzero counted the images that pad the test split: what that means; else ""."""
     if d.get("sparsity_padding_excluded", False):
         return ""
-    return (" (the % nonzero was measured before the ViT's statistics left out the zero images that pad the test "
+    return ("the % nonzero was measured before the ViT's statistics left out the zero images that pad the test "
             "split's last batch, 24 of 384 images; measured again without them, the 90 runs of the power setting "
-            "moved by at most 0.5 points in their mean of layers)")
+            "moved by at most 0.5 points in their mean of layers")
 
 
 def k_sweep_page(root: Path) -> str:
@@ -930,7 +930,7 @@ def k_sweep_page(root: Path) -> str:
             f"augmentation, seeds {', '.join(map(str, d['seeds']))} (test accuracy in %, mean ± sample std).", "",
             *table(["model", "test acc, end", "Top-k − dense, end (points)", "test acc, best step", "best step",
                     "changed labels fitted (%)", "% nonzero, test (mean of layers)"], rows, "lrrrrrr"),
-            *(["T" + padding_note(d).strip(" ()")[1:] + ".", ""] if padding_note(d) else []),
+            *([padding_caveat(d)[0].upper() + padding_caveat(d)[1:] + ".", ""] if padding_caveat(d) else []),
             "",
             "**What it shows.** Every k fits the noisy labels as the dense model does; " + (
                 "no k separates from dense by more than the spread of its paired differences over the seeds."
@@ -1032,7 +1032,7 @@ def robustness_power_page(root: Path) -> tuple[str, dict] | None:
                rows, "l" + "r" * (len(d["columns"]) + len(topks)) + "l"),
         "", f"**What the intervals show.** {shows}", "",
         "% nonzero at the end of training (test images, mean of the 2 layers), and the share of the labels the "
-        "noise changed that the model fits" + padding_note(d) + ":", "",
+        "noise changed that the model fits" + (f" ({padding_caveat(d)})" if padding_caveat(d) else "") + ":", "",
         *table(["model", "noise", "% nonzero", "changed labels fitted (%)", "seeds"], nz, "llrrr"), "",
         f"![paired differences](../../{RB}{d['figures']['differences']})", "",
         "## Command", "", "The runs (resumable: the same command skips finished runs and restarts an unfinished one), "

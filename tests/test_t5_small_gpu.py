@@ -109,7 +109,7 @@ def test_results_page_is_made_from_the_json_and_says_a_smoke_run_is_one(smoke_ru
     assert (f"| {name} | {first[name]['percent_nonzero']:.2f} | {row['percent_nonzero']:.2f} | "
             f"{100 * first[name]['fraction_firing_below_10pct']:.1f} | "
             f"{100 * row['fraction_firing_below_10pct']:.1f} | {100 * row['fraction_never_firing']:.1f} |") in text
-  assert f"| 3 | " in text and payload["command"] in text
+  assert "| 3 | " in text and payload["command"] in text
   # With the JSON in place the page joins the results and the README's headline block names the device.
   make_results.T5_SMALL = str(path)
   out = make_results.generate(make_results.ROOT)

@@ -74,6 +74,19 @@ def percent_nonzero(intermediates: Any) -> Dict[str, jax.Array]:
   return result
 
 
+def summed_figures(stats: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
+  """Per layer, from counts summed over a split (``layer_stats``'s shape, host arrays): ``percent_nonzero``
+  (100 * nonzero / (tokens * d_ff)), ``tokens`` and ``firing_frequency`` (``[d_ff]``: the fraction of counted tokens
+  on which each unit was nonzero)."""
+  out = {}
+  for name, s in stats.items():
+    tokens = float(np.sum(s["token_count"]))
+    fire = np.asarray(s["neuron_fire_count"], np.float64)
+    out[name] = {"percent_nonzero": float(100.0 * np.sum(s["nonzero_count"]) / max(tokens * fire.shape[-1], 1.0)),
+                 "tokens": tokens, "firing_frequency": fire / max(tokens, 1.0)}
+  return out
+
+
 def format_table(percent: Mapping[str, float]) -> str:
   """A compact per-layer table: ``layer  % nonzero``."""
   if not percent:

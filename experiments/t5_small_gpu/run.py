@@ -122,7 +122,7 @@ def eval_counts(module, params, batch):
 def measure(eval_fn, params, data: Dict[str, Any], batch_size: int) -> Dict[str, Any]:
   """The whole held-out split: loss, and per layer % nonzero and the firing statistics."""
   nll = tokens = 0.0
-  totals: Dict[str, Dict[str, np.ndarray]] = {}
+  totals = None
   n = len(data["eval_inputs"])
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size) % n  # the last batch wraps round; its repeats are dropped below
@@ -132,19 +132,13 @@ def measure(eval_fn, params, data: Dict[str, Any], batch_size: int) -> Dict[str,
       batch = {k: v * keep for k, v in batch.items()}
     s_nll, s_tok, stats = jax.device_get(eval_fn(params, batch))
     nll, tokens = nll + float(s_nll), tokens + float(s_tok)
-    for layer, counts in stats.items():
-      acc = totals.setdefault(layer, {k: np.zeros_like(np.asarray(v, np.float64)) for k, v in counts.items()})
-      for k, v in counts.items():
-        acc[k] += np.asarray(v, np.float64)
+    stats = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), stats)
+    totals = stats if totals is None else jax.tree_util.tree_map(np.add, totals, stats)
   layers = {}
-  for layer, c in sorted(totals.items(), key=lambda kv: sparsity.layer_sort_key(kv[0])):
-    width = c["neuron_fire_count"].shape[-1]
-    row = {"percent_nonzero": float(100.0 * c["nonzero_count"] / max(c["token_count"] * width, 1.0)),
-           "tokens": int(c["token_count"])}
-    frequency = c["neuron_fire_count"] / max(float(c["token_count"]), 1.0)
-    row["fraction_firing_below_10pct"] = sparsity.fraction_firing_below(frequency)
-    row["fraction_never_firing"] = sparsity.fraction_never_firing(frequency)
-    layers[layer] = row
+  for layer, f in sorted(sparsity.summed_figures(totals).items(), key=lambda kv: sparsity.layer_sort_key(kv[0])):
+    layers[layer] = {"percent_nonzero": f["percent_nonzero"], "tokens": int(f["tokens"]),
+                     "fraction_firing_below_10pct": sparsity.fraction_firing_below(f["firing_frequency"]),
+                     "fraction_never_firing": sparsity.fraction_never_firing(f["firing_frequency"])}
   return {"heldout_loss": nll / max(tokens, 1.0), "layers": layers,
           "mean_percent_nonzero": float(np.mean([r["percent_nonzero"] for r in layers.values()]))}
 

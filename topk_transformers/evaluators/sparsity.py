@@ -27,12 +27,10 @@ class SparsityEvaluator(base.Evaluator):
   counted tokens on which each hidden unit was nonzero. A model without Top-k MLP statistics yields nothing."""
 
   def run(self, params: Any) -> Iterator[Tuple[str, Any]]:
-    stats = summed_layer_stats(self.loop(params).intermediates)
-    if not stats:
+    figures = sparsity_lib.summed_figures(summed_layer_stats(self.loop(params).intermediates))
+    if not figures:
       return
-    for name, s in stats.items():
-      width = np.size(s["neuron_fire_count"])
-      yield f"{base.SPARSITY_PREFIX}{name}", float(100.0 * s["nonzero_count"] / max(s["token_count"] * width, 1.0))
-    yield "tokens_counted", {name: float(s["token_count"]) for name, s in stats.items()}
-    yield "firing_frequency", {name: np.asarray(s["neuron_fire_count"]) / max(float(s["token_count"]), 1.0)
-                               for name, s in stats.items()}
+    for name, f in figures.items():
+      yield f"{base.SPARSITY_PREFIX}{name}", f["percent_nonzero"]
+    yield "tokens_counted", {name: f["tokens"] for name, f in figures.items()}
+    yield "firing_frequency", {name: f["firing_frequency"] for name, f in figures.items()}
